@@ -1,0 +1,242 @@
+"""Build the EmailMessage, send it through the Airflow SMTP connection, classify the server's answers."""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from email import policy
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime
+from html import escape
+
+from include.invoice_mailing.ledger import now
+from include.invoice_mailing.render import Attachment, Notification, one_line
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SMTP_CONN_ID = "smtp_default"
+
+
+class TransientSmtpError(Exception):
+    """The server or the network said 'not now' (4xx, timeout, dropped connection): try again later."""
+
+
+@dataclass
+class SendResult:
+    """What the server did with one message, per envelope recipient."""
+
+    accepted: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)  # permanent: address -> "550 5.1.1 ..."
+    deferred: dict[str, str] = field(default_factory=dict)  # transient: address -> "451 ..."
+    failure: tuple[str, str] | None = None                  # permanent for all: (reason, text)
+
+
+@dataclass(frozen=True)
+class MessageRecipient:
+    address: str
+    add_to: str
+    name: str | None = None
+
+
+def _address(address: str, name: str | None = None) -> Address:
+    local, _, domain = address.rpartition("@")
+    return Address(display_name=one_line(name or "", 100), username=local, domain=domain)
+
+
+def build_message(
+    *,
+    sender_address: str,
+    sender_name: str | None,
+    recipients: Sequence[MessageRecipient],
+    notification: Notification,
+    attachment: Attachment,
+    message_id: str,
+    document_ref: str,
+    redirect_to: str | None = None,
+) -> EmailMessage:
+    """One message per document and format. Bcc recipients are never written into a header."""
+    msg = EmailMessage(policy=policy.SMTP)
+    msg["From"] = _address(sender_address, sender_name)
+    html, text = notification.html, notification.text
+    if redirect_to:
+        listing = "; ".join(f"{r.add_to}: {r.address}" for r in recipients)
+        msg["To"] = _address(redirect_to)
+        html = (f'<p style="border:1px solid #c00;padding:6px">Test run: redirected. '
+                f"Real recipients: {escape(listing)}</p>\n{html}")
+        text = f"Test run: redirected. Real recipients: {listing}\n\n{text}"
+    else:
+        to = [_address(r.address, r.name) for r in recipients if r.add_to == "To"]
+        cc = [_address(r.address, r.name) for r in recipients if r.add_to == "Cc"]
+        if to:
+            msg["To"] = to
+        elif not cc:
+            msg["To"] = "undisclosed-recipients:;"
+        if cc:
+            msg["Cc"] = cc
+    msg["Subject"] = notification.subject
+    msg["Date"] = format_datetime(now())
+    msg["Message-ID"] = message_id
+    msg["Auto-Submitted"] = "auto-generated"
+    msg["X-Invoice-Document"] = one_line(document_ref, 40)
+    msg.set_content(text)
+    msg.add_alternative(html, subtype="html")
+    msg.add_attachment(attachment.content, maintype=attachment.maintype, subtype=attachment.subtype,
+                       filename=attachment.filename)
+    return msg
+
+
+def _code_text(code: int, text: bytes | str) -> str:
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+    return f"{code} {one_line(text, 300)}"
+
+
+class SmtpSender:
+    """SMTP sessions per connection id, opened through the SMTP provider's hook and reused for a batch.
+
+    The hook gives the settings, TLS and login; this class owns the sending, the classification of
+    answers and the retries (the hook's own ``send_email_smtp`` would retry after DATA was accepted).
+    """
+
+    def __init__(self, connect: Callable[[str], smtplib.SMTP] | None = None, *, attempts: int = 3,
+                 backoff: float = 2.0, sleep: Callable[[float], None] = time.sleep):
+        self._connect = connect or self._connect_with_hook
+        self._sessions: dict[str, tuple[object, smtplib.SMTP]] = {}
+        self.attempts = attempts
+        self.backoff = backoff
+        self.sleep = sleep
+
+    @staticmethod
+    def _connect_with_hook(conn_id: str):
+        from airflow.providers.smtp.hooks.smtp import SmtpHook
+
+        hook = SmtpHook(smtp_conn_id=conn_id)
+        hook.get_conn()
+        return hook, hook._smtp_client  # the hook keeps its client private; it is the session we send on
+
+    def _session(self, conn_id: str) -> smtplib.SMTP:
+        if conn_id not in self._sessions:
+            opened = self._connect(conn_id)
+            self._sessions[conn_id] = opened if isinstance(opened, tuple) else (None, opened)
+        return self._sessions[conn_id][1]
+
+    def _drop(self, conn_id: str) -> None:
+        _, client = self._sessions.pop(conn_id, (None, None))
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - a broken session is being thrown away anyway
+                pass
+
+    def close(self) -> None:
+        for conn_id in list(self._sessions):
+            _, client = self._sessions[conn_id]
+            try:
+                client.quit()
+            except Exception:  # noqa: BLE001
+                pass
+            self._drop(conn_id)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def send(self, conn_id: str, msg: EmailMessage, envelope_from: str, rcpts: Sequence[str]) -> SendResult:
+        """Send with bounded retries of transient faults that happen before the server took the message.
+
+        A fault after DATA was sent is ambiguous (the server may have accepted it): it is not retried
+        here but reported as deferred, so the ledger keeps the delivery pending with its Message-ID.
+        """
+        smtputf8 = any(not a.isascii() for a in (envelope_from, *rcpts))
+        data = msg.as_bytes(policy=policy.SMTPUTF8 if smtputf8 else policy.SMTP)
+        rcpts = list(rcpts)
+        result = SendResult()
+        for attempt in range(1, self.attempts + 1):
+            try:
+                outcome = self._send_once(conn_id, data, envelope_from, rcpts, smtputf8)
+            except TransientSmtpError as exc:
+                if attempt == self.attempts or getattr(exc, "after_data", False):
+                    result.deferred.update({r: str(exc) for r in rcpts})
+                    return result
+                log.warning("SMTP %s: %s; retrying in %.1fs (attempt %d of %d)", conn_id, exc,
+                            self.backoff * attempt, attempt, self.attempts)
+                self.sleep(self.backoff * attempt)
+                continue
+            result.failure = outcome.failure
+            result.accepted += outcome.accepted
+            result.rejected.update(outcome.rejected)
+            if not outcome.deferred or attempt == self.attempts:
+                result.deferred.update(outcome.deferred)
+                return result
+            rcpts = list(outcome.deferred)  # only the recipients the server deferred
+            self.sleep(self.backoff * attempt)
+        return result
+
+    def _send_once(self, conn_id: str, data: bytes, envelope_from: str, rcpts: list[str],
+                   smtputf8: bool) -> SendResult:
+        """One SMTP transaction, step by step, so that every answer is known with its phase."""
+        result = SendResult()
+        phase = "connect"
+        try:
+            client = self._session(conn_id)
+            client.ehlo_or_helo_if_needed()
+            if smtputf8 and not client.has_extn("smtputf8"):
+                result.failure = ("smtputf8_unsupported", "the server cannot take internationalised addresses")
+                return result
+            limit = int(client.esmtp_features.get("size", "0").split()[0] or 0) if client.has_extn("size") else 0
+            if limit and len(data) > limit:
+                result.failure = ("too_large", f"the message has {len(data)} bytes; the server takes {limit}")
+                return result
+            options = (["SMTPUTF8"] if smtputf8 else []) + ([f"SIZE={len(data)}"] if limit else [])
+            phase = "mail"
+            code, text = client.mail(envelope_from, options)
+            if code != 250:
+                return self._refused_all(conn_id, result, code, text, "sender_rejected")
+            phase = "rcpt"
+            for address in rcpts:
+                code, text = client.rcpt(address)
+                if code in (250, 251):
+                    result.accepted.append(address)
+                elif 400 <= code < 500:
+                    result.deferred[address] = _code_text(code, text)
+                else:
+                    result.rejected[address] = _code_text(code, text)
+            if not result.accepted:
+                client.rset()
+                return result
+            phase = "data"
+            code, text = client.data(data)
+            if code == 250:
+                return result
+            accepted, result.accepted = result.accepted, []
+            target = result.deferred if 400 <= code < 500 else result.rejected
+            target.update({a: _code_text(code, text) for a in accepted})
+            return result
+        except smtplib.SMTPDataError as exc:  # DATA itself refused: nothing was transferred
+            self._drop(conn_id)
+            accepted, result.accepted = result.accepted, []
+            target = result.deferred if 400 <= exc.smtp_code < 500 else result.rejected
+            target.update({a: _code_text(exc.smtp_code, exc.smtp_error) for a in accepted})
+            return result
+        except Exception as exc:  # dropped connection, timeout, refused connection (the hook wraps some)
+            self._drop(conn_id)
+            error = TransientSmtpError(f"{type(exc).__name__} during {phase}: {exc}")
+            # Once the message was being transferred the server may have taken it: no blind retry.
+            error.after_data = phase == "data"
+            raise error from exc
+
+    def _refused_all(self, conn_id: str, result: SendResult, code: int, text, reason: str) -> SendResult:
+        if 400 <= code < 500 or code < 200:
+            self._drop(conn_id)
+            raise TransientSmtpError(_code_text(code, text))
+        result.failure = (reason, _code_text(code, text))
+        try:
+            self._session(conn_id).rset()
+        except Exception:  # noqa: BLE001
+            self._drop(conn_id)
+        return result

@@ -1,0 +1,388 @@
+"""The delivery ledger (spec section 7): one row per delivery, claimed before sending, moved only forward.
+
+A delivery is (document, mailing, recipient address, format, mode, generation). Its life:
+
+    pending --claim--> sending --> sent
+       |                  |------> failed      (permanent SMTP answer, or too large)
+       |                  '------> pending     (transient answer: retried later, same Message-ID)
+       '--> skipped / failed                   (refused by the rules before any attempt)
+
+A row that was refused before any attempt may be re-decided by a later run (the ERP data was
+fixed, or broke differently); a row that was ever claimed never goes back to a refusal.
+``sending`` is taken over by another attempt only when its claim is stale: the claimant's process
+is gone (same host) or its lease expired. The window in which a message can arrive twice is
+between the SMTP server accepting DATA and the ``sent`` commit; a resend then carries the same
+Message-ID, so mail clients and the audit recognise it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+
+ledger = MetaData()
+
+delivery = Table(
+    "delivery", ledger,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(250), nullable=False),       # the run that created the row
+    Column("last_run_id", String(250), nullable=False),  # the run that last decided or tried it
+    Column("doc_type", String(3), nullable=False),
+    Column("ref_nbr", String(15), nullable=False),
+    Column("customer_id", String(10), nullable=False),
+    Column("mailing_id", String(20), nullable=False),
+    Column("recipient", String(254), nullable=False),     # '' for a refusal of the whole document
+    Column("recipient_key", String(254), nullable=False), # recipient, case-folded: the unique part
+    Column("add_to", String(3), nullable=False, default=""),
+    Column("format", String(10), nullable=False, default=""),
+    Column("mode", String(10), nullable=False, default="live"),  # live | dry_run | redirect
+    Column("generation", Integer, nullable=False, default=0),    # 0, then 1, 2... for each resend
+    Column("resend_of", Integer, nullable=True),
+    Column("status", String(10), nullable=False),
+    Column("reason", String(40), nullable=True),
+    Column("detail", Text, nullable=True),
+    Column("message_id", String(250), nullable=True),
+    Column("sender", String(254), nullable=True),
+    Column("redirected_to", String(254), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text, nullable=True),
+    Column("claimed_by", String(120), nullable=True),
+    Column("claimed_at", DateTime(timezone=True), nullable=True),
+    Column("sent_at", DateTime(timezone=True), nullable=True),
+    Column("attachment_sha256", String(64), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("doc_type", "ref_nbr", "mailing_id", "recipient_key", "format", "mode", "generation",
+                     name="uq_delivery"),
+)
+
+mailing_run = Table(
+    "mailing_run", ledger,
+    Column("run_id", String(250), primary_key=True),
+    Column("logical_date", DateTime(timezone=True)),
+    Column("mode", String(10), nullable=False),
+    Column("params", JSON, nullable=False),
+    Column("summary", JSON, nullable=True),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+)
+
+PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed", "skipped"
+# Failures the SMTP server gave: final for their delivery. Every other skipped/failed row is a
+# refusal by the rules (or a dry run), which a later run re-decides from the ERP data it then finds.
+SMTP_FAILURES = ("recipient_rejected", "message_rejected", "sender_rejected", "too_large",
+                 "smtputf8_unsupported", "smtp_error")
+DEFAULT_LEASE = timedelta(minutes=15)
+_CHUNK = 500
+
+
+def ensure_schema(engine: Engine) -> None:
+    ledger.create_all(engine, checkfirst=True)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def message_id_for(doc_type: str, ref_nbr: str, mailing_id: str, fmt: str, mode: str, tag: str,
+                   domain: str) -> str:
+    """The Message-ID of a delivery's message: a pure function of what it delivers, never random."""
+    digest = hashlib.sha256("\x1f".join((doc_type, ref_nbr, mailing_id, fmt, mode, tag)).encode()).hexdigest()
+    return f"<{ref_nbr}.{fmt.lower()}.{digest[:24]}@{domain or 'invoice-mailing.invalid'}>"
+
+
+@dataclass(frozen=True)
+class PlannedDelivery:
+    """A row the planner wants in the ledger: to send (``pending``) or refused (``skipped``/``failed``)."""
+
+    doc_type: str
+    ref_nbr: str
+    customer_id: str
+    mailing_id: str
+    recipient: str
+    add_to: str
+    format: str
+    status: str
+    reason: str | None = None
+    detail: str | None = None
+    sender_domain: str = ""
+    sender: str | None = None
+
+    @property
+    def key(self) -> tuple:
+        return (self.doc_type, self.ref_nbr, self.mailing_id, self.recipient.casefold(), self.format)
+
+
+def settled_documents(engine: Engine, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Documents that need nothing tonight: delivered live at least once, with no live delivery still open."""
+    keys = sorted(set(keys))
+    settled: set[tuple[str, str]] = set()
+    doc = tuple_(delivery.c.doc_type, delivery.c.ref_nbr)
+    with engine.connect() as conn:
+        for start in range(0, len(keys), _CHUNK):
+            chunk = keys[start : start + _CHUNK]
+            rows = conn.execute(
+                select(delivery.c.doc_type, delivery.c.ref_nbr, delivery.c.status, func.count())
+                .where(doc.in_(chunk), delivery.c.mode == "live", delivery.c.status.in_((SENT, PENDING, SENDING)))
+                .group_by(delivery.c.doc_type, delivery.c.ref_nbr, delivery.c.status)
+            ).all()
+            by_doc: dict[tuple[str, str], set[str]] = {}
+            for doc_type, ref_nbr, status, _ in rows:
+                by_doc.setdefault((doc_type, ref_nbr), set()).add(status)
+            settled |= {k for k, statuses in by_doc.items() if statuses == {SENT}}
+    return settled
+
+
+def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: str, mode: str,
+                resend: bool) -> None:
+    """Write the planner's decisions; idempotent, so a retried or cleared task records nothing twice.
+
+    New keys are inserted. A refusal that was never attempted is re-decided. A delivery to send that
+    exists already is left as it is (the send step picks it up if still pending), unless the run is an
+    operator's resend and the delivery was sent or failed: then a new generation points to it.
+    """
+    if not planned:
+        return
+    stamp = now()
+    docs = sorted({(p.doc_type, p.ref_nbr) for p in planned})
+    with engine.begin() as conn:
+        existing: dict[tuple, list] = {}
+        for start in range(0, len(docs), _CHUNK):
+            chunk = docs[start : start + _CHUNK]
+            for row in conn.execute(
+                select(delivery).where(tuple_(delivery.c.doc_type, delivery.c.ref_nbr).in_(chunk),
+                                       delivery.c.mode == mode)
+            ).mappings():
+                key = (row["doc_type"], row["ref_nbr"], row["mailing_id"], row["recipient_key"], row["format"])
+                existing.setdefault(key, []).append(row)
+        for p in planned:
+            rows = sorted(existing.get(p.key, []), key=lambda r: r["generation"])
+            latest = rows[-1] if rows else None
+            tag = run_id if resend else ""
+            values = dict(
+                run_id=run_id, last_run_id=run_id, doc_type=p.doc_type, ref_nbr=p.ref_nbr,
+                customer_id=p.customer_id, mailing_id=p.mailing_id, recipient=p.recipient,
+                recipient_key=p.recipient.casefold(), add_to=p.add_to, format=p.format, mode=mode,
+                status=p.status, reason=p.reason, detail=p.detail, sender=p.sender, attempts=0,
+                created_at=stamp, updated_at=stamp,
+            )
+            if p.status == PENDING:
+                values["message_id"] = message_id_for(p.doc_type, p.ref_nbr, p.mailing_id, p.format, mode, tag,
+                                                      p.sender_domain)
+            if latest is None:
+                conn.execute(insert(delivery).values(generation=0, **values))
+            elif p.status != PENDING:
+                if _redecidable(latest):
+                    conn.execute(
+                        update(delivery)
+                        .where(delivery.c.id == latest["id"], _REDECIDABLE)
+                        .values(status=p.status, reason=p.reason, detail=p.detail, last_run_id=run_id,
+                                updated_at=stamp)
+                    )
+            elif _redecidable(latest):
+                # Refused before, sendable now (a missing template was added, say): the same row goes ahead.
+                conn.execute(
+                    update(delivery)
+                    .where(delivery.c.id == latest["id"], _REDECIDABLE)
+                    .values(status=PENDING, reason=None, detail=None, add_to=p.add_to, sender=p.sender,
+                            message_id=values["message_id"], last_run_id=run_id, updated_at=stamp)
+                )
+            elif resend and latest["run_id"] != run_id and latest["status"] in (SENT, FAILED):
+                conn.execute(insert(delivery).values(generation=latest["generation"] + 1,
+                                                     resend_of=latest["id"], **values))
+            elif latest["status"] == PENDING and latest["add_to"] != p.add_to:
+                conn.execute(
+                    update(delivery).where(delivery.c.id == latest["id"], delivery.c.status == PENDING)
+                    .values(add_to=p.add_to, last_run_id=run_id, updated_at=stamp)
+                )
+
+
+_REDECIDABLE = and_(delivery.c.status.in_((SKIPPED, FAILED)),
+                    or_(delivery.c.reason.is_(None), delivery.c.reason.not_in(SMTP_FAILURES)))
+
+
+def _redecidable(row) -> bool:
+    return row["status"] in (SKIPPED, FAILED) and row["reason"] not in SMTP_FAILURES
+
+
+def open_deliveries(engine: Engine, document_keys: Iterable[tuple[str, str]], mode: str) -> list[dict]:
+    """Every row of these documents' messages that is not refused: what to send, and who else is on it."""
+    keys = sorted(set(document_keys))
+    out: list[dict] = []
+    with engine.connect() as conn:
+        for start in range(0, len(keys), _CHUNK):
+            chunk = keys[start : start + _CHUNK]
+            out += [dict(r) for r in conn.execute(
+                select(delivery).where(
+                    tuple_(delivery.c.doc_type, delivery.c.ref_nbr).in_(chunk),
+                    delivery.c.mode == mode,
+                    delivery.c.message_id.is_not(None),
+                ).order_by(delivery.c.id)
+            ).mappings()]
+    return out
+
+
+def claimant() -> str:
+    """Who claims: host, process and a nonce, so that a dead process's claims can be recognised."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _claim_is_stale(claimed_by: str | None, claimed_at: datetime | None, lease: timedelta) -> bool:
+    if claimed_at is None or claimed_by is None:
+        return True
+    if claimed_at.tzinfo is None:
+        claimed_at = claimed_at.replace(tzinfo=UTC)
+    if now() - claimed_at > lease:
+        return True
+    host, _, rest = claimed_by.partition(":")
+    pid = rest.partition(":")[0]
+    if host == socket.gethostname() and pid.isdigit():
+        return not _process_alive(int(pid))
+    return False
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is as dead as it gets
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def claim(engine: Engine, ids: Sequence[int], token: str, *, run_id: str,
+          lease: timedelta = DEFAULT_LEASE) -> tuple[list[int], list[int]]:
+    """Claim deliveries for sending. Returns (claimed ids, ids still held by another live attempt).
+
+    A conditional UPDATE is the lock: only one attempt can move a row from ``pending`` (or from a
+    stale ``sending``) to its own ``sending`` claim, on SQLite and PostgreSQL alike.
+    """
+    if not ids:
+        return [], []
+    stamp = now()
+    busy: list[int] = []
+    with engine.begin() as conn:
+        conn.execute(
+            update(delivery)
+            .where(delivery.c.id.in_(list(ids)), delivery.c.status == PENDING)
+            .values(status=SENDING, claimed_by=token, claimed_at=stamp, attempts=delivery.c.attempts + 1,
+                    last_run_id=run_id, updated_at=stamp)
+        )
+    with engine.begin() as conn:
+        held = conn.execute(
+            select(delivery.c.id, delivery.c.claimed_by, delivery.c.claimed_at)
+            .where(delivery.c.id.in_(list(ids)), delivery.c.status == SENDING, delivery.c.claimed_by != token)
+        ).all()
+        for row_id, claimed_by, claimed_at in held:
+            if not _claim_is_stale(claimed_by, claimed_at, lease):
+                busy.append(row_id)
+                continue
+            conn.execute(
+                update(delivery)
+                .where(delivery.c.id == row_id, delivery.c.status == SENDING, delivery.c.claimed_by == claimed_by)
+                .values(claimed_by=token, claimed_at=stamp, attempts=delivery.c.attempts + 1,
+                        last_run_id=run_id, updated_at=stamp,
+                        last_error=f"took over a stale claim of {claimed_by}")
+            )
+        claimed = conn.execute(
+            select(delivery.c.id).where(delivery.c.id.in_(list(ids)), delivery.c.claimed_by == token,
+                                        delivery.c.status == SENDING)
+        ).scalars().all()
+    return sorted(claimed), sorted(busy)
+
+
+def finish(engine: Engine, ids: Sequence[int], token: str, status: str, *, reason: str | None = None,
+           error: str | None = None, attachment_sha256: str | None = None,
+           redirected_to: str | None = None) -> int:
+    """Move claimed deliveries on: to ``sent``, ``failed``, or back to ``pending`` after a transient fault."""
+    if not ids:
+        return 0
+    stamp = now()
+    values = dict(status=status, updated_at=stamp, claimed_at=None if status == PENDING else stamp)
+    if status == SENT:
+        values.update(sent_at=stamp, reason=reason, attachment_sha256=attachment_sha256,
+                      redirected_to=redirected_to)
+    else:
+        values.update(reason=reason, last_error=error)
+        if attachment_sha256:
+            values["attachment_sha256"] = attachment_sha256
+    with engine.begin() as conn:
+        return conn.execute(
+            update(delivery)
+            .where(delivery.c.id.in_(list(ids)), delivery.c.claimed_by == token, delivery.c.status == SENDING)
+            .values(**values)
+        ).rowcount
+
+
+# --- Runs and the audit -------------------------------------------------------------------------
+
+def start_run(engine: Engine, run_id: str, logical_date: datetime | None, mode: str, params: dict) -> None:
+    with engine.begin() as conn:
+        found = conn.execute(select(mailing_run.c.run_id).where(mailing_run.c.run_id == run_id)).first()
+        if found is None:
+            conn.execute(insert(mailing_run).values(run_id=run_id, logical_date=logical_date, mode=mode,
+                                                    params=params, started_at=now()))
+
+
+def summarize_run(engine: Engine, run_id: str) -> dict:
+    """Counts by status and reason of what this run decided or tried, stored on the run's row."""
+    with engine.begin() as conn:
+        rows = conn.execute(
+            select(delivery.c.status, delivery.c.reason, func.count(),
+                   func.count(func.distinct(delivery.c.doc_type + ":" + delivery.c.ref_nbr)))
+            .where(delivery.c.last_run_id == run_id)
+            .group_by(delivery.c.status, delivery.c.reason)
+            .order_by(delivery.c.status, delivery.c.reason)
+        ).all()
+        summary = {
+            "by_status": {},
+            "rows": [{"status": s, "reason": r or "", "deliveries": n, "documents": d} for s, r, n, d in rows],
+        }
+        for s, _, n, _ in rows:
+            summary["by_status"][s] = summary["by_status"].get(s, 0) + n
+        conn.execute(update(mailing_run).where(mailing_run.c.run_id == run_id)
+                     .values(summary=summary, finished_at=now()))
+    return summary
+
+
+def deliveries_of_run(engine: Engine, run_id: str) -> list[dict]:
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(
+            select(delivery).where(delivery.c.last_run_id == run_id).order_by(delivery.c.id)).mappings()]
+
+
+def all_deliveries(engine: Engine, *conditions) -> list[dict]:
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(select(delivery).where(*conditions).order_by(delivery.c.id)).mappings()]

@@ -1,0 +1,347 @@
+"""One night's run in three steps, each called by one task: extract, mail a batch of customers, audit."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from datetime import date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from email_validator import EmailNotValidError
+from sqlalchemy import Engine
+
+from include.invoice_mailing import ledger, rules, source
+from include.invoice_mailing.deliver import DEFAULT_SMTP_CONN_ID, MessageRecipient, SmtpSender, build_message
+from include.invoice_mailing.ledger import FAILED, PENDING, SENT, SKIPPED, PlannedDelivery
+from include.invoice_mailing.render import Attachment, RenderError, Renderer
+
+log = logging.getLogger(__name__)
+
+TIMEZONE = ZoneInfo("Europe/Oslo")
+MAX_BATCHES = 200  # mapped task instances per run; each costs ~0.7 s of scheduler and worker CPU
+
+
+class ParamError(ValueError):
+    """An operator's run parameter is wrong: the run stops before anything is read or sent."""
+
+
+@dataclass(frozen=True)
+class RunParams:
+    dry_run: bool = False
+    redirect_to: str | None = None
+    customers: tuple[str, ...] = ()
+    documents: tuple[str, ...] = ()
+    resend: bool = False
+    lookback_days: int = 30
+
+    @classmethod
+    def from_params(cls, params: dict) -> RunParams:
+        def names(key):
+            value = params.get(key) or ()
+            if isinstance(value, str):
+                value = [v for v in value.replace(",", " ").split()]
+            if not all(isinstance(v, str | int) for v in value):
+                raise ParamError(f"{key} must be a list of numbers, got {value!r}")
+            return tuple(str(v).strip() for v in value if str(v).strip())
+
+        redirect = (params.get("redirect_to") or "").strip() or None
+        if redirect:
+            try:
+                redirect = rules.normalize_address(redirect)
+            except EmailNotValidError as exc:
+                raise ParamError(f"redirect_to is not a valid address: {exc}") from exc
+        try:
+            lookback = int(params.get("lookback_days", 30) if params.get("lookback_days") is not None else 30)
+        except (TypeError, ValueError) as exc:
+            raise ParamError(f"lookback_days must be a whole number, got {params.get('lookback_days')!r}") from exc
+        if lookback < 0:
+            raise ParamError("lookback_days cannot be negative")
+        return cls(dry_run=bool(params.get("dry_run")), redirect_to=redirect, customers=names("customers"),
+                   documents=names("documents"), resend=bool(params.get("resend")), lookback_days=lookback)
+
+    @property
+    def mode(self) -> str:
+        """Dry runs and redirected test runs keep their own ledger rows: they never count as delivered."""
+        if self.dry_run:
+            return "dry_run"
+        return "redirect" if self.redirect_to else "live"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    run_id: str
+    run_date: date            # the night's date D, in the DAG's time zone
+    released_before: datetime  # the data interval's end: documents released before it are due
+    params: RunParams
+
+    @classmethod
+    def from_airflow(cls, run_id: str, logical_date: datetime | None, data_interval_end: datetime | None,
+                     params: dict) -> RunContext:
+        end = data_interval_end or logical_date or datetime.now(TIMEZONE)
+        return cls(run_id=run_id, run_date=(logical_date or end).astimezone(TIMEZONE).date(),
+                   released_before=end, params=RunParams.from_params(params))
+
+    @property
+    def released_since(self) -> datetime | None:
+        """The look-back window's start; an operator naming documents gets them whatever their age."""
+        if self.params.documents:
+            return None
+        start = datetime.combine(self.run_date - timedelta(days=self.params.lookback_days), time(0), TIMEZONE)
+        return start
+
+
+def _naive_utc(moment: datetime | None) -> datetime | None:
+    """ERP timestamps are naive UTC (the contract's TIMESTAMP): compare like with like."""
+    if moment is None or moment.tzinfo is None:
+        return moment
+    return moment.astimezone(ZoneInfo("UTC")).replace(tzinfo=None)
+
+
+# --- 1. Extract ---------------------------------------------------------------------------------
+
+def group_batches(documents: list[source.DueDocument], max_batches: int = MAX_BATCHES) -> list[dict]:
+    """Group due documents by customer, then customers into at most ``max_batches`` batches."""
+    by_customer: dict[str, list[list[str]]] = defaultdict(list)
+    for d in documents:
+        by_customer[d.customer_id].append([d.doc_type, d.ref_nbr])
+    customers = sorted(by_customer)
+    if not customers:
+        return []
+    size = math.ceil(len(customers) / max(1, max_batches))
+    batches = []
+    for start in range(0, len(customers), size):
+        group = customers[start : start + size]
+        label = f"customer {group[0]}" if len(group) == 1 else f"customers {group[0]}..{group[-1]} ({len(group)})"
+        batches.append({"label": label, "customers": group,
+                        "documents": [doc for c in group for doc in by_customer[c]]})
+    return batches
+
+
+def extract(erp: Engine, ledger_db: Engine, ctx: RunContext, max_batches: int = MAX_BATCHES) -> list[dict]:
+    """Due documents, less those the ledger shows as delivered, grouped into batches of customers."""
+    ledger.ensure_schema(ledger_db)
+    ledger.start_run(ledger_db, ctx.run_id, ctx.released_before, ctx.params.mode, asdict(ctx.params))
+    due = source.due_documents(
+        erp,
+        released_before=_naive_utc(ctx.released_before),
+        released_since=_naive_utc(ctx.released_since),
+        customers=ctx.params.customers,
+        documents=ctx.params.documents,
+        include_emailed=ctx.params.resend,
+    )
+    if ctx.params.mode == "live" and not ctx.params.resend:
+        settled = ledger.settled_documents(ledger_db, [(d.doc_type, d.ref_nbr) for d in due])
+        due = [d for d in due if (d.doc_type, d.ref_nbr) not in settled]
+        log.info("%d documents due, %d of them delivered before", len(due) + len(settled), len(settled))
+    batches = group_batches(due, max_batches)
+    log.info("%d documents of %d customers in %d batches", len(due),
+             sum(len(b["customers"]) for b in batches), len(batches))
+    return batches
+
+
+# --- 2. Mail one batch --------------------------------------------------------------------------
+
+def plan_batch(data: source.BatchData, renderer: Renderer) -> list[rules.DocumentPlan]:
+    template_ids = {template_id for template_id, _ in data.templates}
+    plans = []
+    for document in data.documents:
+        customer = data.customers.get(document.customer_id)
+        plan = rules.plan_document(
+            document, customer,
+            data.customer_settings.get(document.customer_id),
+            data.class_settings.get(customer.class_id) if customer else None,
+            data.contacts, data.accounts, data.reports, template_ids,
+        )
+        if plan.mailing and customer and not (
+            (plan.mailing.template_id, customer.locale) in data.templates
+            or (plan.mailing.template_id, "") in data.templates
+        ):
+            plan.refusal = rules.Refusal(
+                rules.CONFIG_ERROR,
+                f"notification template {plan.mailing.template_id!r} has no text for locale {customer.locale!r} "
+                "and no default ('') text", "failed")
+        elif plan.mailing and not renderer.has_report(plan.mailing.report.template_name):
+            report = plan.mailing.report
+            plan.refusal = rules.Refusal(
+                rules.CONFIG_ERROR,
+                f"report {report.report_id} of mailing setting {plan.mailing.setting.setting_id} names template "
+                f"{report.template_name!r}, which does not exist", "failed")
+        plans.append(plan)
+    return plans
+
+
+def planned_deliveries(plan: rules.DocumentPlan) -> list[PlannedDelivery]:
+    """The ledger rows of one document's plan: one per recipient and format, or one for the whole document."""
+    doc = plan.document
+    base = dict(doc_type=doc.doc_type, ref_nbr=doc.ref_nbr, customer_id=doc.customer_id,
+                mailing_id=source.INVOICE_MAILING)
+    rows = [
+        PlannedDelivery(**base, recipient=r.recipient, add_to="", format=r.format, status=r.refusal.status,
+                        reason=r.refusal.reason, detail=r.refusal.detail)
+        for r in plan.refused_recipients
+    ]
+    if plan.refusal:
+        rows.append(PlannedDelivery(**base, recipient="", add_to="", format="", status=plan.refusal.status,
+                                    reason=plan.refusal.reason, detail=plan.refusal.detail))
+        return rows
+    account = plan.mailing.account
+    for r in plan.recipients:
+        rows.append(PlannedDelivery(**base, recipient=r.address, add_to=r.add_to, format=r.format, status=PENDING,
+                                    sender=account.address, sender_domain=account.address.rpartition("@")[2]))
+    return rows
+
+
+@dataclass
+class BatchSettings:
+    smtp_attempts: int = 3
+    smtp_backoff: float = 2.0
+    lease: timedelta = ledger.DEFAULT_LEASE
+    write_back: bool = False
+
+
+def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, renderer: Renderer,
+               sender: SmtpSender, settings: BatchSettings | None = None) -> dict:
+    """Plan, render and send the documents of one batch of customers; return its counts.
+
+    Safe to run again (a task retry, a cleared task, a zombie's twin): the ledger's keys make
+    planning idempotent and its claims let exactly one attempt send each delivery.
+    Raises TransientSmtpError-derived RuntimeError when deliveries stay pending, so Airflow retries.
+    """
+    settings = settings or BatchSettings()
+    mode = ctx.params.mode
+    data = source.load_batch(erp, [tuple(d) for d in batch["documents"]])
+    plans = plan_batch(data, renderer)
+    ledger.record_plan(ledger_db, [row for p in plans for row in planned_deliveries(p)],
+                       run_id=ctx.run_id, mode=mode, resend=ctx.params.resend)
+
+    by_key = {p.document.key: p for p in plans if p.refusal is None}
+    rows = ledger.open_deliveries(ledger_db, by_key, mode)
+    messages: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        if (row["doc_type"], row["ref_nbr"]) in by_key:
+            messages[row["message_id"]].append(row)
+
+    token = ledger.claimant()
+    counts = defaultdict(int)
+    held_elsewhere = 0
+    delivered_docs: set[tuple[str, str]] = set()
+    attachments: dict[tuple, Attachment] = {}
+    for message_id, members in messages.items():
+        todo = [r for r in members if r["status"] in (PENDING, ledger.SENDING)]
+        if not todo:
+            continue
+        first = todo[0]
+        plan = by_key[(first["doc_type"], first["ref_nbr"])]
+        outcome = _mail_message(ctx, plan, message_id, members, todo, data, renderer, sender, ledger_db, token,
+                                settings, attachments)
+        for status, n in outcome.items():
+            if status == "held":
+                held_elsewhere += n
+            else:
+                counts[status] += n
+        if outcome.get(SENT):
+            delivered_docs.add(plan.document.key)
+
+    if settings.write_back and mode == "live" and delivered_docs:
+        changed = source.mark_emailed(erp, delivered_docs)
+        log.info("Marked %d documents as emailed in the ERP", changed)
+    summary = {"label": batch["label"], "documents": len(plans), **counts}
+    log.info("Batch %s: %s", batch["label"], summary)
+    if counts.get("deferred") or held_elsewhere:
+        raise DeliveriesPending(
+            f"{counts.get('deferred', 0)} deliveries deferred by the SMTP server, {held_elsewhere} held by another "
+            f"running attempt; they stay pending and are sent by the task's next try ({summary})")
+    return summary
+
+
+class DeliveriesPending(RuntimeError):
+    """Some deliveries could not be sent now: the task fails so that Airflow retries it with back-off."""
+
+
+def _mail_message(ctx, plan, message_id, members, todo, data, renderer, sender, ledger_db, token, settings,
+                  attachments) -> dict[str, int]:
+    doc = plan.document
+    customer = data.customers[doc.customer_id]
+    mailing = plan.mailing
+    fmt = todo[0]["format"]
+    attention = None
+    if customer.invoice_contact_id in data.contacts:
+        attention = data.contacts[customer.invoice_contact_id].display_name
+    template = (data.templates.get((mailing.template_id, customer.locale))
+                or data.templates.get((mailing.template_id, "")))
+    ids = [r["id"] for r in todo]
+    claimed, busy = ledger.claim(ledger_db, ids, token, run_id=ctx.run_id, lease=settings.lease)
+    if not claimed:
+        return {"held": len(busy)}
+    claimed_rows = [r for r in todo if r["id"] in claimed]
+    try:
+        key = (doc.key, fmt, customer.locale)
+        if key not in attachments:  # rendered once per document and format, for all its recipients
+            attachments[key] = renderer.attachment(doc, customer, attention, mailing.report.template_name, fmt,
+                                                   customer.locale)
+        attachment = attachments[key]
+        sender_info = {"address": mailing.account.address, "name": mailing.account.display_name or ""}
+        notification = renderer.notification(template, doc, customer, sender_info, customer.locale)
+    except RenderError as exc:
+        ledger.finish(ledger_db, claimed, token, FAILED, reason=rules.CONFIG_ERROR, error=str(exc))
+        return {FAILED: len(claimed), "held": len(busy)}
+
+    if ctx.params.mode == "dry_run":
+        ledger.finish(ledger_db, claimed, token, SKIPPED, reason="dry_run", error=None,
+                      attachment_sha256=attachment.sha256)
+        return {"dry_run": len(claimed), "held": len(busy)}
+
+    visible = [MessageRecipient(r["recipient"], r["add_to"], _name(plan, r["recipient"]))
+               for r in members if r["status"] != FAILED or r["id"] in claimed]
+    msg = build_message(
+        sender_address=mailing.account.address, sender_name=mailing.account.display_name,
+        recipients=visible, notification=notification, attachment=attachment, message_id=message_id,
+        document_ref=f"{doc.doc_type} {doc.ref_nbr}", redirect_to=ctx.params.redirect_to,
+    )
+    conn_id = mailing.account.smtp_conn_id or DEFAULT_SMTP_CONN_ID
+    envelope = [ctx.params.redirect_to] if ctx.params.redirect_to else [r["recipient"] for r in claimed_rows]
+    result = sender.send(conn_id, msg, mailing.account.address, envelope)
+
+    counts: dict[str, int] = defaultdict(int)
+    counts["held"] = len(busy)
+    by_address = {r["recipient"]: r["id"] for r in claimed_rows}
+    if ctx.params.redirect_to:  # the one envelope address stands for all the real recipients
+        text = next(iter({**result.rejected, **result.deferred}.values()), "")
+        accepted = list(by_address) if result.accepted else []
+        rejected = {a: text for a in by_address} if result.rejected else {}
+        deferred = {a: text for a in by_address} if result.deferred else {}
+    else:
+        accepted, rejected, deferred = result.accepted, result.rejected, result.deferred
+    if result.failure:
+        reason, text = result.failure
+        counts[FAILED] += ledger.finish(ledger_db, claimed, token, FAILED, reason=reason, error=text,
+                                        attachment_sha256=attachment.sha256)
+        return counts
+    counts[SENT] += ledger.finish(ledger_db, [by_address[a] for a in accepted if a in by_address], token, SENT,
+                                  attachment_sha256=attachment.sha256, redirected_to=ctx.params.redirect_to)
+    for address, text in rejected.items():
+        counts[FAILED] += ledger.finish(ledger_db, [by_address[address]], token, FAILED,
+                                        reason="recipient_rejected", error=text)
+    for address, text in deferred.items():
+        counts["deferred"] += ledger.finish(ledger_db, [by_address[address]], token, PENDING, error=text)
+    return counts
+
+
+def _name(plan: rules.DocumentPlan, address: str) -> str | None:
+    for r in plan.recipients:
+        if r.address.casefold() == address.casefold():
+            return r.name
+    return None
+
+
+# --- 3. Audit -----------------------------------------------------------------------------------
+
+def audit(ledger_db: Engine, run_id: str) -> dict:
+    ledger.ensure_schema(ledger_db)
+    summary = ledger.summarize_run(ledger_db, run_id)
+    lines = [f"{'status':<9} {'reason':<22} {'deliveries':>10} {'documents':>9}"]
+    lines += [f"{r['status']:<9} {r['reason']:<22} {r['deliveries']:>10} {r['documents']:>9}" for r in summary["rows"]]
+    log.info("Run %s:\n%s", run_id, "\n".join(lines))
+    return summary

@@ -1,0 +1,158 @@
+"""A local SMTP server (aiosmtpd) that keeps every message it accepts: for the demo and the tests.
+
+Each message is kept in memory with its envelope and, given a folder, written there as an ``.eml``
+file whose first headers record the envelope (Bcc recipients appear only there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import socket
+import threading
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+
+from aiosmtpd.controller import Controller
+
+
+@dataclass
+class Received:
+    envelope_from: str
+    envelope_to: list[str]
+    data: bytes
+
+    @property
+    def message(self) -> EmailMessage:
+        return message_from_bytes(self.data, policy=policy.default)
+
+
+@dataclass
+class Faults:
+    """Misbehaviour on purpose, for fault-injection tests. Counters count down as faults are served."""
+
+    rcpt_replies: dict[str, str] = field(default_factory=dict)  # address (lower case) -> "550 5.1.1 ..."
+    mail_replies: list[str] = field(default_factory=list)       # next MAIL FROM answers, e.g. ["421 ..."]
+    data_replies: list[str] = field(default_factory=list)       # next end-of-DATA answers, e.g. ["451 ..."]
+    drop_in_data: int = 0        # close the connection after the message arrived, this many times
+    accept_then_drop: int = 0    # keep the message, then close without answering, this many times
+    data_delay: float = 0.0      # seconds to wait before answering end-of-DATA
+
+
+class SinkHandler:
+    def __init__(self, directory: Path | None = None, faults: Faults | None = None):
+        self.directory = Path(directory) if directory else None
+        self.faults = faults or Faults()
+        self.received: list[Received] = []
+        self._lock = threading.Lock()
+        if self.directory:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.faults.mail_replies:
+            return self.faults.mail_replies.pop(0)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        reply = self.faults.rcpt_replies.get(address.lower())
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        import asyncio
+
+        faults = self.faults
+        if faults.data_delay:
+            await asyncio.sleep(faults.data_delay)
+        if faults.drop_in_data > 0:
+            faults.drop_in_data -= 1
+            session.transport.close()
+            return "421 closing"
+        if faults.data_replies:
+            return faults.data_replies.pop(0)
+        self.keep(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content or envelope.content)
+        if faults.accept_then_drop > 0:
+            faults.accept_then_drop -= 1
+            session.transport.close()
+            return "421 closing"
+        return "250 Message accepted"
+
+    def keep(self, envelope_from: str, envelope_to: list[str], data: bytes) -> None:
+        with self._lock:
+            item = Received(envelope_from, envelope_to, data)
+            self.received.append(item)
+            if self.directory:
+                message_id = item.message.get("Message-ID", "") or f"message-{len(self.received)}"
+                stem = re.sub(r"[^A-Za-z0-9._-]+", "_", message_id.strip("<>"))[:80]
+                existing = len(list(self.directory.glob("*.eml")))
+                path = self.directory / f"{existing + 1:04d}-{stem}.eml"
+                head = f"X-Envelope-From: {envelope_from}\r\nX-Envelope-To: {', '.join(envelope_to)}\r\n"
+                path.write_bytes(head.encode() + data)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+class SmtpSink:
+    """Start and stop the server; ``received`` holds what arrived."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, directory: Path | None = None,
+                 faults: Faults | None = None, size_limit: int | None = None):
+        self.handler = SinkHandler(directory, faults)
+        kwargs = {"data_size_limit": size_limit} if size_limit else {}
+        self.controller = Controller(self.handler, hostname=host, port=port or free_port(host),
+                                     server_kwargs=kwargs)
+
+    @property
+    def received(self) -> list[Received]:
+        return self.handler.received
+
+    @property
+    def faults(self) -> Faults:
+        return self.handler.faults
+
+    @property
+    def port(self) -> int:
+        return self.controller.port
+
+    def start(self) -> SmtpSink:
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8025)
+    parser.add_argument("--dir", type=Path, required=True, help="folder for the .eml files")
+    args = parser.parse_args()
+    sink = SmtpSink(args.host, args.port, args.dir).start()
+    print(f"SMTP sink listening on {args.host}:{sink.port}, writing to {args.dir}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    sink.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Shared fixtures: an Airflow home of the test session, a real SMTP server, tiny ERPs, PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_HOME = Path(tempfile.mkdtemp(prefix="invoice-mailing-airflow-"))
+# Airflow reads its configuration when first imported: set it before any test module imports it.
+os.environ.update({
+    "AIRFLOW_HOME": str(_HOME),
+    "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+    "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_HOME}/airflow.db",
+    "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+})
+sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import create_engine, text  # noqa: E402
+
+from include.invoice_mailing.smtp_sink import SmtpSink  # noqa: E402
+from tests.erp import TinyErp  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """Airflow's metadata database, migrated once per session (dag.test() needs one)."""
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True,
+                   env=os.environ.copy())
+    return _HOME
+
+
+@pytest.fixture
+def sink():
+    with SmtpSink() as server:
+        yield server
+
+
+@pytest.fixture
+def erp_path(tmp_path) -> Path:
+    return tmp_path / "erp.db"
+
+
+@pytest.fixture
+def erp(erp_path) -> TinyErp:
+    return TinyErp(create_engine(f"sqlite:///{erp_path}"))
+
+
+@pytest.fixture
+def ledger_path(tmp_path) -> Path:
+    return tmp_path / "ledger.db"
+
+
+@pytest.fixture
+def ledger_db(ledger_path):
+    return create_engine(f"sqlite:///{ledger_path}")
+
+
+def smtp_connection(port: int, **extra) -> str:
+    return json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": port,
+                       "extra": {"disable_ssl": True, "disable_tls": True, "retry_limit": 0, "timeout": 5, **extra}})
+
+
+def sqlite_connection(path: Path) -> str:
+    return json.dumps({"conn_type": "sqlite", "host": str(path)})
+
+
+@pytest.fixture
+def connections(monkeypatch, sink, erp_path, ledger_path):
+    """The three Airflow connections of the DAG, as environment variables, pointing at this test's parts."""
+    from include.invoice_mailing import tasks
+
+    monkeypatch.setenv("AIRFLOW_CONN_ERP_DB", sqlite_connection(erp_path))
+    monkeypatch.setenv("AIRFLOW_CONN_MAILING_LEDGER", sqlite_connection(ledger_path))
+    monkeypatch.setenv("AIRFLOW_CONN_SMTP_DEFAULT", smtp_connection(sink.port))
+    tasks.engine_for.cache_clear()
+    yield
+    tasks.engine_for.cache_clear()
+
+
+def _server_missing(what: str, error: Exception):
+    message = f"{what} is not reachable ({error}); start it to run this test"
+    if IN_CI:
+        pytest.fail(f"{message}. Under CI=true a missing server is a failure.")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def postgres_databases():
+    """Two fresh PostgreSQL databases (ERP, ledger) on the local server, dropped afterwards."""
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text("select 1"))
+    except Exception as exc:  # noqa: BLE001 - any failure to connect means: no server here
+        _server_missing("PostgreSQL at 127.0.0.1:5432", exc)
+    names = [f"im_test_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("erp", "ledger")]
+    with admin.connect() as conn:
+        for name in names:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+    engines = [create_engine(f"{base}/{name}") for name in names]
+    yield {"urls": [f"{base}/{name}" for name in names], "engines": engines, "names": names}
+    for engine in engines:
+        engine.dispose()
+    with admin.connect() as conn:
+        for name in names:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
