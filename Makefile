@@ -17,7 +17,7 @@ venv: $(VENV)/.installed
 
 # Compile the gettext catalogs of the report labels (.po -> .mo).
 catalogs: venv
-	$(VENV)/bin/pybabel compile -q -d include/templates/locale -D messages
+	$(VENV)/bin/pybabel --quiet compile -d include/templates/locale -D messages
 
 demo: venv catalogs
 	$(PY) -m include.invoice_mailing.demo run

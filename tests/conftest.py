@@ -119,3 +119,29 @@ def postgres_databases():
         for name in names:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+def load_dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    return bag.get_dag("invoice_mailing")
+
+
+@pytest.fixture
+def run_dag(airflow_db, connections):
+    """Run the DAG in-process with dag.test(); returns the DagRun.
+
+    Each call is a new run, as if triggered; ``rerun=<an earlier DagRun>`` clears that run's tasks and runs
+    them again under the same run id, as an operator does with "Clear" in the UI.
+    """
+    import pendulum
+
+    def run(date: str = "2026-11-24", conf: dict | None = None, rerun=None):
+        if rerun is not None:
+            return load_dag().test(logical_date=rerun.logical_date, run_after=rerun.run_after)
+        logical_date = pendulum.parse(date).replace(tzinfo=pendulum.timezone("UTC"))
+        return load_dag().test(logical_date=logical_date, run_conf=conf)
+
+    return run

@@ -81,7 +81,7 @@ class TinyErp:
                 doc_type: str | None = None, released: datetime | None = None, **extra) -> str:
         doc_type = doc_type or ref_nbr[:3]
         amounts = [(Decimal(q) * Decimal(p)).quantize(Decimal("0.01")) for _, _, q, p, _ in lines]
-        vat = sum(((a * Decimal(line[4]) / 100).quantize(Decimal("0.01")) for a, line in zip(amounts, lines)),
+        vat = sum(((a * Decimal(line[4]) / 100).quantize(Decimal("0.01")) for a, line in zip(amounts, lines, strict=True)),
                   Decimal(0))
         released = released or datetime.combine(RUN_DATE - timedelta(days=2), datetime.min.time()).replace(hour=10)
         values = dict(doc_type=doc_type, ref_nbr=ref_nbr, customer_id=customer_id, status="Open",
@@ -90,7 +90,7 @@ class TinyErp:
                       description=None, customer_ref="PO-4471", dont_email=False, emailed=False)
         values.update(extra)
         self.add("invoice", **values)
-        for (nbr, text, qty, price, rate), amount in zip(lines, amounts):
+        for (nbr, text, qty, price, rate), amount in zip(lines, amounts, strict=True):
             self.add("invoice_line", doc_type=doc_type, ref_nbr=ref_nbr, line_nbr=nbr, description=text,
                      quantity=Decimal(qty), unit_price=Decimal(price), vat_rate=Decimal(rate), amount=amount)
         return ref_nbr

@@ -84,8 +84,12 @@ def build_message(
     msg["X-Invoice-Document"] = one_line(document_ref, 40)
     msg.set_content(text)
     msg.add_alternative(html, subtype="html")
-    msg.add_attachment(attachment.content, maintype=attachment.maintype, subtype=attachment.subtype,
-                       filename=attachment.filename)
+    if attachment.maintype == "text":  # stays readable: text with its charset, not opaque bytes
+        msg.add_attachment(attachment.content.decode("utf-8"), subtype=attachment.subtype, charset="utf-8",
+                           cte="base64", filename=attachment.filename)
+    else:
+        msg.add_attachment(attachment.content, maintype=attachment.maintype, subtype=attachment.subtype,
+                           filename=attachment.filename)
     return msg
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from include.invoice_mailing import ledger, rules, source
 from include.invoice_mailing.deliver import DEFAULT_SMTP_CONN_ID, MessageRecipient, SmtpSender, build_message
 from include.invoice_mailing.ledger import FAILED, PENDING, SENT, SKIPPED, PlannedDelivery
-from include.invoice_mailing.render import Attachment, RenderError, Renderer
+from include.invoice_mailing.render import Attachment, Renderer, RenderError
 
 log = logging.getLogger(__name__)
 

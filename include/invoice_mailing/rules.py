@@ -322,7 +322,12 @@ def resolve_recipients(
         if isinstance(fmt, Refusal):
             refused.append(RecipientRefusal(address, fmt))
             continue
-        add_to = row.add_to if row.add_to in ADD_TO_STRENGTH else "To"
+        add_to = {k.casefold(): k for k in ADD_TO_STRENGTH}.get(str(row.add_to or "").strip().casefold())
+        if add_to is None:  # guessing could turn a hidden Bcc into a visible To
+            refused.append(RecipientRefusal(address, Refusal(
+                CONFIG_ERROR, f"recipient row {row.recipient_id} has add_to {row.add_to!r}; known are To, Cc, Bcc",
+                "failed")))
+            continue
         name = found.display_name if found is not None else customer.name
         key = address.casefold()
         current = chosen.get(key)
