@@ -236,3 +236,19 @@ def test_audit_records_the_runs_counts_by_status_and_reason(kafe, erp, run_dag, 
             ledger.mailing_run.c.run_id == run.run_id)).scalar_one()
     assert summary["by_status"] == {"sent": 3, "skipped": 1}
     assert {"status": "skipped", "reason": "customer_on_hold", "deliveries": 1, "documents": 1} in summary["rows"]
+
+
+def test_mapped_instances_are_labelled_with_their_customer_in_the_grid(kafe, erp, run_dag):
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.settings import Session
+
+    erp.customer("10002", invoice_email="ola@havet.example")
+    kafe.invoice("INV000101", "10001")
+    erp.invoice("INV000102", "10002")
+
+    run = run_dag()
+
+    with Session() as session:
+        labels = session.execute(select(TaskInstance.rendered_map_index).where(
+            TaskInstance.run_id == run.run_id, TaskInstance.task_id == "mail_customers")).scalars().all()
+    assert sorted(labels) == ["customer 10001", "customer 10002"]

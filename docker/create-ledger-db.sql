@@ -1,0 +1,1 @@
+CREATE DATABASE mailing_ledger OWNER airflow;

@@ -1,0 +1,102 @@
+"""Rendering without a database or SMTP: localised formats and names, escaping, the sandbox."""
+
+from __future__ import annotations
+
+import logging
+from datetime import date
+from decimal import Decimal
+
+import pytest
+
+from include.invoice_mailing.i18n import Formats
+from include.invoice_mailing.render import (
+    Renderer,
+    RenderError,
+    attachment_filename,
+    css_string,
+    html_to_text,
+    payment_reference,
+)
+from include.invoice_mailing.rules import Customer, Document, NotificationTemplate
+
+DOC = Document("CRM", "CRM000045", "10001", "Open", date(2026, 11, 23), None, "NOK", Decimal("1234567.89"),
+               Decimal("0"))
+CUSTOMER = Customer("10001", "Bølgen Kafé AS", "DOMESTIC", locale="nb_NO")
+
+
+def plain(text: str) -> str:
+    return text.replace("\u00a0", " ").replace("\u202f", " ")
+
+
+@pytest.mark.parametrize("locale, amount, day", [
+    ("nb_NO", "1 234 567,89", "23.11.2026"),
+    ("sv_SE", "1 234 567,89", "2026-11-23"),
+    ("da_DK", "1.234.567,89", "23.11.2026"),
+    ("fi_FI", "1 234 567,89", "23.11.2026"),
+    ("nl_NL", "1.234.567,89", "23-11-2026"),
+    ("en_GB", "1,234,567.89", "23/11/2026"),
+])
+def test_amounts_and_dates_are_written_as_the_customers_locale_writes_them(locale, amount, day):
+    formats = Formats(locale)
+    assert plain(formats.amount(Decimal("1234567.89"))) == amount
+    assert formats.date(date(2026, 11, 23)) == day
+
+
+@pytest.mark.parametrize("locale, name", [
+    ("nb_NO", "Kreditnota CRM000045.pdf"), ("sv_SE", "Kreditfaktura CRM000045.pdf"),
+    ("fi_FI", "Hyvityslasku CRM000045.pdf"), ("nl_NL", "Creditnota CRM000045.pdf"),
+    ("en_GB", "Credit note CRM000045.pdf"),
+])
+def test_attachment_is_named_after_the_document_in_the_customers_language(locale, name):
+    assert attachment_filename(DOC, "PDF", Formats(locale)) == name
+
+
+def test_unknown_locale_falls_back_to_english_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert Formats("xx_YY").locale == "en_GB"
+    assert "xx_YY" in caplog.text
+
+
+def test_payment_reference_carries_a_valid_mod10_check_digit():
+    reference = payment_reference("10001", "INV000101", "nb_NO")
+    assert reference.startswith("10001000101")
+    digits = [int(d) for d in reversed(reference)]
+    assert sum(d if i % 2 == 0 else (d * 2 - 9 if d * 2 > 9 else d * 2) for i, d in enumerate(digits)) % 10 == 0
+
+
+def test_css_string_cannot_break_out_of_the_stylesheet():
+    value = str(css_string('Evil"; } body { display: none } </style><script>'))
+    assert value.startswith('"') and value.endswith('"') and value.count('"') == 2
+    assert "<" not in value and ">" not in value
+
+
+def test_plain_text_alternative_keeps_the_words_and_drops_the_markup():
+    text = html_to_text("<style>p{}</style><p>Hei Kari,</p><p>Faktura <b>INV000101</b> &amp; KID</p>")
+    assert text == "Hei Kari,\n\nFaktura INV000101 & KID\n"
+
+
+def template(body: str, subject: str = "{{ document.type_label }} {{ document.number }}") -> NotificationTemplate:
+    return NotificationTemplate("InvoiceNotification", "", subject, body)
+
+
+def test_notification_escapes_erp_values_and_keeps_the_subject_on_one_line():
+    customer = Customer("10001", "<b>Evil</b> & Co", "DOMESTIC", locale="nb_NO")
+    note = Renderer().notification(template("<p>{{ customer.name }}</p>", "Faktura\r\nBcc: x@y.no"), DOC,
+                                   customer, {"address": "a@b.no", "name": ""}, "nb_NO")
+    assert "&lt;b&gt;Evil&lt;/b&gt; &amp; Co" in note.html
+    assert note.subject == "Faktura Bcc: x@y.no"
+
+
+@pytest.mark.parametrize("body", [
+    "{{ document.__class__.__mro__ }}",
+    "{{ ''.__class__.__subclasses__() }}",
+    "{% for x in range(10**9) %}{% endfor %}{{ broken",
+])
+def test_an_unsafe_or_broken_template_is_a_render_error(body):
+    with pytest.raises(RenderError, match="InvoiceNotification"):
+        Renderer().notification(template(body), DOC, CUSTOMER, {"address": "a@b.no", "name": ""}, "nb_NO")
+
+
+def test_missing_report_template_is_a_render_error():
+    with pytest.raises(RenderError, match="no_such_form"):
+        Renderer().attachment(DOC, CUSTOMER, None, "no_such_form", "PDF", "nb_NO")
