@@ -145,3 +145,19 @@ def run_dag(airflow_db, connections):
         return load_dag().test(logical_date=logical_date, run_conf=conf)
 
     return run
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, tmp_path):
+    """ERP and ledger engines on SQLite files, then on the PostgreSQL server: the same tests on both."""
+    if request.param == "sqlite":
+        engines = [create_engine(f"sqlite:///{tmp_path / name}") for name in ("erp.db", "ledger.db")]
+        yield {"name": "sqlite", "engines": engines,
+               "connections": [sqlite_connection(tmp_path / n) for n in ("erp.db", "ledger.db")]}
+        for engine in engines:
+            engine.dispose()
+    else:
+        databases = request.getfixturevalue("postgres_databases")
+        yield {"name": "postgresql", "engines": databases["engines"],
+               "connections": [json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": 5432,
+                                           "login": "postgres", "schema": name}) for name in databases["names"]]}

@@ -30,7 +30,7 @@ class SendResult:
     """What the server did with one message, per envelope recipient."""
 
     accepted: list[str] = field(default_factory=list)
-    rejected: dict[str, str] = field(default_factory=dict)  # permanent: address -> "550 5.1.1 ..."
+    rejected: dict[str, tuple[str, str]] = field(default_factory=dict)  # permanent: address -> (reason, answer)
     deferred: dict[str, str] = field(default_factory=dict)  # transient: address -> "451 ..."
     failure: tuple[str, str] | None = None                  # permanent for all: (reason, text)
 
@@ -209,7 +209,7 @@ class SmtpSender:
                 elif 400 <= code < 500:
                     result.deferred[address] = _code_text(code, text)
                 else:
-                    result.rejected[address] = _code_text(code, text)
+                    result.rejected[address] = ("recipient_rejected", _code_text(code, text))
             if not result.accepted:
                 client.rset()
                 return result
@@ -217,22 +217,27 @@ class SmtpSender:
             code, text = client.data(data)
             if code == 250:
                 return result
-            accepted, result.accepted = result.accepted, []
-            target = result.deferred if 400 <= code < 500 else result.rejected
-            target.update({a: _code_text(code, text) for a in accepted})
-            return result
+            return self._data_refused(result, code, text)
         except smtplib.SMTPDataError as exc:  # DATA itself refused: nothing was transferred
             self._drop(conn_id)
-            accepted, result.accepted = result.accepted, []
-            target = result.deferred if 400 <= exc.smtp_code < 500 else result.rejected
-            target.update({a: _code_text(exc.smtp_code, exc.smtp_error) for a in accepted})
-            return result
+            return self._data_refused(result, exc.smtp_code, exc.smtp_error)
         except Exception as exc:  # dropped connection, timeout, refused connection (the hook wraps some)
             self._drop(conn_id)
             error = TransientSmtpError(f"{type(exc).__name__} during {phase}: {exc}")
             # Once the message was being transferred the server may have taken it: no blind retry.
             error.after_data = phase == "data"
             raise error from exc
+
+    @staticmethod
+    def _data_refused(result: SendResult, code: int, text) -> SendResult:
+        """The message was refused as a whole: every recipient the server had accepted shares the answer."""
+        accepted, result.accepted = result.accepted, []
+        answer = _code_text(code, text)
+        if 400 <= code < 500:
+            result.deferred.update({a: answer for a in accepted})
+        else:
+            result.rejected.update({a: ("message_rejected", answer) for a in accepted})
+        return result
 
     def _refused_all(self, conn_id: str, result: SendResult, code: int, text, reason: str) -> SendResult:
         if 400 <= code < 500 or code < 200:

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import (
+    DDL,
     JSON,
+    CheckConstraint,
     Column,
     DateTime,
     Engine,
@@ -37,6 +39,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    event,
     func,
     insert,
     or_,
@@ -79,6 +82,8 @@ delivery = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("doc_type", "ref_nbr", "mailing_id", "recipient_key", "format", "mode", "generation",
                      name="uq_delivery"),
+    CheckConstraint("status IN ('pending', 'sending', 'sent', 'failed', 'skipped')", name="ck_delivery_status"),
+    CheckConstraint("mode IN ('live', 'dry_run', 'redirect')", name="ck_delivery_mode"),
 )
 
 mailing_run = Table(
@@ -97,6 +102,35 @@ PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed"
 # refusal by the rules (or a dry run), which a later run re-decides from the ERP data it then finds.
 SMTP_FAILURES = ("recipient_rejected", "message_rejected", "sender_rejected", "too_large",
                  "smtputf8_unsupported", "smtp_error")
+
+# The allowed status changes, enforced by the database itself (a trigger on SQLite and PostgreSQL), so
+# that no code path, old or new, can send a delivery twice by moving it back. ``sent`` is final.
+_SMTP_LIST = ", ".join(f"'{r}'" for r in SMTP_FAILURES)
+ALLOWED_TRANSITION = f"""(
+    (OLD.status = NEW.status AND OLD.status <> 'sent')
+ OR (OLD.status = 'pending' AND NEW.status IN ('sending', 'skipped', 'failed'))
+ OR (OLD.status = 'sending' AND NEW.status IN ('sent', 'failed', 'pending', 'skipped'))
+ OR (OLD.status IN ('skipped', 'failed') AND COALESCE(OLD.reason, '') NOT IN ({_SMTP_LIST})
+     AND NEW.status IN ('pending', 'skipped', 'failed'))
+)"""
+FORWARD_ONLY = "delivery status may only move forward"
+
+event.listen(delivery, "after_create", DDL(f"""
+CREATE TRIGGER delivery_forward_only BEFORE UPDATE OF status ON delivery
+FOR EACH ROW WHEN NOT {ALLOWED_TRANSITION}
+BEGIN SELECT RAISE(ABORT, '{FORWARD_ONLY}'); END
+""").execute_if(dialect="sqlite"))
+event.listen(delivery, "after_create", DDL(f"""
+CREATE FUNCTION delivery_forward_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NOT {ALLOWED_TRANSITION} THEN
+    RAISE EXCEPTION USING MESSAGE = '{FORWARD_ONLY}: ' || OLD.status || ' -> ' || NEW.status;
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER delivery_forward_only BEFORE UPDATE OF status ON delivery
+FOR EACH ROW EXECUTE FUNCTION delivery_forward_only();
+""").execute_if(dialect="postgresql"))
 DEFAULT_LEASE = timedelta(minutes=15)
 _CHUNK = 500
 
@@ -195,7 +229,7 @@ def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: s
                 values["message_id"] = message_id_for(p.doc_type, p.ref_nbr, p.mailing_id, p.format, mode, tag,
                                                       p.sender_domain)
             if latest is None:
-                conn.execute(insert(delivery).values(generation=0, **values))
+                _insert_new(conn, dict(generation=0, **values))
             elif p.status != PENDING:
                 if _redecidable(latest):
                     conn.execute(
@@ -213,13 +247,21 @@ def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: s
                             message_id=values["message_id"], last_run_id=run_id, updated_at=stamp)
                 )
             elif resend and latest["run_id"] != run_id and latest["status"] in (SENT, FAILED):
-                conn.execute(insert(delivery).values(generation=latest["generation"] + 1,
-                                                     resend_of=latest["id"], **values))
+                _insert_new(conn, dict(generation=latest["generation"] + 1, resend_of=latest["id"], **values))
             elif latest["status"] == PENDING and latest["add_to"] != p.add_to:
                 conn.execute(
                     update(delivery).where(delivery.c.id == latest["id"], delivery.c.status == PENDING)
                     .values(add_to=p.add_to, last_run_id=run_id, updated_at=stamp)
                 )
+
+
+def _insert_new(conn, values: dict) -> None:
+    """Insert unless a twin attempt inserted the same delivery a moment ago (the unique key decides)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    conn.execute(dialect_insert(delivery).values(**values).on_conflict_do_nothing())
 
 
 _REDECIDABLE = and_(delivery.c.status.in_((SKIPPED, FAILED)),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, time, timedelta
@@ -256,6 +258,22 @@ def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, 
     return summary
 
 
+_crashpoints_passed: dict[str, int] = defaultdict(int)
+
+
+def crashpoint(name: str) -> None:
+    """A seam for the crash test: ``INVOICE_MAILING_CRASH_AT=name:n`` SIGKILLs this process the n-th
+    time it passes ``name``. Unset (always, outside that test) it does nothing."""
+    spec = os.environ.get("INVOICE_MAILING_CRASH_AT")
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target == name:
+        _crashpoints_passed[name] += 1
+        if _crashpoints_passed[name] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class DeliveriesPending(RuntimeError):
     """Some deliveries could not be sent now: the task fails so that Airflow retries it with back-off."""
 
@@ -275,6 +293,7 @@ def _mail_message(ctx, plan, message_id, members, todo, data, renderer, sender, 
     claimed, busy = ledger.claim(ledger_db, ids, token, run_id=ctx.run_id, lease=settings.lease)
     if not claimed:
         return {"held": len(busy)}
+    crashpoint("after_claim")
     claimed_rows = [r for r in todo if r["id"] in claimed]
     try:
         key = (doc.key, fmt, customer.locale)
@@ -303,14 +322,16 @@ def _mail_message(ctx, plan, message_id, members, todo, data, renderer, sender, 
     conn_id = mailing.account.smtp_conn_id or DEFAULT_SMTP_CONN_ID
     envelope = [ctx.params.redirect_to] if ctx.params.redirect_to else [r["recipient"] for r in claimed_rows]
     result = sender.send(conn_id, msg, mailing.account.address, envelope)
+    crashpoint("before_commit")
 
     counts: dict[str, int] = defaultdict(int)
     counts["held"] = len(busy)
     by_address = {r["recipient"]: r["id"] for r in claimed_rows}
     if ctx.params.redirect_to:  # the one envelope address stands for all the real recipients
-        text = next(iter({**result.rejected, **result.deferred}.values()), "")
+        refusal = next(iter(result.rejected.values()), None)
+        text = next(iter(result.deferred.values()), "")
         accepted = list(by_address) if result.accepted else []
-        rejected = {a: text for a in by_address} if result.rejected else {}
+        rejected = {a: refusal for a in by_address} if refusal else {}
         deferred = {a: text for a in by_address} if result.deferred else {}
     else:
         accepted, rejected, deferred = result.accepted, result.rejected, result.deferred
@@ -321,9 +342,8 @@ def _mail_message(ctx, plan, message_id, members, todo, data, renderer, sender, 
         return counts
     counts[SENT] += ledger.finish(ledger_db, [by_address[a] for a in accepted if a in by_address], token, SENT,
                                   attachment_sha256=attachment.sha256, redirected_to=ctx.params.redirect_to)
-    for address, text in rejected.items():
-        counts[FAILED] += ledger.finish(ledger_db, [by_address[address]], token, FAILED,
-                                        reason="recipient_rejected", error=text)
+    for address, (reason, text) in rejected.items():
+        counts[FAILED] += ledger.finish(ledger_db, [by_address[address]], token, FAILED, reason=reason, error=text)
     for address, text in deferred.items():
         counts["deferred"] += ledger.finish(ledger_db, [by_address[address]], token, PENDING, error=text)
     return counts

@@ -7,6 +7,8 @@ file whose first headers record the envelope (Bcc recipients appear only there).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import re
 import signal
 import socket
@@ -32,14 +34,19 @@ class Received:
 
 @dataclass
 class Faults:
-    """Misbehaviour on purpose, for fault-injection tests. Counters count down as faults are served."""
+    """Misbehaviour on purpose, for fault-injection tests. Lists and counters are used up as served."""
 
-    rcpt_replies: dict[str, str] = field(default_factory=dict)  # address (lower case) -> "550 5.1.1 ..."
-    mail_replies: list[str] = field(default_factory=list)       # next MAIL FROM answers, e.g. ["421 ..."]
-    data_replies: list[str] = field(default_factory=list)       # next end-of-DATA answers, e.g. ["451 ..."]
-    drop_in_data: int = 0        # close the connection after the message arrived, this many times
+    rcpt_replies: dict[str, str] = field(default_factory=dict)        # address (lower case) -> "550 5.1.1 ..."
+    rcpt_queue: dict[str, list[str]] = field(default_factory=dict)    # address -> next answers, e.g. ["451 ..."]
+    mail_replies: list[str] = field(default_factory=list)             # next MAIL FROM answers, e.g. ["421 ..."]
+    mail_delays: list[float] = field(default_factory=list)            # seconds before the next MAIL answers
+    data_replies: list[str] = field(default_factory=list)             # next end-of-DATA answers, e.g. ["451 ..."]
+    drop_in_data: int = 0        # close the connection when the message arrived, without keeping it
     accept_then_drop: int = 0    # keep the message, then close without answering, this many times
     data_delay: float = 0.0      # seconds to wait before answering end-of-DATA
+    # (n, pid, keep): at the n-th message, SIGKILL the sending process, after keeping the message or not
+    kill_at_data: tuple[int, int, bool] | None = None
+    data_seen: int = 0
 
 
 class SinkHandler:
@@ -52,6 +59,8 @@ class SinkHandler:
             self.directory.mkdir(parents=True, exist_ok=True)
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.faults.mail_delays:
+            await asyncio.sleep(self.faults.mail_delays.pop(0))
         if self.faults.mail_replies:
             return self.faults.mail_replies.pop(0)
         envelope.mail_from = address
@@ -59,28 +68,36 @@ class SinkHandler:
         return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        reply = self.faults.rcpt_replies.get(address.lower())
+        queued = self.faults.rcpt_queue.get(address.lower())
+        reply = queued.pop(0) if queued else self.faults.rcpt_replies.get(address.lower())
         if reply:
             return reply
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
-        import asyncio
-
         faults = self.faults
+        faults.data_seen += 1
+        content = envelope.original_content or envelope.content
+        if faults.kill_at_data and faults.kill_at_data[0] == faults.data_seen:
+            _, pid, keep = faults.kill_at_data
+            if keep:
+                self.keep(envelope.mail_from, list(envelope.rcpt_tos), content)
+            os.kill(pid, signal.SIGKILL)
+            server.transport.close()
+            return "421 closing"
         if faults.data_delay:
             await asyncio.sleep(faults.data_delay)
         if faults.drop_in_data > 0:
             faults.drop_in_data -= 1
-            session.transport.close()
+            server.transport.close()
             return "421 closing"
         if faults.data_replies:
             return faults.data_replies.pop(0)
-        self.keep(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content or envelope.content)
+        self.keep(envelope.mail_from, list(envelope.rcpt_tos), content)
         if faults.accept_then_drop > 0:
             faults.accept_then_drop -= 1
-            session.transport.close()
+            server.transport.close()
             return "421 closing"
         return "250 Message accepted"
 
