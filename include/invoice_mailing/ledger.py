@@ -7,8 +7,9 @@ A delivery is (document, mailing, recipient address, format, mode, generation). 
        |                  '------> pending     (transient answer: retried later, same Message-ID)
        '--> skipped / failed                   (refused by the rules before any attempt)
 
-A row that was refused before any attempt may be re-decided by a later run (the ERP data was
-fixed, or broke differently); a row that was ever claimed never goes back to a refusal.
+A row refused by the rules may be re-decided by a later run (the ERP data was fixed, or broke
+differently); a row the SMTP server refused, and a sent row, are final. The database enforces these
+transitions with a trigger (ALLOWED_TRANSITION), on SQLite and PostgreSQL alike.
 ``sending`` is taken over by another attempt only when its claim is stale: the claimant's process
 is gone (same host) or its lease expired. The window in which a message can arrive twice is
 between the SMTP server accepting DATA and the ``sent`` commit; a resend then carries the same

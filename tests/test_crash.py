@@ -1,0 +1,190 @@
+"""Crash test: a real DAG run, in its own process, is SIGKILLed at seeded random points; the run is then
+cleared and run again. At the SMTP server every expected (document, recipient) must have arrived, and
+the only duplicates allowed are those of the documented window (the server took the message, the
+ledger had not yet recorded it), which carry the same Message-ID.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from queue import Queue
+
+import pytest
+from sqlalchemy import create_engine
+
+from include.invoice_mailing import ledger
+from include.invoice_mailing.smtp_sink import SmtpSink
+from tests.conftest import ROOT, smtp_connection, sqlite_connection
+from tests.erp import TinyErp
+
+TRIALS = int(os.environ.get("CRASH_TRIALS", "30"))
+SEED = 20261124
+STEPS = ("after_claim", "during_smtp", "after_data_accepted", "before_commit")
+WINDOW = {"after_data_accepted", "before_commit"}  # where a second copy is the documented outcome
+LOGICAL_DATE, RUN_AFTER = "2026-11-24T00:00:00+00:00", "2026-11-24T01:00:00+00:00"
+
+
+def build_erp(engine) -> set[tuple[str, str]]:
+    """Three customers, six documents, nine messages; returns the expected (document, recipient) pairs."""
+    erp = TinyErp(engine)
+    expected = set()
+    bookkeeper = erp.contact(None, "regnskap@fjordlys.example", "Ingrid Regnskap", is_employee=True)
+    setting = erp.setting(class_id="DOMESTIC")
+    erp.recipient(setting, "Invoicing", "To")
+    erp.recipient(setting, "Primary", "Cc")
+    erp.recipient(setting, "Employee", "Bcc", contact_id=bookkeeper)
+    for n, name in enumerate(("Bølgen Kafé AS", "Havet Fisk AS", "Åsen Bakeri AS")):
+        customer_id = f"1000{n + 1}"
+        erp.customer(customer_id, name, invoice_email=f"faktura@kunde{n + 1}.example")
+        primary = erp.contact(customer_id, f"leder@kunde{n + 1}.example", preferred_format="HTML" if n else None)
+        with engine.begin() as conn:
+            conn.execute(ledger_free_update(customer_id, primary))
+        for d in range(2):
+            ref = erp.invoice(f"INV00{n + 1}{d}01", customer_id)
+            expected |= {(ref, f"faktura@kunde{n + 1}.example"), (ref, f"leder@kunde{n + 1}.example"),
+                         (ref, "regnskap@fjordlys.example")}
+    return expected
+
+
+def ledger_free_update(customer_id, contact_id):
+    from include.invoice_mailing import source
+
+    return source.customer.update().where(source.customer.c.customer_id == customer_id).values(
+        primary_contact_id=contact_id)
+
+
+MESSAGES = 2 + 2 * 2 * 2  # customer 1: one PDF message per document; 2 and 3: a PDF and an HTML message each
+
+
+@pytest.fixture(scope="module")
+def airflow_homes(tmp_path_factory):
+    """One Airflow home per worker process slot, migrated once."""
+    homes: Queue = Queue()
+    for slot in range(2):
+        home = tmp_path_factory.mktemp(f"airflow-{slot}")
+        env = _airflow_env(home)
+        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
+        homes.put(home)
+    return homes
+
+
+def _airflow_env(home: Path) -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AIRFLOW")}
+    env.update({"PYTHONPATH": str(ROOT), "AIRFLOW_HOME": str(home),
+                "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+                "AIRFLOW__LOGGING__LOGGING_LEVEL": "ERROR"})
+    return env
+
+
+def run_trial(trial: int, backend: str, homes: Queue, make_databases) -> dict:
+    rng = random.Random(SEED * 100 + trial)
+    step = STEPS[trial % len(STEPS)]
+    nth = rng.randint(1, MESSAGES)
+    erp_engine, ledger_engine, connections, cleanup = make_databases(trial)
+    expected = build_erp(erp_engine)
+    home = homes.get()
+    try:
+        with SmtpSink() as sink:
+            env = _airflow_env(home)
+            env.update({"AIRFLOW_CONN_ERP_DB": connections[0], "AIRFLOW_CONN_MAILING_LEDGER": connections[1],
+                        "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port)})
+            crash_env = dict(env)
+            if step in ("after_claim", "before_commit"):
+                crash_env["INVOICE_MAILING_CRASH_AT"] = f"{step}:{nth}"
+            command = [sys.executable, "-m", "tests.dag_runner", LOGICAL_DATE, RUN_AFTER]
+            first = subprocess.Popen(command, env=crash_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            if step in ("during_smtp", "after_data_accepted"):
+                sink.faults.kill_at_data = (nth, first.pid, step == "after_data_accepted")
+            _, first_err = first.communicate(timeout=300)
+            killed = first.returncode == -signal.SIGKILL
+            rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+            assert rerun.returncode == 0, rerun.stderr[-3000:]
+            received = list(sink.received)
+        rows = ledger.all_deliveries(ledger_engine)
+    finally:
+        homes.put(home)
+        cleanup()
+    by_pair: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for mail in received:
+        ref = mail.message["X-Invoice-Document"].split()[-1]
+        for rcpt in mail.envelope_to:
+            by_pair[(ref, rcpt)].append(mail.message["Message-ID"])
+    return {"trial": trial, "step": step, "nth": nth, "killed": killed, "expected": expected, "by_pair": by_pair,
+            "unsent_rows": [r for r in rows if r["status"] != "sent"], "first_err": first_err.decode()[-500:]}
+
+
+@pytest.fixture
+def make_databases(backend, tmp_path, request):
+    if backend["name"] == "sqlite":
+        def make(trial):
+            paths = [tmp_path / f"erp-{trial}.db", tmp_path / f"ledger-{trial}.db"]
+            engines = [create_engine(f"sqlite:///{p}") for p in paths]
+            return (*engines, [sqlite_connection(p) for p in paths], lambda: [e.dispose() for e in engines])
+        return make
+
+    import uuid
+
+    from sqlalchemy import text
+
+    from tests.conftest import POSTGRES_ADMIN_URL
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    request.addfinalizer(admin.dispose)
+
+    def make(trial):
+        names = [f"im_crash_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("erp", "ledger")]
+        with admin.connect() as conn:
+            for name in names:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+        base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+        engines = [create_engine(f"{base}/{name}") for name in names]
+        connections = [f'{{"conn_type": "postgres", "host": "127.0.0.1", "port": 5432, "login": "postgres", '
+                       f'"schema": "{name}"}}' for name in names]
+
+        def cleanup():
+            for engine in engines:
+                engine.dispose()
+            with admin.connect() as conn:
+                for name in names:
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        return (*engines, connections, cleanup)
+    return make
+
+
+def test_sigkill_at_random_points_then_rerun_delivers_everything_once_but_for_the_window(
+        backend, airflow_homes, make_databases, capsys):
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda t: run_trial(t, backend["name"], airflow_homes, make_databases),
+                                range(TRIALS)))
+
+    table: dict[str, Counter] = defaultdict(Counter)
+    for r in results:
+        counts = table[r["step"]]
+        counts["trials"] += 1
+        counts["killed"] += r["killed"]
+        assert r["killed"], f"trial {r['trial']} ({r['step']} #{r['nth']}) was not killed: {r['first_err']}"
+        missing = r["expected"] - set(r["by_pair"])
+        assert not missing, f"trial {r['trial']}: never arrived: {sorted(missing)}"
+        assert not r["unsent_rows"], f"trial {r['trial']}: ledger rows not sent: {r['unsent_rows']}"
+        counts["expected"] += len(r["expected"])
+        for pair, message_ids in r["by_pair"].items():
+            counts["arrived"] += len(message_ids)
+            if len(message_ids) > 1:
+                assert r["step"] in WINDOW, f"trial {r['trial']} ({r['step']}): {pair} arrived {len(message_ids)}x"
+                assert len(set(message_ids)) == 1, f"trial {r['trial']}: {pair} with different Message-IDs"
+                counts["duplicates_same_message_id"] += len(message_ids) - 1
+
+    with capsys.disabled():
+        print(f"\ncrash test on {backend['name']}: {TRIALS} trials, seed {SEED}")
+        print(f"  {'killed at':<22}{'trials':>7}{'killed':>7}{'expected':>9}{'arrived':>8}{'dup (window)':>13}")
+        for step in STEPS:
+            c = table[step]
+            print(f"  {step:<22}{c['trials']:>7}{c['killed']:>7}{c['expected']:>9}{c['arrived']:>8}"
+                  f"{c['duplicates_same_message_id']:>13}")
