@@ -97,28 +97,46 @@ def _server_missing(what: str, error: Exception):
     pytest.skip(message)
 
 
-@pytest.fixture
-def postgres_databases():
-    """Two fresh PostgreSQL databases (ERP, ledger) on the local server, dropped afterwards."""
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text("select 1"))
-    except Exception as exc:  # noqa: BLE001 - any failure to connect means: no server here
-        _server_missing("PostgreSQL at 127.0.0.1:5432", exc)
+def postgres_pair(admin) -> dict:
+    """Two fresh PostgreSQL databases (ERP, ledger): names, engines, Airflow connections and a cleanup."""
     names = [f"im_test_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("erp", "ledger")]
     with admin.connect() as conn:
         for name in names:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
     base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
     engines = [create_engine(f"{base}/{name}") for name in names]
-    yield {"urls": [f"{base}/{name}" for name in names], "engines": engines, "names": names}
-    for engine in engines:
-        engine.dispose()
-    with admin.connect() as conn:
-        for name in names:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    def cleanup():
+        for engine in engines:
+            engine.dispose()
+        with admin.connect() as conn:
+            for name in names:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    connections = [json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": 5432, "login": "postgres",
+                               "schema": name}) for name in names]
+    return {"names": names, "engines": engines, "connections": connections, "cleanup": cleanup}
+
+
+@pytest.fixture
+def postgres_admin():
+    """An autocommit engine on the local PostgreSQL server; skips (fails under CI) when there is none."""
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text("select 1"))
+    except Exception as exc:  # noqa: BLE001 - any failure to connect means: no server here
+        _server_missing("PostgreSQL at 127.0.0.1:5432", exc)
+    yield admin
     admin.dispose()
+
+
+@pytest.fixture
+def postgres_databases(postgres_admin):
+    """Two fresh PostgreSQL databases (ERP, ledger) on the local server, dropped afterwards."""
+    pair = postgres_pair(postgres_admin)
+    yield pair
+    pair["cleanup"]()
 
 
 def load_dag():
@@ -158,6 +176,4 @@ def backend(request, tmp_path):
             engine.dispose()
     else:
         databases = request.getfixturevalue("postgres_databases")
-        yield {"name": "postgresql", "engines": databases["engines"],
-               "connections": [json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": 5432,
-                                           "login": "postgres", "schema": name}) for name in databases["names"]]}
+        yield {"name": "postgresql", "engines": databases["engines"], "connections": databases["connections"]}

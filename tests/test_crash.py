@@ -21,7 +21,7 @@ from sqlalchemy import create_engine
 
 from include.invoice_mailing import ledger
 from include.invoice_mailing.smtp_sink import SmtpSink
-from tests.conftest import ROOT, smtp_connection, sqlite_connection
+from tests.conftest import ROOT, postgres_pair, smtp_connection, sqlite_connection
 from tests.erp import TinyErp
 
 TRIALS = int(os.environ.get("CRASH_TRIALS", "30"))
@@ -130,31 +130,11 @@ def make_databases(backend, tmp_path, request):
             return (*engines, [sqlite_connection(p) for p in paths], lambda: [e.dispose() for e in engines])
         return make
 
-    import uuid
-
-    from sqlalchemy import text
-
-    from tests.conftest import POSTGRES_ADMIN_URL
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    request.addfinalizer(admin.dispose)
+    admin = request.getfixturevalue("postgres_admin")
 
     def make(trial):
-        names = [f"im_crash_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("erp", "ledger")]
-        with admin.connect() as conn:
-            for name in names:
-                conn.execute(text(f'CREATE DATABASE "{name}"'))
-        base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
-        engines = [create_engine(f"{base}/{name}") for name in names]
-        connections = [f'{{"conn_type": "postgres", "host": "127.0.0.1", "port": 5432, "login": "postgres", '
-                       f'"schema": "{name}"}}' for name in names]
-
-        def cleanup():
-            for engine in engines:
-                engine.dispose()
-            with admin.connect() as conn:
-                for name in names:
-                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        return (*engines, connections, cleanup)
+        pair = postgres_pair(admin)
+        return (*pair["engines"], pair["connections"], pair["cleanup"])
     return make
 
 

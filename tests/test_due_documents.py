@@ -67,8 +67,10 @@ def sent(ledger_db, ref_nbr: str, status: str = "sent"):
     row = PlannedDelivery("INV", ref_nbr, "10001", "INVOICE", "kari@bolgen.example", "To", "PDF", "pending",
                           sender_domain="fjordlys.example")
     ledger.record_plan(ledger_db, [row], run_id="earlier", mode="live", resend=False)
-    with ledger_db.begin() as conn:
-        conn.execute(ledger.delivery.update().values(status=status))
+    if status == "sent":
+        token = ledger.claimant()
+        claimed, _ = ledger.claim(ledger_db, [1], token, run_id="earlier")
+        ledger.finish(ledger_db, claimed, token, "sent")
 
 
 def test_a_delivered_document_is_not_due_again(erp, ledger_db, customer):

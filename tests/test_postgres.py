@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 from include.invoice_mailing import ledger
 from tests.erp import TinyErp
-
-
-def postgres_connection(database: str) -> str:
-    return json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": 5432, "login": "postgres",
-                       "schema": database})
 
 
 def test_dag_run_on_postgresql_sends_once_and_records_the_ledger(postgres_databases, run_dag, sink, monkeypatch):
     from include.invoice_mailing import tasks
 
-    erp_name, ledger_name = postgres_databases["names"]
     erp_engine, ledger_engine = postgres_databases["engines"]
-    monkeypatch.setenv("AIRFLOW_CONN_ERP_DB", postgres_connection(erp_name))
-    monkeypatch.setenv("AIRFLOW_CONN_MAILING_LEDGER", postgres_connection(ledger_name))
+    monkeypatch.setenv("AIRFLOW_CONN_ERP_DB", postgres_databases["connections"][0])
+    monkeypatch.setenv("AIRFLOW_CONN_MAILING_LEDGER", postgres_databases["connections"][1])
     tasks.engine_for.cache_clear()
     erp = TinyErp(erp_engine)
     erp.customer("10001", "Bølgen Kafé AS", invoice_email="kari@bolgen.example", email="post@bolgen.example")

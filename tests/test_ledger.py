@@ -1,0 +1,91 @@
+"""The ledger's state machine, enforced by the database itself, and its claims (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError
+
+from include.invoice_mailing import ledger
+from include.invoice_mailing.ledger import PlannedDelivery, delivery
+
+
+def planned(recipient="kari@bolgen.example", **changes) -> PlannedDelivery:
+    values = dict(doc_type="INV", ref_nbr="INV000101", customer_id="10001", mailing_id="INVOICE",
+                  recipient=recipient, add_to="To", format="PDF", status="pending", sender_domain="fjordlys.example")
+    return PlannedDelivery(**{**values, **changes})
+
+
+@pytest.fixture
+def db(backend):
+    engine = backend["engines"][1]
+    ledger.ensure_schema(engine)
+    return engine
+
+
+def sent_row(db) -> int:
+    ledger.record_plan(db, [planned()], run_id="r1", mode="live", resend=False)
+    token = ledger.claimant()
+    [row_id], _ = ledger.claim(db, [1], token, run_id="r1")
+    assert ledger.finish(db, [row_id], token, "sent") == 1
+    return row_id
+
+
+@pytest.mark.parametrize("status", ["pending", "sending", "failed", "skipped"])
+def test_the_database_refuses_to_move_a_sent_delivery_back(db, status):
+    row_id = sent_row(db)
+    with pytest.raises(DBAPIError, match="may only move forward"), db.begin() as conn:
+        conn.execute(update(delivery).where(delivery.c.id == row_id).values(status=status))
+    assert ledger.all_deliveries(db)[0]["status"] == "sent"
+
+
+def test_the_database_refuses_an_unknown_status(db):
+    ledger.record_plan(db, [planned()], run_id="r1", mode="live", resend=False)
+    with pytest.raises(DBAPIError), db.begin() as conn:
+        conn.execute(update(delivery).values(status="delivered"))
+
+
+def test_recording_the_same_plan_twice_keeps_one_row_per_delivery(db):
+    for _ in range(2):
+        ledger.record_plan(db, [planned(), planned("KARI@bolgen.example")], run_id="r1", mode="live", resend=False)
+    assert len(ledger.all_deliveries(db)) == 1
+
+
+def test_a_refusal_is_re_decided_but_a_server_rejection_is_final(db):
+    ledger.record_plan(db, [planned(status="failed", reason="config_error", format="")], run_id="r1", mode="live",
+                       resend=False)
+    ledger.record_plan(db, [planned(format="")], run_id="r2", mode="live", resend=False)
+    assert [(r["status"], r["last_run_id"]) for r in ledger.all_deliveries(db)] == [("pending", "r2")]
+
+    token = ledger.claimant()
+    claimed, _ = ledger.claim(db, [1], token, run_id="r2")
+    ledger.finish(db, claimed, token, "failed", reason="recipient_rejected", error="550 5.1.1 unknown")
+    ledger.record_plan(db, [planned(format="")], run_id="r3", mode="live", resend=False)
+    assert [(r["status"], r["reason"]) for r in ledger.all_deliveries(db)] == [("failed", "recipient_rejected")]
+
+
+def test_a_live_claim_is_respected_and_a_dead_processes_claim_is_taken_over(db):
+    ledger.record_plan(db, [planned()], run_id="r1", mode="live", resend=False)
+    alive = ledger.claimant()  # this very process: alive
+    assert ledger.claim(db, [1], alive, run_id="r1") == ([1], [])
+    assert ledger.claim(db, [1], ledger.claimant(), run_id="r1") == ([], [1])
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = f"{ledger.claimant().split(':')[0]}:{gone.stdout.strip()}:deadbeef"
+    with db.begin() as conn:
+        conn.execute(update(delivery).values(claimed_by=dead))
+    heir = ledger.claimant()
+    assert ledger.claim(db, [1], heir, run_id="r2") == ([1], [])
+    [row] = ledger.all_deliveries(db)
+    assert row["attempts"] == 2 and "stale claim" in row["last_error"]
+
+
+def test_a_claim_from_another_host_is_taken_over_only_after_its_lease(db):
+    ledger.record_plan(db, [planned()], run_id="r1", mode="live", resend=False)
+    assert ledger.claim(db, [1], "worker-7.example:4242:cafe", run_id="r1") == ([1], [])
+    assert ledger.claim(db, [1], ledger.claimant(), run_id="r1") == ([], [1])
+    assert ledger.claim(db, [1], ledger.claimant(), run_id="r1", lease=timedelta(0)) == ([1], [])
