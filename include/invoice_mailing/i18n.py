@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import date
 from decimal import Decimal
 from functools import lru_cache
@@ -72,7 +73,9 @@ class Formats:
         return format_decimal(value or 0, "#,##0.00", locale=self.locale)
 
     def money(self, value: Decimal | float | int | None, currency: str) -> str:
-        return format_currency(value or 0, currency, locale=self.locale)
+        text = format_currency(value or 0, currency, locale=self.locale)
+        # CLDR's currency spacing, which Babel leaves out: "NOK 1,234.50", not "NOK1,234.50".
+        return re.sub(r"(?<=\d)(?=[A-Z]{3}$)", "\u00a0", re.sub(r"^(-?[A-Z]{3})(?=[-\d])", "\\1\u00a0", text))
 
     def quantity(self, value: Decimal | float | int | None) -> str:
         return format_decimal(value or 0, "#,##0.####", locale=self.locale)

@@ -299,7 +299,7 @@ def _mail_message(ctx, plan, message_id, members, todo, data, renderer, sender, 
         key = (doc.key, fmt, customer.locale)
         if key not in attachments:  # rendered once per document and format, for all its recipients
             attachments[key] = renderer.attachment(doc, customer, attention, mailing.report.template_name, fmt,
-                                                   customer.locale)
+                                                   customer.locale, mailing.report.report_id)
         attachment = attachments[key]
         sender_info = {"address": mailing.account.address, "name": mailing.account.display_name or ""}
         notification = renderer.notification(template, doc, customer, sender_info, customer.locale)

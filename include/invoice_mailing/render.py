@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
-from functools import cached_property
+from functools import cached_property, lru_cache
 from html.parser import HTMLParser
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError, select_autoescape
 from jinja2.sandbox import SandboxedEnvironment
-from markupsafe import Markup
 
 from include.invoice_mailing.i18n import Formats
 from include.invoice_mailing.rules import DOC_TYPES, Customer, Document, NotificationTemplate
@@ -24,6 +24,26 @@ from include.invoice_mailing.rules import DOC_TYPES, Customer, Document, Notific
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "templates"
 REPORTS = "reports"
 CENT = Decimal("0.01")
+
+
+class _OnlyOnce(logging.Filter):
+    """WeasyPrint warns about its fontTools fallback for every font of every document: once is enough."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "instead of HarfBuzz-Subset" not in str(record.msg):
+            return True
+        key = str(record.msg)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+logging.getLogger("weasyprint").addFilter(_OnlyOnce())
 
 
 class RenderError(Exception):
@@ -49,14 +69,6 @@ class Notification:
     text: str
 
 
-def css_string(value) -> Markup:
-    """A quoted CSS string that no ERP text can break out of (not of the string, not of <style>)."""
-    escaped = "".join(
-        f"\\{ord(ch):x} " if ch in '"\\<>&\n\r\f' or ord(ch) < 0x20 else ch for ch in str(value)
-    )
-    return Markup(f'"{escaped}"')
-
-
 def payment_reference(customer_id: str, ref_nbr: str, locale: str) -> str:
     """A KID/OCR-style reference: customer and document digits with a check digit the banks verify."""
     digits = re.sub(r"\D", "", customer_id) + re.sub(r"\D", "", ref_nbr)
@@ -70,6 +82,20 @@ def payment_reference(customer_id: str, ref_nbr: str, locale: str) -> str:
         n = int(d) * (2 if i % 2 == 0 else 1)
         total += n - 9 if n > 9 else n
     return digits + str((10 - total % 10) % 10)
+
+
+def vat_breakdown(document: Document) -> list[tuple[Decimal, Decimal, Decimal]]:
+    """(rate, basis, VAT) per rate. VAT is computed on each rate's basis; a rounding difference of a few
+    cents to the ERP's total VAT goes to the largest basis, so that the rows add up to the document."""
+    basis: dict[Decimal, Decimal] = defaultdict(Decimal)
+    for line in document.lines:
+        basis[line.vat_rate] += line.amount
+    vat = {rate: (amount * rate / 100).quantize(CENT, ROUND_HALF_UP) for rate, amount in basis.items()}
+    difference = document.vat_amount - sum(vat.values(), Decimal(0))
+    if vat and difference and abs(difference) <= CENT * len(document.lines):
+        largest = max(basis, key=lambda rate: (basis[rate] * rate, rate))
+        vat[largest] += difference
+    return [(rate, basis[rate], vat[rate]) for rate in sorted(basis)]
 
 
 def document_label(doc_type: str, formats: Formats) -> str:
@@ -136,7 +162,6 @@ class Renderer:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self.reports.filters["css_string"] = css_string
         # Notification templates come from the ERP: anyone with access to its settings can edit them.
         self.notifications = SandboxedEnvironment(autoescape=True)
         self.subjects = SandboxedEnvironment(autoescape=False)
@@ -150,21 +175,31 @@ class Renderer:
 
         return FontConfiguration()
 
+    @cached_property
+    def report_settings(self) -> dict:
+        """Per ERP report (report_id): options such as ``{"pdf_variant": "pdf/a-3b"}``."""
+        path = self.templates_dir / REPORTS / "settings.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+    @lru_cache(maxsize=16)  # noqa: B019 - one Renderer lives as long as its worker process
+    def stylesheets(self, template_name: str) -> list:
+        """The report's stylesheet and the print sheet, parsed once: parsing CSS per document is waste."""
+        from weasyprint import CSS
+
+        folder = self.templates_dir / REPORTS
+        return [CSS(filename=str(folder / f"{template_name}.css"), font_config=self.font_config),
+                CSS(filename=str(folder / "print.css"), font_config=self.font_config)]
+
     def has_report(self, template_name: str) -> bool:
-        return (self.templates_dir / REPORTS / f"{template_name}.html.j2").is_file()
+        folder = self.templates_dir / REPORTS
+        return (folder / f"{template_name}.html.j2").is_file() and (folder / f"{template_name}.css").is_file()
 
     # --- the document -----------------------------------------------------------------------
 
     def document_context(self, document: Document, customer: Customer, attention: str | None,
                          formats: Formats) -> dict:
-        breakdown: dict[Decimal, Decimal] = defaultdict(Decimal)
-        for line in document.lines:
-            breakdown[line.vat_rate] += line.amount
-        vat_rows = [
-            {"rate": formats.percent(rate), "basis": formats.amount(basis),
-             "vat": formats.amount((basis * rate / 100).quantize(CENT, ROUND_HALF_UP))}
-            for rate, basis in sorted(breakdown.items())
-        ]
+        vat_rows = [{"rate": formats.percent(rate), "basis": formats.amount(basis), "vat": formats.amount(vat)}
+                    for rate, basis, vat in vat_breakdown(document)]
         return {
             "doc": {
                 "type": document.doc_type,
@@ -198,31 +233,32 @@ class Renderer:
     def report_html(self, template_name: str, context: dict, *, for_pdf: bool, formats: Formats) -> str:
         if not self.has_report(template_name):
             raise RenderError(f"report template {template_name!r} does not exist in {self.templates_dir / REPORTS}")
-        page = formats.gettext("Page {page} of {pages}")
-        page_label = " ".join(
-            part if part in ("counter(page)", "counter(pages)") else str(css_string(part))
-            for part in re.split(r"(counter\(pages?\))",
-                                 page.replace("{page}", "counter(page)").replace("{pages}", "counter(pages)"))
-            if part
-        )
+        before, _, rest = formats.gettext("Page {page} of {pages}").partition("{page}")
+        between, _, after = rest.partition("{pages}")
         try:
             return self.reports.get_template(f"{REPORTS}/{template_name}.html.j2").render(
-                **context, for_pdf=for_pdf, fonts_url="fonts", page_label=Markup(page_label))
+                **context, for_pdf=for_pdf, page_label=(before, between, after))
         except TemplateError as exc:
             raise RenderError(f"report template {template_name!r} failed: {exc}") from exc
 
     def attachment(self, document: Document, customer: Customer, attention: str | None, template_name: str,
-                   fmt: str, locale: str | None) -> Attachment:
+                   fmt: str, locale: str | None, report_id: str | None = None) -> Attachment:
+        """The document as the customer receives it: a PDF, or a self-contained HTML file."""
         formats = Formats(locale)
         context = self.document_context(document, customer, attention, formats)
         html = self.report_html(template_name, context, for_pdf=fmt == "PDF", formats=formats)
         name = attachment_filename(document, fmt, formats)
         if fmt == "HTML":
             return Attachment(name, html.encode("utf-8"), "text", "html")
+        return Attachment(name, self.pdf(html, template_name, report_id), "application", "pdf")
+
+    def pdf(self, html: str, template_name: str, report_id: str | None = None) -> bytes:
         from weasyprint import HTML
 
-        pdf = HTML(string=html, base_url=str(self.templates_dir)).write_pdf(font_config=self.font_config)
-        return Attachment(name, pdf, "application", "pdf")
+        options = self.report_settings.get(report_id or "", {})
+        return HTML(string=html, base_url=str(self.templates_dir)).write_pdf(
+            stylesheets=self.stylesheets(template_name), font_config=self.font_config,
+            pdf_variant=options.get("pdf_variant"))
 
     # --- the notification -------------------------------------------------------------------
 

@@ -1,0 +1,150 @@
+"""Rendering cost of an invoice PDF, measured three ways on the same documents in one run.
+
+- baseline: what a first implementation does: the document as one self-contained HTML string (inline
+  CSS, the system's DejaVu Sans found by fontconfig), ``HTML(string=...).write_pdf()`` with defaults,
+  per document;
+- floor: layout alone, ``HTML(...).render()`` of the project's template and stylesheets, as WeasyPrint
+  does it by default (a FontConfiguration and parsed stylesheets of its own per document);
+- warm layout (for information): the same layout with the project's FontConfiguration and parsed
+  stylesheets reused, i.e. the layout part of the project's own time;
+- project: ``Renderer.attachment()``, exactly as the DAG calls it (shipped subset font, one
+  FontConfiguration and parsed stylesheets per process).
+
+Prints ms per document for each, the PDF sizes, whether HarfBuzz subsetting was available, and as
+its last line: ``render: baseline X ms, floor F ms, project Y ms, speedup S, overhead O, pdf_kb K``
+(S = X / Y, O = Y / F) for the one-page invoice. Run: ``make bench`` or ``python bench/render.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import logging
+import statistics
+import sys
+import time
+from datetime import date, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pypdf import PdfReader  # noqa: E402
+from weasyprint import CSS, HTML  # noqa: E402
+from weasyprint.text.fonts import FontConfiguration  # noqa: E402
+
+from include.invoice_mailing.i18n import Formats  # noqa: E402
+from include.invoice_mailing.render import Renderer  # noqa: E402
+from include.invoice_mailing.rules import Customer, Document, DocumentLine  # noqa: E402
+
+PRODUCTS = ("Kaffebønner, hele 1 kg", "Røkt laks, skivet (kg)", "Tyttebærsyltetøy 3 kg", "Kjølevitrine, leie",
+            "Engangshansker nitril M, 100 stk", "Filterkaffe, malt 500 g", "Servietter hvite 33x33", "Havredrikk 1 l")
+
+
+def invoice(number: int, lines: int) -> Document:
+    rows = []
+    for n in range(1, lines + 1):
+        quantity, price, rate = Decimal(1 + (n * 7) % 23), Decimal(f"{50 + (n * 37) % 900}.{n % 100:02d}"), \
+            Decimal((25, 15, 12)[n % 3])
+        rows.append(DocumentLine(n, PRODUCTS[n % len(PRODUCTS)], quantity, price, rate,
+                                 (quantity * price).quantize(Decimal("0.01"))))
+    net = sum((r.amount for r in rows), Decimal(0))
+    vat = sum(((r.amount * r.vat_rate / 100).quantize(Decimal("0.01")) for r in rows), Decimal(0))
+    day = date(2026, 11, 23)
+    return Document("INV", f"INV{number:06d}", "10001", "Open", day, day + timedelta(days=14), "NOK", net + vat, vat,
+                    "Varelevering uke 47 – Bølgen Kafé", "PO-4471", tuple(rows))
+
+
+CUSTOMER = Customer("10001", "Bølgen Kafé & Bakeri AS", "DOMESTIC", locale="nb_NO")
+
+
+def timed(fn, documents, keep=lambda output: None) -> tuple[float, list]:
+    """Median ms per document (after one warm-up), and what ``keep`` takes of each output: laid-out
+    documents are dropped at once, so that no method pays for the garbage of the one before."""
+    fn(documents[0])
+    times, kept = [], []
+    for doc in documents:
+        gc.collect()
+        start = time.perf_counter()
+        output = fn(doc)
+        times.append((time.perf_counter() - start) * 1000)
+        kept.append(keep(output))
+        del output
+    return statistics.median(times), kept
+
+
+def measure(renderer: Renderer, documents: list[Document]) -> dict:
+    formats = Formats("nb_NO")
+
+    def html_for(doc, for_pdf):
+        context = renderer.document_context(doc, CUSTOMER, "Kari Nordmann", formats)
+        return renderer.report_html("invoice", context, for_pdf=for_pdf, formats=formats)
+
+    baseline_html = {d.ref_nbr: html_for(d, False) for d in documents}
+    project_html = {d.ref_nbr: html_for(d, True) for d in documents}
+    sheets = renderer.stylesheets("invoice")
+
+    folder = renderer.templates_dir / "reports"
+
+    def default_layout(doc):
+        font_config = FontConfiguration()
+        fresh = [CSS(filename=str(folder / name), font_config=font_config) for name in ("invoice.css", "print.css")]
+        return HTML(string=project_html[doc.ref_nbr], base_url=str(renderer.templates_dir)).render(
+            stylesheets=fresh, font_config=font_config)
+
+    baseline, baseline_pdfs = timed(lambda d: HTML(string=baseline_html[d.ref_nbr]).write_pdf(), documents,
+                                    keep=bytes)
+    floor, _ = timed(default_layout, documents)
+    warm, _ = timed(lambda d: HTML(string=project_html[d.ref_nbr], base_url=str(renderer.templates_dir)).render(
+        stylesheets=sheets, font_config=renderer.font_config), documents)
+    project, pdfs = timed(
+        lambda d: renderer.attachment(d, CUSTOMER, "Kari Nordmann", "invoice", "PDF", "nb_NO"), documents,
+        keep=lambda attachment: attachment.content)
+    for pdf in pdfs + baseline_pdfs:
+        text = "".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)
+        assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF"), "not a whole PDF"
+        assert "Bølgen Kafé" in text and "Kjølevitrine" in text and "Å betale" in text, "text does not extract"
+    return {"baseline": baseline, "floor": floor, "warm": warm, "project": project,
+            "pages": len(PdfReader(io.BytesIO(pdfs[0])).pages),
+            "pdf_kb": statistics.mean(len(p) for p in pdfs) / 1024,
+            "baseline_kb": statistics.mean(len(p) for p in baseline_pdfs) / 1024}
+
+
+def harfbuzz_subsetting() -> bool:
+    import weasyprint.pdf.fonts
+    from weasyprint.text.ffi import harfbuzz
+
+    return bool(weasyprint.pdf.fonts.harfbuzz_subset) and bool(harfbuzz.hb_version_atleast(4, 1, 0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=20, help="one-page invoices to render (default 20)")
+    parser.add_argument("--long", type=int, default=5, help="300-line invoices to render (default 5)")
+    parser.add_argument("--fonttools", action="store_true",
+                        help="measure as on a system without HarfBuzz's subsetter (fontTools subsets fonts)")
+    args = parser.parse_args()
+    if args.fonttools:
+        import weasyprint.pdf.fonts
+
+        weasyprint.pdf.fonts.harfbuzz_subset = None
+    logging.getLogger("weasyprint").setLevel(logging.ERROR)
+    renderer = Renderer()
+    print(f"HarfBuzz subsetting available: {'yes' if harfbuzz_subsetting() else 'no (fontTools subsets fonts)'}")
+    long = measure(renderer, [invoice(500 + i, 300) for i in range(args.long)])
+    print(f"300-line invoice ({long['pages']} pages, {args.long} documents): baseline {long['baseline']:.0f} ms, "
+          f"floor {long['floor']:.0f} ms, warm layout {long['warm']:.0f} ms, project {long['project']:.0f} ms, "
+          f"speedup {long['baseline'] / long['project']:.2f}, overhead {long['project'] / long['floor']:.2f}, "
+          f"pdf_kb {long['pdf_kb']:.0f}")
+    one = measure(renderer, [invoice(100 + i, 8) for i in range(args.n)])
+    print(f"one-page invoice ({one['pages']} page, {args.n} documents): PDF {one['pdf_kb']:.1f} kB "
+          f"(baseline's {one['baseline_kb']:.1f} kB); warm layout {one['warm']:.0f} ms, so the project's PDF writing "
+          f"and templating take {one['project'] - one['warm']:.0f} ms")
+    print(f"render: baseline {one['baseline']:.0f} ms, floor {one['floor']:.0f} ms, project {one['project']:.0f} ms, "
+          f"speedup {one['baseline'] / one['project']:.2f}, overhead {one['project'] / one['floor']:.2f}, "
+          f"pdf_kb {one['pdf_kb']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
