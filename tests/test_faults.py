@@ -173,3 +173,16 @@ def test_write_back_marks_only_sent_documents_emailed_and_is_idempotent(night, s
     assert source.mark_emailed(erp_engine, [("INV", "INV000102")]) == 0
     assert {r["reason"] for r in ledger.all_deliveries(ledger_db, ledger.delivery.c.ref_nbr == "INV000101")} == {
         "message_rejected"}
+
+
+def test_a_pending_delivery_the_erp_no_longer_names_is_skipped_not_sent(night, sink, backend):
+    from include.invoice_mailing import source
+
+    sink.faults.rcpt_queue = {CC: ["451 4.2.0 Mailbox busy"] * 3}  # deferred beyond the try's retries
+    assert night(max_tries=1) == 2  # the one try failed: the Cc delivery stays pending
+    with backend["engines"][0].begin() as conn:  # meanwhile the clerk removes the Cc row in the ERP
+        conn.execute(source.mailing_recipient.delete().where(source.mailing_recipient.c.contact_type == "Customer"))
+
+    assert night() == 1
+    assert sorted(rcpt for m in sink.received for rcpt in m.envelope_to) == sorted([TO, BCC])
+    assert rows(night.ledger)[CC] == ("skipped", "no_longer_planned")

@@ -337,3 +337,10 @@ def test_unknown_add_to_is_a_config_error_never_a_visible_to():
     sent, refused = resolve(row("Invoicing", add_to="Hidden"), row("Primary"))
     assert list(sent.values()) == [("To", "PDF")]
     assert list(refused.values()) == [CONFIG_ERROR]
+
+
+def test_an_email_account_without_a_valid_sender_address_is_a_config_error():
+    accounts = {1: EmailAccount(1, "faktura@"), 2: ACCOUNTS[2]}
+    refusal = effective_mailing(customer(), None, setting(row("Invoicing")), accounts, REPORTS, TEMPLATES)
+    assert (refusal.reason, refusal.status) == (CONFIG_ERROR, "failed")
+    assert "email account 1" in refusal.detail and "mailing setting 1" in refusal.detail

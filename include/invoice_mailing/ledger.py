@@ -290,6 +290,15 @@ def open_deliveries(engine: Engine, document_keys: Iterable[tuple[str, str]], mo
     return out
 
 
+def retire(engine: Engine, ids: Sequence[int], *, run_id: str, reason: str, detail: str) -> int:
+    """Skip pending deliveries that the current plan no longer contains (never one being sent)."""
+    with engine.begin() as conn:
+        return conn.execute(
+            update(delivery).where(delivery.c.id.in_(list(ids)), delivery.c.status == PENDING)
+            .values(status=SKIPPED, reason=reason, detail=detail, last_run_id=run_id, updated_at=now())
+        ).rowcount
+
+
 def claimant() -> str:
     """Who claims: host, process and a nonce, so that a dead process's claims can be recognised."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

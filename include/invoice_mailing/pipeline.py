@@ -219,11 +219,19 @@ def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, 
                        run_id=ctx.run_id, mode=mode, resend=ctx.params.resend)
 
     by_key = {p.document.key: p for p in plans if p.refusal is None}
-    rows = ledger.open_deliveries(ledger_db, by_key, mode)
+    wanted = {(row.doc_type, row.ref_nbr, row.mailing_id, row.recipient.casefold(), row.format)
+              for plan in by_key.values() for row in planned_deliveries(plan) if row.status == PENDING}
     messages: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        if (row["doc_type"], row["ref_nbr"]) in by_key:
+    retired = []
+    for row in ledger.open_deliveries(ledger_db, [p.document.key for p in plans], mode):
+        key = (row["doc_type"], row["ref_nbr"], row["mailing_id"], row["recipient_key"], row["format"])
+        if row["status"] == PENDING and key not in wanted:
+            retired.append(row["id"])  # left pending by an earlier night, no longer named by the ERP
+        elif (row["doc_type"], row["ref_nbr"]) in by_key:
             messages[row["message_id"]].append(row)
+    if retired:
+        ledger.retire(ledger_db, retired, run_id=ctx.run_id, reason="no_longer_planned",
+                      detail="the ERP no longer names this recipient, format or document for mailing")
 
     token = ledger.claimant()
     counts = defaultdict(int)

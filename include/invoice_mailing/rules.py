@@ -227,6 +227,11 @@ def effective_mailing(
         missing = "has no email account" if setting.email_account_id is None else \
             f"names email account {setting.email_account_id}, which does not exist"
         return Refusal(CONFIG_ERROR, f"{where} {missing}", "failed")
+    try:
+        normalize_address(accounts[setting.email_account_id].address)
+    except EmailNotValidError as exc:
+        return Refusal(CONFIG_ERROR, f"{where}: email account {setting.email_account_id} has no valid sender "
+                                     f"address ({exc})", "failed")
     if not setting.report_id or setting.report_id not in reports:
         missing = "has no report" if not setting.report_id else \
             f"names report {setting.report_id!r}, which does not exist"
