@@ -186,3 +186,14 @@ def test_a_pending_delivery_the_erp_no_longer_names_is_skipped_not_sent(night, s
     assert night() == 1
     assert sorted(rcpt for m in sink.received for rcpt in m.envelope_to) == sorted([TO, BCC])
     assert rows(night.ledger)[CC] == ("skipped", "no_longer_planned")
+
+
+def test_a_mailing_that_names_a_missing_smtp_connection_is_a_config_error(night, sink, backend):
+    from include.invoice_mailing import source
+
+    with backend["engines"][0].begin() as conn:
+        conn.execute(source.email_account.update().values(smtp_conn_id="smtp_nowhere"))
+    assert night() == 1
+    assert sink.received == []
+    assert set(rows(night.ledger).values()) == {("failed", "config_error")}
+    assert "smtp_nowhere" in ledger.all_deliveries(night.ledger)[0]["last_error"]

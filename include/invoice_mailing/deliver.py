@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 DEFAULT_SMTP_CONN_ID = "smtp_default"
 
 
+class SmtpConfigError(Exception):
+    """The mailing names an SMTP connection that Airflow does not have: fix the setting, then it sends."""
+
+
 class TransientSmtpError(Exception):
     """The server or the network said 'not now' (4xx, timeout, dropped connection): try again later."""
 
@@ -115,9 +119,14 @@ class SmtpSender:
 
     @staticmethod
     def _connect_with_hook(conn_id: str):
+        from airflow.exceptions import AirflowNotFoundException
         from airflow.providers.smtp.hooks.smtp import SmtpHook
 
         hook = SmtpHook(smtp_conn_id=conn_id)
+        try:
+            hook.smtp_connection = hook.get_connection(conn_id)
+        except AirflowNotFoundException as exc:
+            raise SmtpConfigError(f"the SMTP connection {conn_id!r} does not exist in Airflow") from exc
         hook.get_conn()
         return hook, hook._smtp_client  # the hook keeps its client private; it is the session we send on
 
@@ -221,6 +230,9 @@ class SmtpSender:
         except smtplib.SMTPDataError as exc:  # DATA itself refused: nothing was transferred
             self._drop(conn_id)
             return self._data_refused(result, exc.smtp_code, exc.smtp_error)
+        except SmtpConfigError as exc:
+            result.failure = ("config_error", str(exc))
+            return result
         except Exception as exc:  # dropped connection, timeout, refused connection (the hook wraps some)
             self._drop(conn_id)
             error = TransientSmtpError(f"{type(exc).__name__} during {phase}: {exc}")

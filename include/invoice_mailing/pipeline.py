@@ -197,10 +197,12 @@ def planned_deliveries(plan: rules.DocumentPlan) -> list[PlannedDelivery]:
 
 @dataclass
 class BatchSettings:
-    smtp_attempts: int = 3
-    smtp_backoff: float = 2.0
-    lease: timedelta = ledger.DEFAULT_LEASE
-    write_back: bool = False
+    lease: timedelta = ledger.DEFAULT_LEASE  # after this long, another host's claim counts as stale
+    write_back: bool = False                 # set invoice.emailed in the ERP after a live send
+
+
+class DeliveriesPending(RuntimeError):
+    """Some deliveries could not be sent now: the task fails so that Airflow retries it with back-off."""
 
 
 def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, renderer: Renderer,
@@ -208,22 +210,22 @@ def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, 
     """Plan, render and send the documents of one batch of customers; return its counts.
 
     Safe to run again (a task retry, a cleared task, a zombie's twin): the ledger's keys make
-    planning idempotent and its claims let exactly one attempt send each delivery.
-    Raises TransientSmtpError-derived RuntimeError when deliveries stay pending, so Airflow retries.
+    planning idempotent and its claims let exactly one attempt send each delivery. Raises
+    DeliveriesPending when deliveries stay pending, so that Airflow retries the task.
     """
     settings = settings or BatchSettings()
     mode = ctx.params.mode
     data = source.load_batch(erp, [tuple(d) for d in batch["documents"]])
     plans = plan_batch(data, renderer)
-    ledger.record_plan(ledger_db, [row for p in plans for row in planned_deliveries(p)],
+    planned = {p.document.key: planned_deliveries(p) for p in plans}
+    ledger.record_plan(ledger_db, [row for rows in planned.values() for row in rows],
                        run_id=ctx.run_id, mode=mode, resend=ctx.params.resend)
 
     by_key = {p.document.key: p for p in plans if p.refusal is None}
-    wanted = {(row.doc_type, row.ref_nbr, row.mailing_id, row.recipient.casefold(), row.format)
-              for plan in by_key.values() for row in planned_deliveries(plan) if row.status == PENDING}
+    wanted = {row.key for rows in planned.values() for row in rows if row.status == PENDING}
     messages: dict[str, list[dict]] = defaultdict(list)
     retired = []
-    for row in ledger.open_deliveries(ledger_db, [p.document.key for p in plans], mode):
+    for row in ledger.open_deliveries(ledger_db, planned, mode):
         key = (row["doc_type"], row["ref_nbr"], row["mailing_id"], row["recipient_key"], row["format"])
         if row["status"] == PENDING and key not in wanted:
             retired.append(row["id"])  # left pending by an earlier night, no longer named by the ERP
@@ -233,36 +235,25 @@ def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, 
         ledger.retire(ledger_db, retired, run_id=ctx.run_id, reason="no_longer_planned",
                       detail="the ERP no longer names this recipient, format or document for mailing")
 
-    token = ledger.claimant()
-    counts = defaultdict(int)
-    held_elsewhere = 0
+    mailer = _Mailer(ctx, data, renderer, sender, ledger_db, settings)
     delivered_docs: set[tuple[str, str]] = set()
-    attachments: dict[tuple, Attachment] = {}
     for message_id, members in messages.items():
         todo = [r for r in members if r["status"] in (PENDING, ledger.SENDING)]
-        if not todo:
-            continue
-        first = todo[0]
-        plan = by_key[(first["doc_type"], first["ref_nbr"])]
-        outcome = _mail_message(ctx, plan, message_id, members, todo, data, renderer, sender, ledger_db, token,
-                                settings, attachments)
-        for status, n in outcome.items():
-            if status == "held":
-                held_elsewhere += n
-            else:
-                counts[status] += n
-        if outcome.get(SENT):
-            delivered_docs.add(plan.document.key)
+        if todo:
+            plan = by_key[(todo[0]["doc_type"], todo[0]["ref_nbr"])]
+            if mailer.mail(plan, message_id, members, todo):
+                delivered_docs.add(plan.document.key)
 
     if settings.write_back and mode == "live" and delivered_docs:
         changed = source.mark_emailed(erp, delivered_docs)
         log.info("Marked %d documents as emailed in the ERP", changed)
+    counts = {status: n for status, n in mailer.counts.items() if status != "held"}
     summary = {"label": batch["label"], "documents": len(plans), **counts}
     log.info("Batch %s: %s", batch["label"], summary)
-    if counts.get("deferred") or held_elsewhere:
+    if counts.get("deferred") or mailer.counts["held"]:
         raise DeliveriesPending(
-            f"{counts.get('deferred', 0)} deliveries deferred by the SMTP server, {held_elsewhere} held by another "
-            f"running attempt; they stay pending and are sent by the task's next try ({summary})")
+            f"{counts.get('deferred', 0)} deliveries deferred by the SMTP server, {mailer.counts['held']} held by "
+            f"another running attempt; they stay pending and are sent by the task's next try ({summary})")
     return summary
 
 
@@ -282,79 +273,89 @@ def crashpoint(name: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-class DeliveriesPending(RuntimeError):
-    """Some deliveries could not be sent now: the task fails so that Airflow retries it with back-off."""
+class _Mailer:
+    """Sends the messages of one batch: claim, render (once per document and format), send, record."""
 
+    def __init__(self, ctx: RunContext, data: source.BatchData, renderer: Renderer, sender: SmtpSender,
+                 ledger_db: Engine, settings: BatchSettings):
+        self.ctx, self.data, self.renderer, self.sender = ctx, data, renderer, sender
+        self.ledger_db, self.settings = ledger_db, settings
+        self.token = ledger.claimant()
+        self.attachments: dict[tuple, Attachment] = {}
+        self.counts: dict[str, int] = defaultdict(int)
 
-def _mail_message(ctx, plan, message_id, members, todo, data, renderer, sender, ledger_db, token, settings,
-                  attachments) -> dict[str, int]:
-    doc = plan.document
-    customer = data.customers[doc.customer_id]
-    mailing = plan.mailing
-    fmt = todo[0]["format"]
-    attention = None
-    if customer.invoice_contact_id in data.contacts:
-        attention = data.contacts[customer.invoice_contact_id].display_name
-    template = (data.templates.get((mailing.template_id, customer.locale))
-                or data.templates.get((mailing.template_id, "")))
-    ids = [r["id"] for r in todo]
-    claimed, busy = ledger.claim(ledger_db, ids, token, run_id=ctx.run_id, lease=settings.lease)
-    if not claimed:
-        return {"held": len(busy)}
-    crashpoint("after_claim")
-    claimed_rows = [r for r in todo if r["id"] in claimed]
-    try:
+    def finish(self, ids, status: str, count_as: str | None = None, **values) -> None:
+        self.counts[count_as or status] += ledger.finish(self.ledger_db, ids, self.token, status, **values)
+
+    def mail(self, plan: rules.DocumentPlan, message_id: str, members: list[dict], todo: list[dict]) -> bool:
+        """Send one message to the deliveries in ``todo``; True if any of them is now sent."""
+        claimed, busy = ledger.claim(self.ledger_db, [r["id"] for r in todo], self.token, run_id=self.ctx.run_id,
+                                     lease=self.settings.lease)
+        self.counts["held"] += len(busy)
+        if not claimed:
+            return False
+        crashpoint("after_claim")
+        doc, mailing, params = plan.document, plan.mailing, self.ctx.params
+        customer = self.data.customers[doc.customer_id]
+        try:
+            attachment = self.attachment(plan, todo[0]["format"])
+            template = (self.data.templates.get((mailing.template_id, customer.locale))
+                        or self.data.templates[(mailing.template_id, "")])
+            sender_info = {"address": mailing.account.address, "name": mailing.account.display_name or ""}
+            notification = self.renderer.notification(template, doc, customer, sender_info, customer.locale)
+        except RenderError as exc:
+            self.finish(claimed, FAILED, reason=rules.CONFIG_ERROR, error=str(exc))
+            return False
+        if params.mode == "dry_run":
+            self.finish(claimed, SKIPPED, "dry_run", reason="dry_run", attachment_sha256=attachment.sha256)
+            return False
+
+        claimed_rows = [r for r in todo if r["id"] in claimed]
+        msg = build_message(
+            sender_address=mailing.account.address, sender_name=mailing.account.display_name,
+            recipients=[MessageRecipient(r["recipient"], r["add_to"], _name(plan, r["recipient"]))
+                        for r in members if r["status"] != FAILED or r["id"] in claimed],
+            notification=notification, attachment=attachment, message_id=message_id,
+            document_ref=f"{doc.doc_type} {doc.ref_nbr}", redirect_to=params.redirect_to,
+        )
+        conn_id = mailing.account.smtp_conn_id or DEFAULT_SMTP_CONN_ID
+        envelope = [params.redirect_to] if params.redirect_to else [r["recipient"] for r in claimed_rows]
+        result = self.sender.send(conn_id, msg, mailing.account.address, envelope)
+        crashpoint("before_commit")
+
+        by_address = {r["recipient"]: r["id"] for r in claimed_rows}
+        if params.redirect_to:  # the one envelope address stands for all the real recipients
+            refusal = next(iter(result.rejected.values()), None)
+            text = next(iter(result.deferred.values()), "")
+            accepted = list(by_address) if result.accepted else []
+            rejected = {a: refusal for a in by_address} if refusal else {}
+            deferred = {a: text for a in by_address} if result.deferred else {}
+        else:
+            accepted, rejected, deferred = result.accepted, result.rejected, result.deferred
+        if result.failure:
+            reason, text = result.failure
+            self.finish(claimed, FAILED, reason=reason, error=text, attachment_sha256=attachment.sha256)
+            return False
+        sent_before = self.counts[SENT]
+        self.finish([by_address[a] for a in accepted if a in by_address], SENT, attachment_sha256=attachment.sha256,
+                    redirected_to=params.redirect_to)
+        for address, (reason, text) in rejected.items():
+            self.finish([by_address[address]], FAILED, reason=reason, error=text)
+        for address, text in deferred.items():
+            self.finish([by_address[address]], PENDING, "deferred", error=text)
+        return self.counts[SENT] > sent_before
+
+    def attachment(self, plan: rules.DocumentPlan, fmt: str) -> Attachment:
+        """Rendered once per document and format, for all its recipients and messages."""
+        doc, report = plan.document, plan.mailing.report
+        customer = self.data.customers[doc.customer_id]
         key = (doc.key, fmt, customer.locale)
-        if key not in attachments:  # rendered once per document and format, for all its recipients
-            attachments[key] = renderer.attachment(doc, customer, attention, mailing.report.template_name, fmt,
-                                                   customer.locale, mailing.report.report_id)
-        attachment = attachments[key]
-        sender_info = {"address": mailing.account.address, "name": mailing.account.display_name or ""}
-        notification = renderer.notification(template, doc, customer, sender_info, customer.locale)
-    except RenderError as exc:
-        ledger.finish(ledger_db, claimed, token, FAILED, reason=rules.CONFIG_ERROR, error=str(exc))
-        return {FAILED: len(claimed), "held": len(busy)}
-
-    if ctx.params.mode == "dry_run":
-        ledger.finish(ledger_db, claimed, token, SKIPPED, reason="dry_run", error=None,
-                      attachment_sha256=attachment.sha256)
-        return {"dry_run": len(claimed), "held": len(busy)}
-
-    visible = [MessageRecipient(r["recipient"], r["add_to"], _name(plan, r["recipient"]))
-               for r in members if r["status"] != FAILED or r["id"] in claimed]
-    msg = build_message(
-        sender_address=mailing.account.address, sender_name=mailing.account.display_name,
-        recipients=visible, notification=notification, attachment=attachment, message_id=message_id,
-        document_ref=f"{doc.doc_type} {doc.ref_nbr}", redirect_to=ctx.params.redirect_to,
-    )
-    conn_id = mailing.account.smtp_conn_id or DEFAULT_SMTP_CONN_ID
-    envelope = [ctx.params.redirect_to] if ctx.params.redirect_to else [r["recipient"] for r in claimed_rows]
-    result = sender.send(conn_id, msg, mailing.account.address, envelope)
-    crashpoint("before_commit")
-
-    counts: dict[str, int] = defaultdict(int)
-    counts["held"] = len(busy)
-    by_address = {r["recipient"]: r["id"] for r in claimed_rows}
-    if ctx.params.redirect_to:  # the one envelope address stands for all the real recipients
-        refusal = next(iter(result.rejected.values()), None)
-        text = next(iter(result.deferred.values()), "")
-        accepted = list(by_address) if result.accepted else []
-        rejected = {a: refusal for a in by_address} if refusal else {}
-        deferred = {a: text for a in by_address} if result.deferred else {}
-    else:
-        accepted, rejected, deferred = result.accepted, result.rejected, result.deferred
-    if result.failure:
-        reason, text = result.failure
-        counts[FAILED] += ledger.finish(ledger_db, claimed, token, FAILED, reason=reason, error=text,
-                                        attachment_sha256=attachment.sha256)
-        return counts
-    counts[SENT] += ledger.finish(ledger_db, [by_address[a] for a in accepted if a in by_address], token, SENT,
-                                  attachment_sha256=attachment.sha256, redirected_to=ctx.params.redirect_to)
-    for address, (reason, text) in rejected.items():
-        counts[FAILED] += ledger.finish(ledger_db, [by_address[address]], token, FAILED, reason=reason, error=text)
-    for address, text in deferred.items():
-        counts["deferred"] += ledger.finish(ledger_db, [by_address[address]], token, PENDING, error=text)
-    return counts
+        if key not in self.attachments:
+            contact = self.data.contacts.get(customer.invoice_contact_id)
+            self.attachments[key] = self.renderer.attachment(
+                doc, customer, contact.display_name if contact else None, report.template_name, fmt,
+                customer.locale, report.report_id)
+        return self.attachments[key]
 
 
 def _name(plan: rules.DocumentPlan, address: str) -> str | None:
