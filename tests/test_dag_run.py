@@ -252,3 +252,14 @@ def test_mapped_instances_are_labelled_with_their_customer_in_the_grid(kafe, erp
         labels = session.execute(select(TaskInstance.rendered_map_index).where(
             TaskInstance.run_id == run.run_id, TaskInstance.task_id == "mail_customers")).scalars().all()
     assert sorted(labels) == ["customer 10001", "customer 10002"]
+
+
+def test_dry_run_previews_what_a_live_run_would_still_send(kafe, run_dag, sink, ledger_db):
+    kafe.invoice("INV000101", "10001")
+    run_dag()
+    kafe.invoice("INV000111", "10001")
+
+    run_dag("2026-11-25", {"dry_run": True})
+
+    assert {r["ref_nbr"] for r in deliveries(ledger_db, mode="dry_run")} == {"INV000111"}
+    assert len(sink.received) == 1

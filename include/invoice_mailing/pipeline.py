@@ -133,7 +133,7 @@ def extract(erp: Engine, ledger_db: Engine, ctx: RunContext, max_batches: int = 
         documents=ctx.params.documents,
         include_emailed=ctx.params.resend,
     )
-    if ctx.params.mode == "live" and not ctx.params.resend:
+    if not ctx.params.resend:  # a dry or redirected run previews tonight's live run: delivered is done
         settled = ledger.settled_documents(ledger_db, [(d.doc_type, d.ref_nbr) for d in due])
         due = [d for d in due if (d.doc_type, d.ref_nbr) not in settled]
         log.info("%d documents due, %d of them delivered before", len(due) + len(settled), len(settled))
