@@ -35,7 +35,11 @@ def test_twin_attempts_of_one_customer_send_each_delivery_exactly_once(backend, 
     urls = [e.url.render_as_string(hide_password=False) for e in (erp_engine, ledger_db)]
     twins = [subprocess.Popen([sys.executable, "-m", "tests.twin_attempt", *urls, json.dumps(batch), str(go)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    time.sleep(3)  # both have imported everything and wait at the barrier
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("go.ready.*"))) < 2:  # both have imported everything and wait at the barrier
+        assert time.monotonic() < deadline, "the twins never got ready"
+        assert all(twin.poll() is None for twin in twins), "a twin died before the barrier"
+        time.sleep(0.05)
     go.touch()
     outcomes = []
     for twin in twins:

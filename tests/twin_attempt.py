@@ -1,12 +1,14 @@
 """One attempt of the mapped task's send step, as a separate process (for the zombie test).
 
-python -m tests.twin_attempt ERP_URL LEDGER_URL BATCH_JSON GO_FILE: waits until GO_FILE exists, then runs
+python -m tests.twin_attempt ERP_URL LEDGER_URL BATCH_JSON GO_FILE: says it is ready (GO_FILE.ready.PID),
+waits until GO_FILE exists, then runs
 pipeline.mail_batch and prints one JSON line: {"sent": n} or {"pending": message}.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -24,6 +26,7 @@ def main(erp_url: str, ledger_url: str, batch: str, go_file: str) -> None:
     renderer = Renderer()
     night = datetime(2026, 11, 24, 1, 0, tzinfo=UTC)
     ctx = pipeline.RunContext.from_airflow("run-1", night, night, {})
+    Path(f"{go_file}.ready.{os.getpid()}").touch()  # imported and connected: ready at the barrier
     while not Path(go_file).exists():
         time.sleep(0.005)
     try:
