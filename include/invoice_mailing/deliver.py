@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import smtplib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email import policy
 from email.headerregistry import Address
@@ -109,16 +109,13 @@ class SmtpSender:
     answers and the retries (the hook's own ``send_email_smtp`` would retry after DATA was accepted).
     """
 
-    def __init__(self, connect: Callable[[str], smtplib.SMTP] | None = None, *, attempts: int = 3,
-                 backoff: float = 2.0, sleep: Callable[[float], None] = time.sleep):
-        self._connect = connect or self._connect_with_hook
-        self._sessions: dict[str, tuple[object, smtplib.SMTP]] = {}
+    def __init__(self, *, attempts: int = 3, backoff: float = 2.0):
+        self._sessions: dict[str, smtplib.SMTP] = {}
         self.attempts = attempts
-        self.backoff = backoff
-        self.sleep = sleep
+        self.backoff = backoff  # seconds, times the attempt number
 
     @staticmethod
-    def _connect_with_hook(conn_id: str):
+    def _connect(conn_id: str) -> smtplib.SMTP:
         from airflow.exceptions import AirflowNotFoundException
         from airflow.providers.smtp.hooks.smtp import SmtpHook
 
@@ -128,16 +125,15 @@ class SmtpSender:
         except AirflowNotFoundException as exc:
             raise SmtpConfigError(f"the SMTP connection {conn_id!r} does not exist in Airflow") from exc
         hook.get_conn()
-        return hook, hook._smtp_client  # the hook keeps its client private; it is the session we send on
+        return hook._smtp_client  # the hook keeps its client private; it is the session we send on
 
     def _session(self, conn_id: str) -> smtplib.SMTP:
         if conn_id not in self._sessions:
-            opened = self._connect(conn_id)
-            self._sessions[conn_id] = opened if isinstance(opened, tuple) else (None, opened)
-        return self._sessions[conn_id][1]
+            self._sessions[conn_id] = self._connect(conn_id)
+        return self._sessions[conn_id]
 
     def _drop(self, conn_id: str) -> None:
-        _, client = self._sessions.pop(conn_id, (None, None))
+        client = self._sessions.pop(conn_id, None)
         if client is not None:
             try:
                 client.close()
@@ -145,8 +141,7 @@ class SmtpSender:
                 pass
 
     def close(self) -> None:
-        for conn_id in list(self._sessions):
-            _, client = self._sessions[conn_id]
+        for conn_id, client in list(self._sessions.items()):
             try:
                 client.quit()
             except Exception:  # noqa: BLE001
@@ -178,7 +173,7 @@ class SmtpSender:
                     return result
                 log.warning("SMTP %s: %s; retrying in %.1fs (attempt %d of %d)", conn_id, exc,
                             self.backoff * attempt, attempt, self.attempts)
-                self.sleep(self.backoff * attempt)
+                time.sleep(self.backoff * attempt)
                 continue
             result.failure = outcome.failure
             result.accepted += outcome.accepted
@@ -187,7 +182,7 @@ class SmtpSender:
                 result.deferred.update(outcome.deferred)
                 return result
             rcpts = list(outcome.deferred)  # only the recipients the server deferred
-            self.sleep(self.backoff * attempt)
+            time.sleep(self.backoff * attempt)
         return result
 
     def _send_once(self, conn_id: str, data: bytes, envelope_from: str, rcpts: list[str],

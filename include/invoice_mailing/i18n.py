@@ -85,6 +85,3 @@ class Formats:
 
     def date(self, value: date | None) -> str:
         return format_date(value, "short", locale=self.locale) if value else ""
-
-    def long_date(self, value: date | None) -> str:
-        return format_date(value, "long", locale=self.locale) if value else ""

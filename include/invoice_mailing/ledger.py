@@ -429,12 +429,6 @@ def summarize_run(engine: Engine, run_id: str) -> dict:
     return summary
 
 
-def deliveries_of_run(engine: Engine, run_id: str) -> list[dict]:
-    with engine.connect() as conn:
-        return [dict(r) for r in conn.execute(
-            select(delivery).where(delivery.c.last_run_id == run_id).order_by(delivery.c.id)).mappings()]
-
-
 def all_deliveries(engine: Engine, *conditions) -> list[dict]:
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(select(delivery).where(*conditions).order_by(delivery.c.id)).mappings()]

@@ -43,7 +43,7 @@ class RunParams:
         def names(key):
             value = params.get(key) or ()
             if isinstance(value, str):
-                value = [v for v in value.replace(",", " ").split()]
+                value = value.replace(",", " ").split()
             if not all(isinstance(v, str | int) for v in value):
                 raise ParamError(f"{key} must be a list of numbers, got {value!r}")
             return tuple(str(v).strip() for v in value if str(v).strip())
@@ -54,10 +54,11 @@ class RunParams:
                 redirect = rules.normalize_address(redirect)
             except EmailNotValidError as exc:
                 raise ParamError(f"redirect_to is not a valid address: {exc}") from exc
+        raw_lookback = params.get("lookback_days")
         try:
-            lookback = int(params.get("lookback_days", 30) if params.get("lookback_days") is not None else 30)
+            lookback = 30 if raw_lookback is None else int(raw_lookback)
         except (TypeError, ValueError) as exc:
-            raise ParamError(f"lookback_days must be a whole number, got {params.get('lookback_days')!r}") from exc
+            raise ParamError(f"lookback_days must be a whole number, got {raw_lookback!r}") from exc
         if lookback < 0:
             raise ParamError("lookback_days cannot be negative")
         return cls(dry_run=bool(params.get("dry_run")), redirect_to=redirect, customers=names("customers"),
@@ -90,8 +91,7 @@ class RunContext:
         """The look-back window's start; an operator naming documents gets them whatever their age."""
         if self.params.documents:
             return None
-        start = datetime.combine(self.run_date - timedelta(days=self.params.lookback_days), time(0), TIMEZONE)
-        return start
+        return datetime.combine(self.run_date - timedelta(days=self.params.lookback_days), time(0), TIMEZONE)
 
 
 def _naive_utc(moment: datetime | None) -> datetime | None:

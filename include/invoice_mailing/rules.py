@@ -10,6 +10,7 @@ from email_validator import EmailNotValidError, validate_email
 
 FORMATS = ("PDF", "HTML")
 ADD_TO_STRENGTH = {"To": 0, "Cc": 1, "Bcc": 2}
+_ADD_TO_BY_FOLDED = {field.casefold(): field for field in ADD_TO_STRENGTH}
 DOC_TYPES = {"INV": "Invoice", "CRM": "Credit note", "DRM": "Debit note"}
 
 # Reason codes, as written to the ledger.
@@ -327,7 +328,7 @@ def resolve_recipients(
         if isinstance(fmt, Refusal):
             refused.append(RecipientRefusal(address, fmt))
             continue
-        add_to = {k.casefold(): k for k in ADD_TO_STRENGTH}.get(str(row.add_to or "").strip().casefold())
+        add_to = _ADD_TO_BY_FOLDED.get(str(row.add_to or "").strip().casefold())
         if add_to is None:  # guessing could turn a hidden Bcc into a visible To
             refused.append(RecipientRefusal(address, Refusal(
                 CONFIG_ERROR, f"recipient row {row.recipient_id} has add_to {row.add_to!r}; known are To, Cc, Bcc",
