@@ -9,7 +9,8 @@ A delivery is (document, mailing, recipient address, format, mode, generation). 
 
 A row refused by the rules may be re-decided by a later run (the ERP data was fixed, or broke
 differently); a row the SMTP server refused, and a sent row, are final. The database enforces these
-transitions with a trigger (ALLOWED_TRANSITION), on SQLite and PostgreSQL alike.
+transitions with a trigger, on SQLite and PostgreSQL alike; the schema changes only through the
+Alembic migrations in ``migrations/``.
 ``sending`` is taken over by another attempt only when its claim is stale: the claimant's process
 is gone (same host) or its lease expired. The window in which a message can arrive twice is
 between the SMTP server accepting DATA and the ``sent`` commit; a resend then carries the same
@@ -27,7 +28,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import (
-    DDL,
     JSON,
     CheckConstraint,
     Column,
@@ -40,7 +40,6 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
-    event,
     func,
     insert,
     or_,
@@ -99,45 +98,20 @@ mailing_run = Table(
 )
 
 PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed", "skipped"
-# Failures the SMTP server gave: final for their delivery. Every other skipped/failed row is a
-# refusal by the rules (or a dry run), which a later run re-decides from the ERP data it then finds.
-SMTP_FAILURES = ("recipient_rejected", "message_rejected", "sender_rejected", "too_large",
-                 "smtputf8_unsupported", "smtp_error")
-
-# The allowed status changes, enforced by the database itself (a trigger on SQLite and PostgreSQL), so
-# that no code path, old or new, can send a delivery twice by moving it back. ``sent`` is final.
-_SMTP_LIST = ", ".join(f"'{r}'" for r in SMTP_FAILURES)
-ALLOWED_TRANSITION = f"""(
-    (OLD.status = NEW.status AND OLD.status <> 'sent')
- OR (OLD.status = 'pending' AND NEW.status IN ('sending', 'skipped', 'failed'))
- OR (OLD.status = 'sending' AND NEW.status IN ('sent', 'failed', 'pending', 'skipped'))
- OR (OLD.status IN ('skipped', 'failed') AND COALESCE(OLD.reason, '') NOT IN ({_SMTP_LIST})
-     AND NEW.status IN ('pending', 'skipped', 'failed'))
-)"""
-FORWARD_ONLY = "delivery status may only move forward"
-
-event.listen(delivery, "after_create", DDL(f"""
-CREATE TRIGGER delivery_forward_only BEFORE UPDATE OF status ON delivery
-FOR EACH ROW WHEN NOT {ALLOWED_TRANSITION}
-BEGIN SELECT RAISE(ABORT, '{FORWARD_ONLY}'); END
-""").execute_if(dialect="sqlite"))
-event.listen(delivery, "after_create", DDL(f"""
-CREATE FUNCTION delivery_forward_only() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  IF NOT {ALLOWED_TRANSITION} THEN
-    RAISE EXCEPTION USING MESSAGE = '{FORWARD_ONLY}: ' || OLD.status || ' -> ' || NEW.status;
-  END IF;
-  RETURN NEW;
-END $$;
-CREATE TRIGGER delivery_forward_only BEFORE UPDATE OF status ON delivery
-FOR EACH ROW EXECUTE FUNCTION delivery_forward_only();
-""").execute_if(dialect="postgresql"))
+# The server's verdicts on a recipient or a message: final for their delivery. Every other skipped or
+# failed row (a refusal by the rules, a config error, a relay that refused the sender, the login or
+# SMTPUTF8, a dry run) is re-decided by a later run from the ERP data and settings it then finds.
+# The database enforces it with the trigger of migration 0002 (migrations/forward_only.py).
+SMTP_FAILURES = ("recipient_rejected", "message_rejected", "too_large", "smtp_error")
 DEFAULT_LEASE = timedelta(minutes=15)
 _CHUNK = 500
 
 
 def ensure_schema(engine: Engine) -> None:
-    ledger.create_all(engine, checkfirst=True)
+    """Create or upgrade the ledger to this release's schema (Alembic; never drops or rewrites rows)."""
+    from include.invoice_mailing import migrations
+
+    migrations.upgrade(engine)
 
 
 def now() -> datetime:

@@ -1,0 +1,5 @@
+import sys
+
+from include.invoice_mailing.migrations import main
+
+sys.exit(main(sys.argv))

@@ -1,0 +1,75 @@
+"""The ledger's schema changes only through Alembic: a ledger made by release 1 upgrades in place."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import insert, select, text, update
+from sqlalchemy.exc import DBAPIError
+
+from include.invoice_mailing import ledger, migrations
+from include.invoice_mailing.ledger import delivery, mailing_run
+
+FIXTURES = Path(__file__).parent / "fixtures"
+STAMP = datetime(2026, 11, 24, 1, 0, tzinfo=UTC)
+
+
+def release_1_ledger(engine) -> None:
+    """The schema exactly as release 1's ``create_all`` made it (dumped from that release)."""
+    sql = (FIXTURES / f"ledger_v1.{engine.dialect.name}.sql").read_text()
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.connection.executescript(sql)
+        else:
+            conn.exec_driver_sql(sql)
+
+
+def history_row(reason: str, status: str = "failed", recipient: str = "kari@bolgen.example") -> dict:
+    return dict(run_id="scheduled__2026-11-24", last_run_id="scheduled__2026-11-24", doc_type="INV",
+                ref_nbr="INV000101", customer_id="10001", mailing_id="INVOICE", recipient=recipient,
+                recipient_key=recipient, add_to="To", format="PDF", mode="live", generation=0, status=status,
+                reason=reason, detail="as release 1 wrote it", message_id="<INV000101.pdf.x@fjordlys.example>",
+                attempts=1, created_at=STAMP, updated_at=STAMP)
+
+
+def test_a_release_1_ledger_is_upgraded_in_place_keeping_its_history(backend):
+    engine = backend["engines"][1]
+    release_1_ledger(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(delivery), [
+            history_row("recipient_rejected", recipient="a@bolgen.example"),
+            history_row("sender_rejected", recipient="b@bolgen.example"),
+            history_row(None, status="sent", recipient="c@bolgen.example"),
+        ])
+        conn.execute(insert(mailing_run).values(run_id="scheduled__2026-11-24", mode="live", params={"dry_run": False},
+                                                summary={"by_status": {"sent": 1}}, started_at=STAMP))
+    before = ledger.all_deliveries(engine)
+
+    assert migrations.upgrade(engine) == migrations.head()
+
+    assert ledger.all_deliveries(engine) == before  # nothing rewritten
+    with engine.connect() as conn:
+        assert conn.execute(select(mailing_run.c.summary)).scalar_one() == {"by_status": {"sent": 1}}
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == migrations.head()
+    by_recipient = {r["recipient"]: r["id"] for r in before}
+    # Release 1 made a refused sender final; now the account's problem is re-decided next night...
+    with engine.begin() as conn:
+        conn.execute(update(delivery).where(delivery.c.id == by_recipient["b@bolgen.example"]).values(status="pending"))
+    # ...while the server's verdict on a recipient, and a sent delivery, stay final.
+    for address in ("a@bolgen.example", "c@bolgen.example"):
+        with pytest.raises(DBAPIError, match="may only move forward"), engine.begin() as conn:
+            conn.execute(update(delivery).where(delivery.c.id == by_recipient[address]).values(status="pending"))
+
+
+def test_a_new_ledger_gets_the_schema_the_code_expects(backend):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    engine = backend["engines"][1]
+    ledger.ensure_schema(engine)
+    ledger.ensure_schema(engine)  # at the head: nothing to do
+    with engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn), ledger.ledger)
+    assert differences == []
