@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine
@@ -47,6 +47,8 @@ def mail_batch(batch: dict, *, run_id, logical_date, data_interval_end, params) 
     ctx = _context(run_id, logical_date, data_interval_end, params)
     settings = pipeline.BatchSettings(
         write_back=os.environ.get("INVOICE_MAILING_WRITE_BACK", "false").lower() in ("1", "true", "yes"),
+        lease=timedelta(seconds=float(os.environ.get("INVOICE_MAILING_CLAIM_LEASE_SECONDS",
+                                                     pipeline.ledger.DEFAULT_LEASE.total_seconds()))),
     )
     with SmtpSender() as sender:
         return pipeline.mail_batch(engine_for(ERP_CONN_ID), engine_for(LEDGER_CONN_ID), ctx, batch,
