@@ -10,6 +10,7 @@ and records every delivery in the mailing ledger.
 2. **mail_customers** (mapped, one instance per batch, labelled with its customer numbers):
    resolve recipients and formats, render each document once per format, send through the mailing's
    SMTP connection (`smtp_default` unless the email account names another), record each delivery.
+   The pool `invoice_mailing_smtp` caps how many instances (so SMTP sessions per relay) run at once.
    A delivery the server defers stays *pending*; the task then fails and Airflow retries it.
 3. **audit** (runs whatever happened upstream): the run's counts by status and reason.
 
@@ -19,6 +20,7 @@ Clearing any task, or the whole run, sends only what was not sent. Parameters: `
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pendulum
@@ -26,8 +28,12 @@ from airflow.sdk import CronTriggerTimetable, Param, TriggerRule, dag, task
 
 from include.invoice_mailing import tasks
 
-NETWORK_RETRIES = {"retries": 4, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": 2.0,
+RETRY_DELAY = timedelta(seconds=float(os.environ.get("INVOICE_MAILING_RETRY_DELAY_SECONDS", 120)))
+NETWORK_RETRIES = {"retries": 4, "retry_delay": RETRY_DELAY, "retry_exponential_backoff": 2.0,
                    "max_retry_delay": timedelta(minutes=30)}
+# Each mapped instance holds at most one SMTP session per relay connection, so the slots of this pool
+# (INVOICE_MAILING_SMTP_SESSIONS, set by airflow-init) cap the sessions a relay sees at once.
+SMTP_POOL = "invoice_mailing_smtp"
 
 
 @dag(
@@ -53,7 +59,7 @@ def invoice_mailing():
         return tasks.extract(run_id=run_id, logical_date=logical_date, data_interval_end=data_interval_end,
                              params=params)
 
-    @task(map_index_template="{{ task.op_kwargs['batch']['label'] }}", **NETWORK_RETRIES)
+    @task(map_index_template="{{ task.op_kwargs['batch']['label'] }}", pool=SMTP_POOL, **NETWORK_RETRIES)
     def mail_customers(batch: dict, params=None, run_id=None, logical_date=None, data_interval_end=None) -> dict:
         return tasks.mail_batch(batch, run_id=run_id, logical_date=logical_date,
                                 data_interval_end=data_interval_end, params=params)

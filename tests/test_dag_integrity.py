@@ -56,6 +56,11 @@ def test_shape_is_extract_then_mapped_mailing_then_audit(dag):
         assert task.retry_exponential_backoff and task.max_retry_delay
 
 
+def test_only_the_mailing_instances_share_the_smtp_pool(dag):
+    assert {t.task_id: t.pool for t in dag.tasks} == {"extract": "default_pool", "mail_customers": "invoice_mailing_smtp",
+                                                     "audit": "default_pool"}
+
+
 def test_operator_parameters_have_safe_defaults(dag):
     params = {key: dag.params[key] for key in dag.params}
     assert params == {"dry_run": False, "redirect_to": None, "customers": [], "documents": [], "resend": False,
