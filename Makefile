@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv catalogs demo test lint bench clean
+.PHONY: venv catalogs demo test e2e-celery lint bench clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ demo: venv catalogs
 	$(PY) -m include.invoice_mailing.demo run
 
 test: venv catalogs
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --ignore=tests/e2e
+
+# The distributed engine without Docker: Airflow's components and two Celery workers as processes,
+# PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379; a night with one worker SIGKILLed (about 2 minutes).
+e2e-celery: venv catalogs
+	$(PY) -m pytest -q -s tests/e2e/test_celery.py
 
 lint: venv
 	$(VENV)/bin/ruff check .
