@@ -48,8 +48,10 @@ def free_port() -> int:
 
 
 def can_be_another_host() -> bool:
-    """True when a worker can get its own host name and process namespace here (root, unshare)."""
-    if os.geteuid() != 0 or not shutil.which("unshare"):
+    """True when a worker can get its own host name and process namespace here (root, unshare).
+
+    AIRFLOW_STACK_ONE_HOST=1 keeps every worker on this host, as a user without root gets it."""
+    if os.environ.get("AIRFLOW_STACK_ONE_HOST") == "1" or os.geteuid() != 0 or not shutil.which("unshare"):
         return False
     probe = subprocess.run(["unshare", "--uts", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
     return probe.returncode == 0
@@ -165,11 +167,18 @@ class AirflowStack:
 
     def kill_worker(self, name: str) -> None:
         """SIGKILL a worker and everything it started, as if its host had lost power."""
+        import psutil
+
         process = self.processes[f"worker {name}"]
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # the group; a namespace's processes die with its first
-        except ProcessLookupError:
-            pass
+        try:  # the whole tree: Airflow's task supervisors start their own sessions
+            tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for member in tree:
+            try:
+                member.kill()
+            except psutil.NoSuchProcess:
+                pass
         process.wait(timeout=30)
 
     def stop(self) -> None:
