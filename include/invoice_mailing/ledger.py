@@ -141,10 +141,12 @@ class PlannedDelivery:
     detail: str | None = None
     sender_domain: str = ""
     sender: str | None = None
+    recipient_key: str = ""  # the normalised address, case-folded (default: the recipient, case-folded)
 
     @property
     def key(self) -> tuple:
-        return (self.doc_type, self.ref_nbr, self.mailing_id, self.recipient.casefold(), self.format)
+        return (self.doc_type, self.ref_nbr, self.mailing_id, self.recipient_key or self.recipient.casefold(),
+                self.format)
 
 
 def settled_documents(engine: Engine, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
@@ -192,11 +194,13 @@ def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: s
         for p in planned:
             rows = sorted(existing.get(p.key, []), key=lambda r: r["generation"])
             latest = rows[-1] if rows else None
-            tag = run_id if resend else ""
+            # An operator's resend, and every redirected preview, is a new generation with its own Message-ID.
+            again = resend or mode == "redirect"
+            tag = run_id if again else ""
             values = dict(
                 run_id=run_id, last_run_id=run_id, doc_type=p.doc_type, ref_nbr=p.ref_nbr,
                 customer_id=p.customer_id, mailing_id=p.mailing_id, recipient=p.recipient,
-                recipient_key=p.recipient.casefold(), add_to=p.add_to, format=p.format, mode=mode,
+                recipient_key=p.key[3], add_to=p.add_to, format=p.format, mode=mode,
                 status=p.status, reason=p.reason, detail=p.detail, sender=p.sender, attempts=0,
                 created_at=stamp, updated_at=stamp,
             )
@@ -221,7 +225,7 @@ def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: s
                     .values(status=PENDING, reason=None, detail=None, add_to=p.add_to, sender=p.sender,
                             message_id=values["message_id"], last_run_id=run_id, updated_at=stamp)
                 )
-            elif resend and latest["run_id"] != run_id and latest["status"] in (SENT, FAILED):
+            elif again and latest["run_id"] != run_id and latest["status"] in (SENT, FAILED):
                 _insert_new(conn, dict(generation=latest["generation"] + 1, resend_of=latest["id"], **values))
             elif latest["status"] == PENDING and latest["add_to"] != p.add_to:
                 conn.execute(
@@ -247,6 +251,19 @@ def _redecidable(row) -> bool:
     return row["status"] in (SKIPPED, FAILED) and row["reason"] not in SMTP_FAILURES
 
 
+def documents_with_rows(engine: Engine, keys: Iterable[tuple[str, str]], mode: str) -> set[tuple[str, str]]:
+    """The documents among ``keys`` that have any delivery row of this mode."""
+    keys = sorted(set(keys))
+    found: set[tuple[str, str]] = set()
+    with engine.connect() as conn:
+        for start in range(0, len(keys), _CHUNK):
+            found |= {tuple(r) for r in conn.execute(
+                select(delivery.c.doc_type, delivery.c.ref_nbr).distinct()
+                .where(tuple_(delivery.c.doc_type, delivery.c.ref_nbr).in_(keys[start : start + _CHUNK]),
+                       delivery.c.mode == mode))}
+    return found
+
+
 def open_deliveries(engine: Engine, document_keys: Iterable[tuple[str, str]], mode: str) -> list[dict]:
     """Every row of these documents' messages that is not refused: what to send, and who else is on it."""
     keys = sorted(set(document_keys))
@@ -264,12 +281,17 @@ def open_deliveries(engine: Engine, document_keys: Iterable[tuple[str, str]], mo
     return out
 
 
-def retire(engine: Engine, ids: Sequence[int], *, run_id: str, reason: str, detail: str) -> int:
-    """Skip pending deliveries that the current plan no longer contains (never one being sent)."""
+def retire(engine: Engine, ids: Sequence[int], *, run_id: str, reason: str, detail: str,
+           status: str = SKIPPED, error: str | None = None) -> int:
+    """Settle pending deliveries without sending them: no longer planned or due (skipped), or not
+    sendable tonight (failed, e.g. a template error). Never touches a row that is being sent."""
+    if not ids:
+        return 0
     with engine.begin() as conn:
         return conn.execute(
             update(delivery).where(delivery.c.id.in_(list(ids)), delivery.c.status == PENDING)
-            .values(status=SKIPPED, reason=reason, detail=detail, last_run_id=run_id, updated_at=now())
+            .values(status=status, reason=reason, detail=detail, last_run_id=run_id, updated_at=now(),
+                    **({"last_error": error} if error else {}))
         ).rowcount
 
 
@@ -351,7 +373,7 @@ def claim(engine: Engine, ids: Sequence[int], token: str, *, run_id: str,
 
 def finish(engine: Engine, ids: Sequence[int], token: str, status: str, *, reason: str | None = None,
            error: str | None = None, attachment_sha256: str | None = None,
-           redirected_to: str | None = None) -> int:
+           redirected_to: str | None = None, detail: str | None = None) -> int:
     """Move claimed deliveries on: to ``sent``, ``failed``, or back to ``pending`` after a transient fault."""
     if not ids:
         return 0
@@ -362,6 +384,8 @@ def finish(engine: Engine, ids: Sequence[int], token: str, status: str, *, reaso
                       redirected_to=redirected_to)
     else:
         values.update(reason=reason, last_error=error)
+        if detail:
+            values["detail"] = detail
         if attachment_sha256:
             values["attachment_sha256"] = attachment_sha256
     with engine.begin() as conn:
