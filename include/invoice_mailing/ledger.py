@@ -103,6 +103,9 @@ PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed"
 # SMTPUTF8, a dry run) is re-decided by a later run from the ERP data and settings it then finds.
 # The database enforces it with the trigger of migration 0002 (migrations/forward_only.py).
 SMTP_FAILURES = ("recipient_rejected", "message_rejected", "too_large", "smtp_error")
+# The relay's refusals of the account or of SMTPUTF8: mended on the relay's side, so they keep their
+# document due (as a deferred delivery does) until they are sent, within the look-back window.
+RELAY_REFUSALS = ("sender_rejected", "auth_failed", "smtputf8_unsupported")
 DEFAULT_LEASE = timedelta(minutes=15)
 _CHUNK = 500
 
@@ -150,22 +153,23 @@ class PlannedDelivery:
 
 
 def settled_documents(engine: Engine, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
-    """Documents that need nothing tonight: delivered live at least once, with no live delivery still open."""
+    """Documents that need nothing tonight: delivered live at least once, with no live delivery still
+    open (pending, being sent, or refused by the relay for a reason the relay's owner can mend)."""
     keys = sorted(set(keys))
     settled: set[tuple[str, str]] = set()
     doc = tuple_(delivery.c.doc_type, delivery.c.ref_nbr)
+    is_open = or_(delivery.c.status.in_((PENDING, SENDING)),
+                  and_(delivery.c.status == FAILED, delivery.c.reason.in_(RELAY_REFUSALS)))
     with engine.connect() as conn:
         for start in range(0, len(keys), _CHUNK):
             chunk = keys[start : start + _CHUNK]
             rows = conn.execute(
-                select(delivery.c.doc_type, delivery.c.ref_nbr, delivery.c.status, func.count())
-                .where(doc.in_(chunk), delivery.c.mode == "live", delivery.c.status.in_((SENT, PENDING, SENDING)))
-                .group_by(delivery.c.doc_type, delivery.c.ref_nbr, delivery.c.status)
+                select(delivery.c.doc_type, delivery.c.ref_nbr, func.count().filter(delivery.c.status == SENT),
+                       func.count().filter(is_open))
+                .where(doc.in_(chunk), delivery.c.mode == "live")
+                .group_by(delivery.c.doc_type, delivery.c.ref_nbr)
             ).all()
-            by_doc: dict[tuple[str, str], set[str]] = {}
-            for doc_type, ref_nbr, status, _ in rows:
-                by_doc.setdefault((doc_type, ref_nbr), set()).add(status)
-            settled |= {k for k, statuses in by_doc.items() if statuses == {SENT}}
+            settled |= {(doc_type, ref_nbr) for doc_type, ref_nbr, sent, still_open in rows if sent and not still_open}
     return settled
 
 
