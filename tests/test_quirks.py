@@ -91,6 +91,15 @@ def customer_with_template(night: Night, customer_id: str, email: str, template_
     night.erp.recipient(setting, "Invoicing")
 
 
+def kari_and_post(night: Night) -> None:
+    """Customer 10001 with its invoicing contact in To and its main address in Cc, and one invoice."""
+    night.erp.customer("10001", invoice_email="kari@bolgen.example", email="post@bolgen.example")
+    setting = night.erp.setting(customer_id="10001")
+    night.erp.recipient(setting, "Invoicing", "To")
+    night.erp.recipient(setting, "Customer", "Cc")
+    night.erp.invoice("INV000101", "10001")
+
+
 # --- Templates ----------------------------------------------------------------------------------
 
 def test_templates_that_fail_at_run_time_fail_their_document_and_the_rest_of_the_batch_goes_out(night):
@@ -250,11 +259,7 @@ def test_recipients_accepted_by_an_earlier_attempt_stay_sent_when_a_later_attemp
     faults = night.sink.faults
     faults.rcpt_queue = {"post@bolgen.example": ["451 4.2.0 Mailbox busy"]}
     faults.mail_replies = [None, "550 5.7.1 Sender address rejected"]  # the in-task retry for the Cc is refused
-    night.erp.customer("10001", invoice_email="kari@bolgen.example", email="post@bolgen.example")
-    setting = night.erp.setting(customer_id="10001")
-    night.erp.recipient(setting, "Invoicing", "To")
-    night.erp.recipient(setting, "Customer", "Cc")
-    night.erp.invoice("INV000101", "10001")
+    kari_and_post(night)
 
     night.run()
 
@@ -286,11 +291,7 @@ def test_a_document_voided_or_marked_dont_email_after_extract_is_not_sent(night)
 
 def test_a_retry_after_the_document_was_emailed_by_hand_skips_what_is_still_pending(night):
     night.sink.faults.rcpt_queue = {"post@bolgen.example": ["451 4.2.0 Mailbox busy"] * 3}
-    night.erp.customer("10001", invoice_email="kari@bolgen.example", email="post@bolgen.example")
-    setting = night.erp.setting(customer_id="10001")
-    night.erp.recipient(setting, "Invoicing", "To")
-    night.erp.recipient(setting, "Customer", "Cc")
-    night.erp.invoice("INV000101", "10001")
+    kari_and_post(night)
 
     def clerk_mails_it_by_hand():  # while the task waits for its retry
         with night.erp_engine.begin() as conn:
@@ -304,11 +305,7 @@ def test_a_retry_after_the_document_was_emailed_by_hand_skips_what_is_still_pend
 
 def test_write_back_waits_until_every_delivery_of_the_document_is_settled(night):
     night.sink.faults.rcpt_queue = {"post@bolgen.example": ["451 4.2.0 Mailbox busy"] * 3}
-    night.erp.customer("10001", invoice_email="kari@bolgen.example", email="post@bolgen.example")
-    setting = night.erp.setting(customer_id="10001")
-    night.erp.recipient(setting, "Invoicing", "To")
-    night.erp.recipient(setting, "Customer", "Cc")
-    night.erp.invoice("INV000101", "10001")
+    kari_and_post(night)
     write_back = pipeline.BatchSettings(write_back=True)
 
     def emailed() -> bool:
