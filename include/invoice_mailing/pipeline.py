@@ -201,8 +201,34 @@ class BatchSettings:
     write_back: bool = False                 # set invoice.emailed in the ERP after a live send
 
 
+@dataclass(frozen=True)
+class NotSent:
+    """A delivery that did not go out, as an operator reads it: who, what, and the server's answer."""
+    customer: str
+    document: str
+    recipient: str
+    format: str
+    status: str      # pending (deferred: retried) or failed (an operator must act)
+    reason: str
+    answer: str
+
+    def __str__(self) -> str:
+        return (f"customer {self.customer}, {self.document}, to {self.recipient or '(no recipient)'}, "
+                f"{self.format or '-'}: {self.status} {self.reason}: {self.answer}")
+
+    @classmethod
+    def of(cls, row: dict, status: str, reason: str, answer: str | None) -> NotSent:
+        return cls(customer=row["customer_id"], document=f"{row['doc_type']} {row['ref_nbr']}",
+                   recipient=row["recipient"], format=row["format"], status=status, reason=reason,
+                   answer=" ".join((answer or "").split()))
+
+
 class DeliveriesPending(RuntimeError):
     """Some deliveries could not be sent now: the task fails so that Airflow retries it with back-off."""
+
+    def __init__(self, message: str, not_sent: list[NotSent] = ()):
+        super().__init__(message)
+        self.not_sent = list(not_sent)
 
 
 def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, renderer: Renderer,
@@ -220,6 +246,10 @@ def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, 
     planned = {p.document.key: planned_deliveries(p) for p in plans}
     ledger.record_plan(ledger_db, [row for rows in planned.values() for row in rows],
                        run_id=ctx.run_id, mode=mode, resend=ctx.params.resend)
+    refused = [NotSent.of(asdict(row), FAILED, row.reason, row.detail)
+               for rows in planned.values() for row in rows if row.status == FAILED]
+    for item in refused:
+        log.warning("Not sent: %s", item)
 
     by_key = {p.document.key: p for p in plans if p.refusal is None}
     wanted = {row.key for rows in planned.values() for row in rows if row.status == PENDING}
@@ -250,10 +280,13 @@ def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, 
     counts = {status: n for status, n in mailer.counts.items() if status != "held"}
     summary = {"label": batch["label"], "documents": len(plans), **counts}
     log.info("Batch %s: %s", batch["label"], summary)
+    not_sent = refused + mailer.not_sent
     if counts.get("deferred") or mailer.counts["held"]:
         raise DeliveriesPending(
             f"{counts.get('deferred', 0)} deliveries deferred by the SMTP server, {mailer.counts['held']} held by "
-            f"another running attempt; they stay pending and are sent by the task's next try ({summary})")
+            f"another running attempt; they stay pending and are sent by the task's next try ({summary}). "
+            "Not sent: " + "; ".join(str(item) for item in not_sent), not_sent)
+    summary["failed_deliveries"] = [str(item) for item in not_sent]  # an operator must act on these
     return summary
 
 
@@ -283,9 +316,17 @@ class _Mailer:
         self.token = ledger.claimant()
         self.attachments: dict[tuple, Attachment] = {}
         self.counts: dict[str, int] = defaultdict(int)
+        self.not_sent: list[NotSent] = []
 
     def finish(self, ids, status: str, count_as: str | None = None, **values) -> None:
         self.counts[count_as or status] += ledger.finish(self.ledger_db, ids, self.token, status, **values)
+
+    def not_sending(self, rows: list[dict], status: str, reason: str, answer: str | None) -> None:
+        """One log line per delivery that did not go out, with the server's answer."""
+        for row in rows:
+            item = NotSent.of(row, status, reason, answer)
+            self.not_sent.append(item)
+            log.warning("Not sent: %s", item)
 
     def mail(self, plan: rules.DocumentPlan, message_id: str, members: list[dict], todo: list[dict]) -> bool:
         """Send one message to the deliveries in ``todo``; True if any of them is now sent."""
@@ -305,6 +346,7 @@ class _Mailer:
             notification = self.renderer.notification(template, doc, customer, sender_info, customer.locale)
         except RenderError as exc:
             self.finish(claimed, FAILED, reason=rules.CONFIG_ERROR, error=str(exc))
+            self.not_sending([r for r in todo if r["id"] in claimed], FAILED, rules.CONFIG_ERROR, str(exc))
             return False
         if params.mode == "dry_run":
             self.finish(claimed, SKIPPED, "dry_run", reason="dry_run", attachment_sha256=attachment.sha256)
@@ -335,14 +377,18 @@ class _Mailer:
         if result.failure:
             reason, text = result.failure
             self.finish(claimed, FAILED, reason=reason, error=text, attachment_sha256=attachment.sha256)
+            self.not_sending(claimed_rows, FAILED, reason, text)
             return False
         sent_before = self.counts[SENT]
         self.finish([by_address[a] for a in accepted if a in by_address], SENT, attachment_sha256=attachment.sha256,
                     redirected_to=params.redirect_to)
+        rows_by_id = {r["id"]: r for r in claimed_rows}
         for address, (reason, text) in rejected.items():
             self.finish([by_address[address]], FAILED, reason=reason, error=text)
+            self.not_sending([rows_by_id[by_address[address]]], FAILED, reason, text)
         for address, text in deferred.items():
             self.finish([by_address[address]], PENDING, "deferred", error=text)
+            self.not_sending([rows_by_id[by_address[address]]], PENDING, "deferred", text)
         return self.counts[SENT] > sent_before
 
     def attachment(self, plan: rules.DocumentPlan, fmt: str) -> Attachment:
@@ -368,9 +414,18 @@ def _name(plan: rules.DocumentPlan, address: str) -> str | None:
 # --- 3. Audit -----------------------------------------------------------------------------------
 
 def audit(ledger_db: Engine, run_id: str) -> dict:
+    """The run's counts by status and reason, and every delivery an operator must act on.
+
+    A delivery still pending (deferred by the relay) or failed (refused by the relay, a configuration
+    error) makes the night red; rule refusals (``skipped``: inactive customer, no address...) do not.
+    """
     ledger.ensure_schema(ledger_db)
     summary = ledger.summarize_run(ledger_db, run_id)
     lines = [f"{'status':<9} {'reason':<22} {'deliveries':>10} {'documents':>9}"]
     lines += [f"{r['status']:<9} {r['reason']:<22} {r['deliveries']:>10} {r['documents']:>9}" for r in summary["rows"]]
     log.info("Run %s:\n%s", run_id, "\n".join(lines))
+    rows = ledger.all_deliveries(ledger_db, ledger.delivery.c.last_run_id == run_id,
+                                 ledger.delivery.c.status.in_((PENDING, ledger.SENDING, FAILED)))
+    summary["undelivered"] = [asdict(NotSent.of(r, r["status"], r["reason"] or "deferred", r["last_error"] or r["detail"]))
+                              for r in rows]
     return summary
