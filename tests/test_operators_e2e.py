@@ -86,6 +86,9 @@ def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it
                                                                             ("audit", -1)}
             assert api.wait_for_run(DAG, run_id, {"success", "failed"}, timeout=240)["state"] == "success"
 
+            api.clear(DAG, run_id, only_failed=False)  # the whole run, everything: sends nothing again
+            assert api.wait_for_run(DAG, run_id, {"success", "failed"}, timeout=240)["state"] == "success"
+
     with ledger_db.connect() as conn:
         summary = conn.execute(select(ledger.mailing_run.c.summary)
                                .where(ledger.mailing_run.c.run_id == run_id)).scalar_one()

@@ -12,7 +12,7 @@ from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from email_validator import EmailNotValidError
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from include.invoice_mailing import ledger, rules, source
 from include.invoice_mailing.deliver import DEFAULT_SMTP_CONN_ID, MessageRecipient, SmtpSender, build_message
@@ -424,6 +424,14 @@ def audit(ledger_db: Engine, run_id: str) -> dict:
     lines = [f"{'status':<9} {'reason':<22} {'deliveries':>10} {'documents':>9}"]
     lines += [f"{r['status']:<9} {r['reason']:<22} {r['deliveries']:>10} {r['documents']:>9}" for r in summary["rows"]]
     log.info("Run %s:\n%s", run_id, "\n".join(lines))
+    with ledger_db.connect() as conn:
+        started = conn.execute(select(ledger.mailing_run.c.started_at)
+                               .where(ledger.mailing_run.c.run_id == run_id)).scalar()
+    if started is not None:  # Airflow restarts a run's clock at every clear; the ledger keeps the night's start
+        started = (started if started.tzinfo else started.replace(tzinfo=ZoneInfo("UTC"))).astimezone(TIMEZONE)
+        summary["night_started_at"] = started.isoformat()
+        log.info("The night started at %s (Europe/Oslo); Airflow's run duration counts from its last clear",
+                 started.strftime("%Y-%m-%d %H:%M:%S"))
     rows = ledger.all_deliveries(ledger_db, ledger.delivery.c.last_run_id == run_id,
                                  ledger.delivery.c.status.in_((PENDING, ledger.SENDING, FAILED)))
     summary["undelivered"] = [asdict(NotSent.of(r, r["status"], r["reason"] or "deferred", r["last_error"] or r["detail"]))
