@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv catalogs demo test lint bench clean
+.PHONY: venv catalogs demo airflow test lint bench clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ catalogs: venv
 
 demo: venv catalogs
 	$(PY) -m include.invoice_mailing.demo run
+
+# A real Airflow (api-server, scheduler, dag-processor, triggerer; PostgreSQL metadata) with the demo ERP.
+airflow: venv catalogs
+	$(PY) -m tests.airflow_stack
 
 test: venv catalogs
 	$(PY) -m pytest -q

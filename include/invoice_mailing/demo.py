@@ -487,12 +487,15 @@ def run_demo(folder: Path, as_of: date = AS_OF) -> int:
         subprocess.run([*airflow, "db", "migrate"], env=env, check=True, stdout=log_file, stderr=subprocess.STDOUT)
         done = subprocess.run([*airflow, "dags", "test", "invoice_mailing", as_of.isoformat()], env=env,
                               stdout=log_file, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
+    if done.returncode != 0 and not ledger_path.exists():
         print(log_path.read_text()[-4000:])
         print(f"The DAG run failed; the whole log is in {log_path}")
         return done.returncode
     new_mail = sorted(set(outbox.glob("*.eml")) - before)
     report(ledger_path, outbox, new_mail, log_path)
+    if done.returncode != 0:
+        print("\nThe run ended failed (a red night): the 'failed' rows above need an operator (the demo ERP is "
+              "broken on purpose); in production the mailing_alerts connection would have been mailed.")
     return 0
 
 

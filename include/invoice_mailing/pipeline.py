@@ -12,7 +12,7 @@ from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from email_validator import EmailNotValidError
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from include.invoice_mailing import ledger, rules, source
 from include.invoice_mailing.deliver import (
@@ -213,8 +213,34 @@ class BatchSettings:
     write_back: bool = False                 # set invoice.emailed in the ERP after a live send
 
 
+@dataclass(frozen=True)
+class NotSent:
+    """A delivery that did not go out, as an operator reads it: who, what, and the server's answer."""
+    customer: str
+    document: str
+    recipient: str
+    format: str
+    status: str      # pending (deferred: retried) or failed (an operator must act)
+    reason: str
+    answer: str
+
+    def __str__(self) -> str:
+        return (f"customer {self.customer}, {self.document}, to {self.recipient or '(no recipient)'}, "
+                f"{self.format or '-'}: {self.status} {self.reason}: {self.answer}")
+
+    @classmethod
+    def of(cls, row: dict, status: str, reason: str, answer: str | None) -> NotSent:
+        return cls(customer=row["customer_id"], document=f"{row['doc_type']} {row['ref_nbr']}",
+                   recipient=row["recipient"], format=row["format"], status=status, reason=reason,
+                   answer=" ".join((answer or "").split()))
+
+
 class DeliveriesPending(RuntimeError):
     """Some deliveries could not be sent now: the task fails so that Airflow retries it with back-off."""
+
+    def __init__(self, message: str, not_sent: list[NotSent] = ()):
+        super().__init__(message)
+        self.not_sent = list(not_sent)
 
 
 def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, renderer: Renderer,
@@ -236,6 +262,10 @@ def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, 
     planned = {p.document.key: [] if p.document.key in recorded else planned_deliveries(p) for p in plans}
     ledger.record_plan(ledger_db, [row for rows in planned.values() for row in rows],
                        run_id=ctx.run_id, mode=mode, resend=ctx.params.resend)
+    refused = [NotSent.of(asdict(row), FAILED, row.reason, row.detail)
+               for rows in planned.values() for row in rows if row.status == FAILED]
+    for item in refused:
+        log.warning("Not sent: %s", item)
 
     by_key = {p.document.key: p for p in plans if p.refusal is None}
     wanted = {row.key for rows in planned.values() for row in rows if row.status == PENDING}
@@ -268,10 +298,13 @@ def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, 
     counts = {status: n for status, n in mailer.counts.items() if status != "held"}
     summary = {"label": batch["label"], "documents": len(plans), **counts}
     log.info("Batch %s: %s", batch["label"], summary)
+    not_sent = refused + mailer.not_sent
     if counts.get("deferred") or mailer.counts["held"]:
         raise DeliveriesPending(
             f"{counts.get('deferred', 0)} deliveries deferred by the SMTP server, {mailer.counts['held']} held by "
-            f"another running attempt; they stay pending and are sent by the task's next try ({summary})")
+            f"another running attempt; they stay pending and are sent by the task's next try ({summary}). "
+            "Not sent: " + "; ".join(str(item) for item in not_sent), not_sent)
+    summary["failed_deliveries"] = [str(item) for item in not_sent]  # an operator must act on these
     return summary
 
 
@@ -302,9 +335,17 @@ class _Mailer:
         self.attachments: dict[tuple, Attachment | RenderError] = {}
         self.notifications: dict[tuple, Notification | RenderError] = {}
         self.counts: dict[str, int] = defaultdict(int)
+        self.not_sent: list[NotSent] = []
 
     def finish(self, ids, status: str, count_as: str | None = None, **values) -> None:
         self.counts[count_as or status] += ledger.finish(self.ledger_db, ids, self.token, status, **values)
+
+    def not_sending(self, rows: list[dict], status: str, reason: str, answer: str | None) -> None:
+        """One log line per delivery that did not go out, with the server's answer."""
+        for row in rows:
+            item = NotSent.of(row, status, reason, answer)
+            self.not_sent.append(item)
+            log.warning("Not sent: %s", item)
 
     def mail(self, plan: rules.DocumentPlan, message_id: str, members: list[dict], todo: list[dict]) -> None:
         """Send one message to the deliveries in ``todo``.
@@ -338,6 +379,7 @@ class _Mailer:
         if utf8 and self.sender.supports(conn_id, "smtputf8") is False:
             text = "the relay does not offer SMTPUTF8, which an address with a non-ASCII local part needs"
             self.finish(utf8, FAILED, reason="smtputf8_unsupported", error=text, detail=f"{text} ({account})")
+            self.not_sending([r for r in rows if r["id"] in utf8], FAILED, "smtputf8_unsupported", text)
             rows = [r for r in rows if r["id"] not in utf8]
             if not rows:
                 return
@@ -358,20 +400,25 @@ class _Mailer:
 
         self.finish([i for a in result.accepted for i in ids_of.get(a, ())], SENT,
                     attachment_sha256=attachment.sha256, redirected_to=params.redirect_to)
+        row_of = {r["id"]: r for r in rows}
         for address, (reason, text) in result.rejected.items():
             self.finish(ids_of.get(address, []), FAILED, reason=reason, error=text)
+            self.not_sending([row_of[i] for i in ids_of.get(address, [])], FAILED, reason, text)
         for address, text in result.deferred.items():
             self.finish(ids_of.get(address, []), PENDING, "deferred", error=text)
+            self.not_sending([row_of[i] for i in ids_of.get(address, [])], PENDING, "deferred", text)
         if result.failure:  # for every recipient the relay did not take: earlier attempts' stay sent
             reason, text = result.failure
             answered = {*result.accepted, *result.rejected, *result.deferred}
             rest = [i for a, ids in ids_of.items() if a not in answered for i in ids]
             detail = f"{text} ({account})" if reason in ("auth_failed", "sender_rejected", "config_error") else None
             self.finish(rest, FAILED, reason=reason, error=text, detail=detail, attachment_sha256=attachment.sha256)
+            self.not_sending([row_of[i] for i in rest], FAILED, reason, detail or text)
 
     def refuse(self, rows: list[dict], reason: str, detail: str) -> None:
         """Deliveries that cannot be sent tonight and are re-decided tomorrow. Pending rows are settled
         directly; a stale ``sending`` row is claimed first (another attempt may still hold it)."""
+        self.not_sending(rows, FAILED, reason, detail)
         pending = [r["id"] for r in rows if r["status"] == PENDING]
         self.counts[FAILED] += ledger.retire(self.ledger_db, pending, run_id=self.ctx.run_id, reason=reason,
                                              detail=detail, status=FAILED, error=detail)
@@ -429,9 +476,26 @@ def _name(plan: rules.DocumentPlan, key: str) -> str | None:
 # --- 3. Audit -----------------------------------------------------------------------------------
 
 def audit(ledger_db: Engine, run_id: str) -> dict:
+    """The run's counts by status and reason, and every delivery an operator must act on.
+
+    A delivery still pending (deferred by the relay) or failed (refused by the relay, a configuration
+    error) makes the night red; rule refusals (``skipped``: inactive customer, no address...) do not.
+    """
     ledger.ensure_schema(ledger_db)
     summary = ledger.summarize_run(ledger_db, run_id)
     lines = [f"{'status':<9} {'reason':<22} {'deliveries':>10} {'documents':>9}"]
     lines += [f"{r['status']:<9} {r['reason']:<22} {r['deliveries']:>10} {r['documents']:>9}" for r in summary["rows"]]
     log.info("Run %s:\n%s", run_id, "\n".join(lines))
+    with ledger_db.connect() as conn:
+        started = conn.execute(select(ledger.mailing_run.c.started_at)
+                               .where(ledger.mailing_run.c.run_id == run_id)).scalar()
+    if started is not None:  # Airflow restarts a run's clock at every clear; the ledger keeps the night's start
+        started = (started if started.tzinfo else started.replace(tzinfo=ZoneInfo("UTC"))).astimezone(TIMEZONE)
+        summary["night_started_at"] = started.isoformat()
+        log.info("The night started at %s (Europe/Oslo); Airflow's run duration counts from its last clear",
+                 started.strftime("%Y-%m-%d %H:%M:%S"))
+    rows = ledger.all_deliveries(ledger_db, ledger.delivery.c.last_run_id == run_id,
+                                 ledger.delivery.c.status.in_((PENDING, ledger.SENDING, FAILED)))
+    summary["undelivered"] = [asdict(NotSent.of(r, r["status"], r["reason"] or "deferred", r["last_error"] or r["detail"]))
+                              for r in rows]
     return summary
