@@ -11,7 +11,8 @@ and records every delivery in the mailing ledger.
    resolve recipients and formats, render each document once per format, send through the mailing's
    SMTP connection (`smtp_default` unless the email account names another), record each delivery.
    A delivery the server defers stays *pending*; the task then fails and Airflow retries it.
-3. **audit** (runs whatever happened upstream): the run's counts by status and reason.
+3. **audit** (runs whatever happened upstream): the run's counts by status and reason, also published
+   as an event of the asset `invoice_mailing://ledger/nights` (counts in `extra`).
 
 Clearing any task, or the whole run, sends only what was not sent. Parameters: `dry_run`,
 `redirect_to`, `customers`, `documents`, `resend`, `lookback_days` (see README.md).
@@ -54,13 +55,15 @@ def invoice_mailing():
                              params=params)
 
     @task(map_index_template="{{ task.op_kwargs['batch']['label'] }}", **NETWORK_RETRIES)
-    def mail_customers(batch: dict, params=None, run_id=None, logical_date=None, data_interval_end=None) -> dict:
+    def mail_customers(batch: dict, params=None, run_id=None, logical_date=None, data_interval_end=None,
+                       ti=None) -> dict:
         return tasks.mail_batch(batch, run_id=run_id, logical_date=logical_date,
-                                data_interval_end=data_interval_end, params=params)
+                                data_interval_end=data_interval_end, params=params, map_index=ti.map_index,
+                                try_number=ti.try_number)
 
-    @task(trigger_rule=TriggerRule.ALL_DONE, retries=2, retry_delay=timedelta(minutes=1))
-    def audit(run_id=None) -> dict:
-        return tasks.audit(run_id=run_id)
+    @task(trigger_rule=TriggerRule.ALL_DONE, retries=2, retry_delay=timedelta(minutes=1), outlets=[tasks.NIGHTS])
+    def audit(run_id=None, outlet_events=None) -> dict:
+        return tasks.audit(run_id=run_id, outlet_events=outlet_events)
 
     mailed = mail_customers.expand(batch=extract())
     mailed >> audit()

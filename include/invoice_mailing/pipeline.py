@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 from email_validator import EmailNotValidError
 from sqlalchemy import Engine
 
-from include.invoice_mailing import ledger, rules, source
+from include.invoice_mailing import archive, ledger, rules, source
 from include.invoice_mailing.deliver import DEFAULT_SMTP_CONN_ID, MessageRecipient, SmtpSender, build_message
 from include.invoice_mailing.ledger import FAILED, PENDING, SENT, SKIPPED, PlannedDelivery
 from include.invoice_mailing.render import Attachment, Renderer, RenderError
@@ -199,6 +199,7 @@ def planned_deliveries(plan: rules.DocumentPlan) -> list[PlannedDelivery]:
 class BatchSettings:
     lease: timedelta = ledger.DEFAULT_LEASE  # after this long, another host's claim counts as stale
     write_back: bool = False                 # set invoice.emailed in the ERP after a live send
+    archive: archive.Archive | None = None   # keep each sent message's bytes (INVOICE_MAILING_ARCHIVE)
 
 
 class DeliveriesPending(RuntimeError):
@@ -337,8 +338,11 @@ class _Mailer:
             self.finish(claimed, FAILED, reason=reason, error=text, attachment_sha256=attachment.sha256)
             return False
         sent_before = self.counts[SENT]
-        self.finish([by_address[a] for a in accepted if a in by_address], SENT, attachment_sha256=attachment.sha256,
-                    redirected_to=params.redirect_to)
+        sent_ids = [by_address[a] for a in accepted if a in by_address]
+        self.finish(sent_ids, SENT, attachment_sha256=attachment.sha256, redirected_to=params.redirect_to,
+                    message_sha256=archive.digest(result.data))
+        if sent_ids and self.settings.archive:  # after the commit: the duplicate window stays one UPDATE
+            ledger.record_message_path(self.ledger_db, sent_ids, self.settings.archive.keep(result.data))
         for address, (reason, text) in rejected.items():
             self.finish([by_address[address]], FAILED, reason=reason, error=text)
         for address, text in deferred.items():
