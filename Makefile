@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv catalogs demo test lint bench clean
+.PHONY: venv catalogs demo test lint bench clean audit-export
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ demo: venv catalogs
 test: venv catalogs
 	$(PY) -m pytest -q
 
+# One night's deliveries as CSV and JSON Lines in exports/ (LEDGER: a SQLAlchemy URL; default: the
+# mailing_ledger connection when Airflow has one, else demo/ledger.db).
+audit-export: venv
+	@test -n "$(DATE)" || { echo "usage: make audit-export DATE=2026-11-24 [LEDGER=sqlite:///demo/ledger.db]"; exit 2; }
+	$(PY) -m include.invoice_mailing.audit export --date $(DATE) $(if $(LEDGER),--ledger $(LEDGER)) --out exports
+
 lint: venv
 	$(VENV)/bin/ruff check .
 
@@ -32,4 +38,4 @@ bench: venv catalogs
 	$(PY) bench/render.py
 
 clean:
-	rm -rf demo .pytest_cache
+	rm -rf demo exports .pytest_cache
