@@ -64,6 +64,8 @@ def mask_rows(rows: Iterable[dict]) -> list[dict]:
     masked = []
     for row in rows:
         row = dict(row)
+        if isinstance(row.get("params"), dict) and row["params"].get("redirect_to"):  # a night's parameters
+            row["params"] = {**row["params"], "redirect_to": mask_address(row["params"]["redirect_to"])}
         for key in ("recipient", "redirected_to"):
             if key in row:
                 row[key] = mask_address(row[key])
@@ -98,6 +100,7 @@ class DeliveryFilter:
     def from_query(cls, query: Mapping[str, str | None]) -> DeliveryFilter:
         """Parse a query string's values once, at the edge; empty values mean 'any'."""
         values = {f.name: (query.get(f.name) or "").strip() or None for f in fields(cls) if f.name != "customers"}
+        values["customers"] = tuple((query.get("customers") or "").replace(",", " ").split())
         for name, allowed in (("status", STATUSES), ("mode", MODES), ("format", FORMATS)):
             if values[name] and values[name] not in allowed:
                 raise FilterError(f"{name} must be one of {', '.join(allowed)}, not {values[name]!r}")
@@ -113,8 +116,9 @@ class DeliveryFilter:
 
     def query_values(self) -> dict[str, str]:
         """The filter as query-string values (for links and forms)."""
-        return {f.name: str(getattr(self, f.name)) for f in fields(self)
-                if f.name != "customers" and getattr(self, f.name) is not None}
+        values = {f.name: str(getattr(self, f.name)) for f in fields(self)
+                  if f.name != "customers" and getattr(self, f.name) is not None}
+        return values | ({"customers": ",".join(self.customers)} if self.customers else {})
 
     def conditions(self, *, exact_recipient: bool = False) -> list:
         c = delivery.c
@@ -254,6 +258,25 @@ def _utc(moment: datetime) -> datetime:
 
 # --- Files --------------------------------------------------------------------------------------
 
+NIGHT_COLUMNS = ("night", "run_id", "mode", "dry_run", "redirect_to", "resend", "customers", "documents",
+                 *STATUSES, "reasons", "started_at", "finished_at")
+
+
+def night_records(runs: Iterable[Mapping]) -> list[dict]:
+    """One flat record a night (parameters and counts as columns) for CSV; reasons as 'status/reason=n; ...'."""
+    records = []
+    for run in runs:
+        params = run["params"] or {}
+        record = {"night": run["night"], "run_id": run["run_id"], "mode": run["mode"],
+                  **{k: params.get(k) for k in ("dry_run", "redirect_to", "resend")},
+                  "customers": " ".join(params.get("customers") or ()), "documents": " ".join(params.get("documents") or ()),
+                  **{s: run["by_status"].get(s, 0) for s in STATUSES},
+                  "reasons": "; ".join(f"{c['status']}/{c['reason']}={c['deliveries']}" for c in run["counts"] if c["reason"]),
+                  "started_at": run["started_at"], "finished_at": run["finished_at"]}
+        records.append({k: _cell(v) for k, v in record.items()})
+    return records
+
+
 def _cell(value) -> str | int | None:
     if isinstance(value, datetime):
         return _utc(value).isoformat()
@@ -268,10 +291,14 @@ def export_records(rows: Iterable[Mapping]) -> list[dict]:
 
 
 def to_csv(rows: Iterable[Mapping]) -> str:
+    return csv_text(export_records(rows), EXPORT_COLUMNS)
+
+
+def csv_text(records: Iterable[Mapping], columns: Sequence[str]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS, lineterminator="\r\n")
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\r\n")
     writer.writeheader()
-    writer.writerows(export_records(rows))
+    writer.writerows(records)
     return out.getvalue()
 
 
