@@ -24,11 +24,12 @@ from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
 from sqlalchemy import Engine
 
 from include.invoice_mailing import archive, audit
 from include.invoice_mailing.audit import DeliveryFilter, FilterError
+from include.invoice_mailing.ledger import delivery
 
 DAG_ID = "invoice_mailing"
 URL_PREFIX = "/invoice-mailing"
@@ -90,37 +91,15 @@ app = FastAPI(
 
 # --- JSON ---------------------------------------------------------------------------------------
 
-class Delivery(BaseModel):
-    """One ledger row, with the export's columns (times in UTC, ISO 8601)."""
+def _field(column: str):
+    if column == "night":
+        return date | None, None
+    col = delivery.c[column]
+    return (col.type.python_type | None, None) if col.nullable else (col.type.python_type, ...)
 
-    id: int
-    night: date | None
-    run_id: str
-    last_run_id: str
-    doc_type: str
-    ref_nbr: str
-    customer_id: str
-    mailing_id: str
-    recipient: str
-    add_to: str
-    format: str
-    mode: str
-    generation: int
-    resend_of: int | None
-    status: str
-    reason: str | None
-    detail: str | None
-    last_error: str | None
-    message_id: str | None
-    sender: str | None
-    redirected_to: str | None
-    attempts: int
-    sent_at: datetime | None
-    attachment_sha256: str | None
-    message_sha256: str | None
-    message_path: str | None
-    created_at: datetime
-    updated_at: datetime
+
+# One ledger row with the export's columns (times in UTC, ISO 8601), typed from the ledger's table.
+Delivery = create_model("Delivery", **{column: _field(column) for column in audit.EXPORT_COLUMNS})
 
 
 class Night(BaseModel):

@@ -95,7 +95,7 @@ def test_a_filter_that_cannot_be_right_is_a_400(client):
 
 def test_a_failed_delivery_links_to_its_task_instance_and_try(client):
     page = client.get("/deliveries", params={"status": "failed"}, headers=token("viewer")).text
-    assert (f'href="/dags/invoice_mailing/runs/scheduled__2026-11-24T01%3A00%3A00%2B00%3A00/tasks/mail_customers/'
+    assert ('href="/dags/invoice_mailing/runs/scheduled__2026-11-24T01%3A00%3A00%2B00%3A00/tasks/mail_customers/'
             'mapped/0?try_number=2" target="_top"') in page
 
 
