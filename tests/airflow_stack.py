@@ -1,0 +1,324 @@
+"""A real Airflow 3.3 on this machine, as processes: api-server, scheduler, dag-processor and triggerer.
+
+``AirflowStack`` is a context manager for end-to-end tests, UI tests and benchmarks: a fresh
+AIRFLOW_HOME and PostgreSQL metadata database, free ports, one shared environment (JWT secret,
+secret key, execution API URL, executor, this repository's dags/ and plugins/), ``airflow db
+migrate``, the components started with their output in ``<home>/<component>.log``, and everything
+stopped (process groups) and dropped on exit. ``stack.client()`` is a small REST API client.
+
+    with AirflowStack(extra_env={"AIRFLOW_CONN_ERP_DB": ...}) as stack:
+        api = stack.client()
+        run = api.trigger("invoice_mailing", logical_date="2026-11-24T01:00:00Z")
+        api.wait_for_run("invoice_mailing", run["dag_run_id"], {"success", "failed"})
+
+``python -m tests.airflow_stack`` (``make airflow``) runs the same topology in the foreground with the
+demo ERP and a local SMTP sink, and prints the UI's URL and login.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import create_engine, text
+
+ROOT = Path(__file__).resolve().parents[1]
+POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+ADMIN = "admin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StackError(RuntimeError):
+    """The stack did not come up, or a wait ran out; the message ends with the components' log tails."""
+
+
+class AirflowStack:
+    def __init__(self, *, executor: str = "LocalExecutor", extra_env: dict[str, str] | None = None,
+                 components: Iterable[str] = COMPONENTS, postgres_admin_url: str = POSTGRES_ADMIN_URL,
+                 home: Path | None = None, port: int | None = None, parallelism: int = 4,
+                 keep_home: bool = False, startup_timeout: float = 180):
+        self.executor = executor
+        self.extra_env = dict(extra_env or {})
+        self.components = tuple(components)
+        self.postgres_admin_url = postgres_admin_url
+        self.home = Path(home) if home else None
+        self.port = port
+        self.parallelism = parallelism
+        self.keep_home = keep_home or home is not None
+        self.startup_timeout = startup_timeout
+        self.password = secrets.token_urlsafe(12)
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.database: str | None = None
+        self._admin = None
+
+    # --- set-up and tear-down -------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> AirflowStack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.home = self.home or Path(tempfile.mkdtemp(prefix="airflow-stack-"))
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        self._create_database()
+        (self.home / "passwords.json").write_text(json.dumps({ADMIN: self.password}))
+        self.env = self._environment()
+        migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=self.env,
+                                 capture_output=True, text=True, timeout=300)
+        if migrate.returncode != 0:
+            raise StackError(f"airflow db migrate failed:\n{migrate.stdout[-2000:]}\n{migrate.stderr[-3000:]}")
+        for component in self.components:
+            self._spawn(component)
+        self.wait_healthy()
+
+    def _create_database(self) -> None:
+        self._admin = create_engine(self.postgres_admin_url, isolation_level="AUTOCOMMIT")
+        self.database = f"airflow_stack_{uuid.uuid4().hex[:10]}"
+        with self._admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{self.database}"'))
+
+    def _environment(self) -> dict[str, str]:
+        base = self.postgres_admin_url.rsplit("/", 1)[0]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+        env.update({
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__CORE__EXECUTOR": self.executor,
+            "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__DEFAULT_TIMEZONE": "Europe/Oslo",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"{base}/{self.database}",
+            "AIRFLOW__API__BASE_URL": f"{self.url}/",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.home / "logs"),
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "2",
+        })
+        env.update(self.extra_env)
+        return env
+
+    def _spawn(self, component: str) -> None:
+        command = [sys.executable, "-m", "airflow", component]
+        if component == "api-server":
+            command += ["--port", str(self.port), "--host", "127.0.0.1"]
+        log = (self.home / f"{component}.log").open("ab")
+        self.processes[component] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                     start_new_session=True, cwd=self.home)
+        log.close()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # the process group: the executor's workers and task processes too
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.processes.clear()
+        if self._admin is not None and self.database:
+            with self._admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
+            self._admin.dispose()
+            self._admin = self.database = None
+        if self.home and not self.keep_home:
+            shutil.rmtree(self.home, ignore_errors=True)
+
+    # --- waiting --------------------------------------------------------------------------------
+
+    def logs_tail(self, lines: int = 25) -> str:
+        out = []
+        for component in self.processes:
+            path = self.home / f"{component}.log"
+            tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+            out.append(f"--- {component} ({path}) ---\n" + "\n".join(tail))
+        return "\n".join(out)
+
+    def _check_alive(self) -> None:
+        for component, process in self.processes.items():
+            if process.poll() is not None:
+                raise StackError(f"{component} exited with {process.returncode}\n{self.logs_tail()}")
+
+    def wait_until(self, what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
+        """Call ``probe`` until it returns something true; StackError with the logs after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            value = probe()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise StackError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs_tail()}")
+            time.sleep(interval)
+
+    def wait_healthy(self) -> None:
+        wanted = {"api-server": "metadatabase", "scheduler": "scheduler", "dag-processor": "dag_processor",
+                  "triggerer": "triggerer"}
+        expected = [wanted[c] for c in self.components if c in wanted]
+
+        def healthy():
+            try:
+                health = httpx.get(f"{self.url}/api/v2/monitor/health", timeout=5).json()
+            except (httpx.HTTPError, ValueError):
+                return False
+            return all((health.get(part) or {}).get("status") == "healthy" for part in expected)
+
+        self.wait_until("the components to report healthy", healthy, self.startup_timeout, interval=1)
+
+    def client(self) -> StackClient:
+        return StackClient(self)
+
+
+class StackClient:
+    """The REST API v2 as an operator's script uses it: a token from /auth/token, then JSON calls."""
+
+    def __init__(self, stack: AirflowStack):
+        self.stack = stack
+        token = httpx.post(f"{stack.url}/auth/token", json={"username": ADMIN, "password": stack.password},
+                           timeout=30)
+        token.raise_for_status()
+        self.http = httpx.Client(base_url=f"{stack.url}/api/v2", timeout=60,
+                                 headers={"Authorization": f"Bearer {token.json()['access_token']}"})
+
+    def request(self, method: str, path: str, **kwargs) -> Any:
+        response = self.http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise StackError(f"{method} {path}: {response.status_code} {response.text[:2000]}")
+        return response.json() if response.content else None
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 120) -> dict:
+        def parsed():
+            response = self.http.get(f"/dags/{dag_id}")
+            return response.json() if response.status_code == 200 else None
+
+        return self.stack.wait_until(f"DAG {dag_id} to be parsed", parsed, timeout)
+
+    def unpause(self, dag_id: str) -> dict:
+        return self.request("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
+
+    def runs(self, dag_id: str) -> list[dict]:
+        return self.request("GET", f"/dags/{dag_id}/dagRuns")["dag_runs"]
+
+    def trigger(self, dag_id: str, *, logical_date: str | None = None, conf: dict | None = None) -> dict:
+        return self.request("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": logical_date, "conf": conf or {}})
+
+    def run(self, dag_id: str, run_id: str) -> dict:
+        return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
+
+    def wait_for_run(self, dag_id: str, run_id: str, states: set[str], timeout: float = 300) -> dict:
+        def reached():
+            run = self.run(dag_id, run_id)
+            return run if run["state"] in states else None
+
+        return self.stack.wait_until(f"run {run_id} to be {sorted(states)}", reached, timeout)
+
+    def task_instances(self, dag_id: str, run_id: str, task_id: str | None = None) -> list[dict]:
+        params = {"limit": 1000, **({"task_id": task_id} if task_id else {})}
+        return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params=params)["task_instances"]
+
+    def wait_for_task(self, dag_id: str, run_id: str, predicate: Callable[[dict], bool], what: str,
+                      timeout: float = 300, interval: float = 0.3) -> dict:
+        def found():
+            return next((ti for ti in self.task_instances(dag_id, run_id) if predicate(ti)), None)
+
+        return self.stack.wait_until(what, found, timeout, interval)
+
+    def log(self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
+        """The task log of one try as the UI shows it: one line per event."""
+        body = self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+                            params={"map_index": map_index, "full_content": True},
+                            headers={"Accept": "application/json"})
+        content = body.get("content", [])
+        if isinstance(content, str):
+            return content
+        return "\n".join(json.dumps(e) if not isinstance(e, str) else e for e in content)
+
+    def clear(self, dag_id: str, run_id: str, task_ids: list | None = None, **body) -> list[dict]:
+        """``clearTaskInstances`` with the API's own defaults for whatever ``body`` leaves out (only failed,
+        no downstream); ``dry_run`` is false here, as an operator means it."""
+        payload = {"dry_run": False, "dag_run_id": run_id, **({"task_ids": task_ids} if task_ids else {}), **body}
+        return self.request("POST", f"/dags/{dag_id}/clearTaskInstances", json=payload)["task_instances"]
+
+
+def main() -> int:
+    """``make airflow``: the topology with the demo ERP and an SMTP sink, in the foreground until Ctrl-C."""
+    from include.invoice_mailing import demo
+    from include.invoice_mailing.smtp_sink import SmtpSink
+
+    folder = ROOT / "demo" / "airflow-stack"
+    folder.mkdir(parents=True, exist_ok=True)
+    erp_path, ledger_path = folder / "erp.db", folder / "ledger.db"
+    if not erp_path.exists():
+        demo.main(["seed", "--erp", str(erp_path)])
+    with SmtpSink(directory=folder / "outbox") as sink:
+        smtp = {"conn_type": "smtp", "host": "127.0.0.1", "port": sink.port,
+                "extra": {"disable_ssl": True, "disable_tls": True, "retry_limit": 0, "timeout": 10}}
+        alerts = {**smtp, "extra": {**smtp["extra"], "to": "operators@fjordlys.example",
+                                    "from_email": "invoice-mailing@fjordlys.example"}}
+        env = {
+            "AIRFLOW_CONN_ERP_DB": json.dumps({"conn_type": "sqlite", "host": str(erp_path)}),
+            "AIRFLOW_CONN_MAILING_LEDGER": json.dumps({"conn_type": "sqlite", "host": str(ledger_path)}),
+            "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(smtp),
+            "AIRFLOW_CONN_MAILING_ALERTS": json.dumps(alerts),
+        }
+        port = int(os.environ.get("AIRFLOW_PORT", "8080"))
+        with AirflowStack(extra_env=env, home=folder / "home", port=port) as stack:
+            print(f"Airflow is up: {stack.url}  (login {ADMIN} / {stack.password})")
+            print(f"SMTP sink on 127.0.0.1:{sink.port}, mail in {folder / 'outbox'}; component logs in {stack.home}")
+            print("The demo ERP's invoices are due on 2026-11-24: trigger a run with logical date 2026-11-24T01:00Z.")
+            print("Ctrl-C stops everything.", flush=True)
+            try:
+                while True:
+                    stack._check_alive()
+                    time.sleep(2)
+            except KeyboardInterrupt:
+                print("Stopping...")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
