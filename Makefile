@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv catalogs demo airflow test lint bench clean
+.PHONY: venv catalogs demo airflow test lint bench clean audit-export audit-ui
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,20 @@ airflow: venv catalogs
 test: venv catalogs
 	$(PY) -m pytest -q
 
+# One night's deliveries as CSV and JSON Lines in exports/ (LEDGER: a SQLAlchemy URL; default: the
+# mailing_ledger connection when Airflow has one, else demo/ledger.db).
+audit-export: venv
+	@test -n "$(DATE)" || { echo "usage: make audit-export DATE=2026-11-24 [LEDGER=sqlite:///demo/ledger.db]"; exit 2; }
+	$(PY) -m include.invoice_mailing.audit export --date $(DATE) $(if $(LEDGER),--ledger $(LEDGER)) --out exports
+
+# The demo's Airflow (after `make demo`) with the auditors' plugin, at http://localhost:8080/plugin/invoice-mailing
+audit-ui: venv
+	AIRFLOW_HOME=$(CURDIR)/demo/airflow AIRFLOW__CORE__LOAD_EXAMPLES=False \
+	AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins \
+	AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=sqlite:///$(CURDIR)/demo/airflow/airflow.db \
+	AIRFLOW_CONN_MAILING_LEDGER='{"conn_type": "sqlite", "host": "$(CURDIR)/demo/ledger.db"}' \
+	$(VENV)/bin/airflow api-server --port 8080
+
 lint: venv
 	$(VENV)/bin/ruff check .
 
@@ -36,4 +50,4 @@ bench: venv catalogs
 	$(PY) bench/render.py
 
 clean:
-	rm -rf demo .pytest_cache
+	rm -rf demo exports .pytest_cache

@@ -14,7 +14,8 @@ and records every delivery in the mailing ledger.
    defers stays *pending* and the instance is retried; a refusal by the relay or a configuration error
    fails the instance at once (retrying would not help).
 4. **audit** (teardown: runs whatever happened, and again whenever any instance is cleared): the night's
-   counts by status and reason. If any delivery is still pending or failed it mails the operators (the
+   counts by status and reason, also published as an event of the asset
+   `invoice_mailing://ledger/nights` (counts in `extra`). If any delivery is still pending or failed it mails the operators (the
    `mailing_alerts` connection) and fails, so the night is **red**.
 
 **Red night?** The alert and the failed instance's log name the customer, document, recipient and the
@@ -66,13 +67,16 @@ def invoice_mailing():
                              params=params)
 
     @task(map_index_template="{{ task.op_kwargs['batch']['label'] }}", **NETWORK_RETRIES)
-    def mail_customers(batch: dict, params=None, run_id=None, logical_date=None, data_interval_end=None) -> dict:
+    def mail_customers(batch: dict, params=None, run_id=None, logical_date=None, data_interval_end=None,
+                       ti=None) -> dict:
         return tasks.mail_batch(batch, run_id=run_id, logical_date=logical_date,
-                                data_interval_end=data_interval_end, params=params)
+                                data_interval_end=data_interval_end, params=params, map_index=ti.map_index,
+                                try_number=ti.try_number)
 
-    @task(retries=2, retry_delay=timedelta(minutes=1))
-    def audit(dag_run=None, ti=None) -> dict:
-        return tasks.audit(dag_id=dag_run.dag_id, run_id=dag_run.run_id, batches=ti.xcom_pull(task_ids="extract"))
+    @task(retries=2, retry_delay=timedelta(minutes=1), outlets=[tasks.NIGHTS])
+    def audit(dag_run=None, ti=None, outlet_events=None) -> dict:
+        return tasks.audit(dag_id=dag_run.dag_id, run_id=dag_run.run_id, batches=ti.xcom_pull(task_ids="extract"),
+                           outlet_events=outlet_events)
 
     # audit is the teardown of open_night: Airflow clears it with any cleared instance in between (so
     # the summary and the run's state follow every clear) but never re-runs extract, which could regroup.

@@ -47,6 +47,7 @@ class SendResult:
     rejected: dict[str, tuple[str, str]] = field(default_factory=dict)  # permanent: address -> (reason, answer)
     deferred: dict[str, str] = field(default_factory=dict)  # transient: address -> "451 ..."
     failure: tuple[str, str] | None = None                  # permanent for all: (reason, text)
+    data: bytes = b""                                       # the exact bytes given to the server
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,7 @@ class SmtpSender:
         smtputf8 = any(not a.isascii() for a in (envelope_from, *rcpts))  # only a non-ASCII local part
         data = msg.as_bytes(policy=policy.SMTPUTF8 if smtputf8 else policy.SMTP)
         rcpts = list(rcpts)
-        result = SendResult()
+        result = SendResult(data=data)
         for attempt in range(1, self.attempts + 1):
             try:
                 outcome = self._send_once(conn_id, data, envelope_from, rcpts, smtputf8)

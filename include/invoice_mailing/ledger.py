@@ -78,6 +78,8 @@ delivery = Table(
     Column("claimed_at", DateTime(timezone=True), nullable=True),
     Column("sent_at", DateTime(timezone=True), nullable=True),
     Column("attachment_sha256", String(64), nullable=True),
+    Column("message_sha256", String(64), nullable=True),  # the bytes given to SMTP (migration 0003)
+    Column("message_path", String(1024), nullable=True),  # where the archive keeps them, a full URL
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("doc_type", "ref_nbr", "mailing_id", "recipient_key", "format", "mode", "generation",
@@ -95,6 +97,17 @@ mailing_run = Table(
     Column("summary", JSON, nullable=True),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True), nullable=True),
+)
+
+# Each try of a mail_customers instance: links a delivery to the task instance and try that handled it.
+mailing_task = Table(
+    "mailing_task", ledger,
+    Column("run_id", String(250), primary_key=True),
+    Column("map_index", Integer, primary_key=True),
+    Column("try_number", Integer, primary_key=True),
+    Column("label", String(250), nullable=False),
+    Column("customers", JSON, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
 )
 
 PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed", "skipped"
@@ -238,13 +251,13 @@ def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: s
                 )
 
 
-def _insert_new(conn, values: dict) -> None:
-    """Insert unless a twin attempt inserted the same delivery a moment ago (the unique key decides)."""
+def _insert_new(conn, values: dict, table: Table = delivery) -> None:
+    """Insert unless a twin attempt inserted the same row a moment ago (the unique key decides)."""
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    conn.execute(dialect_insert(delivery).values(**values).on_conflict_do_nothing())
+    conn.execute(dialect_insert(table).values(**values).on_conflict_do_nothing())
 
 
 _REDECIDABLE = and_(delivery.c.status.in_((SKIPPED, FAILED)),
@@ -377,7 +390,8 @@ def claim(engine: Engine, ids: Sequence[int], token: str, *, run_id: str,
 
 def finish(engine: Engine, ids: Sequence[int], token: str, status: str, *, reason: str | None = None,
            error: str | None = None, attachment_sha256: str | None = None,
-           redirected_to: str | None = None, detail: str | None = None) -> int:
+           redirected_to: str | None = None, detail: str | None = None,
+           message_sha256: str | None = None) -> int:
     """Move claimed deliveries on: to ``sent``, ``failed``, or back to ``pending`` after a transient fault."""
     if not ids:
         return 0
@@ -385,7 +399,7 @@ def finish(engine: Engine, ids: Sequence[int], token: str, status: str, *, reaso
     values = dict(status=status, updated_at=stamp, claimed_at=None if status == PENDING else stamp)
     if status == SENT:
         values.update(sent_at=stamp, reason=reason, attachment_sha256=attachment_sha256,
-                      redirected_to=redirected_to)
+                      redirected_to=redirected_to, message_sha256=message_sha256)
     else:
         values.update(reason=reason, last_error=error)
         if detail:
@@ -400,6 +414,14 @@ def finish(engine: Engine, ids: Sequence[int], token: str, status: str, *, reaso
         ).rowcount
 
 
+def record_message_path(engine: Engine, ids: Sequence[int], path: str | None) -> None:
+    """Where the archive keeps the bytes of these sent deliveries' message (status is untouched)."""
+    if path and ids:
+        with engine.begin() as conn:
+            conn.execute(update(delivery).where(delivery.c.id.in_(list(ids)), delivery.c.status == SENT)
+                         .values(message_path=path))
+
+
 # --- Runs and the audit -------------------------------------------------------------------------
 
 def start_run(engine: Engine, run_id: str, logical_date: datetime | None, mode: str, params: dict) -> None:
@@ -408,6 +430,14 @@ def start_run(engine: Engine, run_id: str, logical_date: datetime | None, mode: 
         if found is None:
             conn.execute(insert(mailing_run).values(run_id=run_id, logical_date=logical_date, mode=mode,
                                                     params=params, started_at=now()))
+
+
+def record_task(engine: Engine, *, run_id: str, map_index: int, try_number: int, label: str,
+                customers: Sequence[str]) -> None:
+    """Note that this try of a mail_customers instance handles these customers (once per try)."""
+    with engine.begin() as conn:
+        _insert_new(conn, dict(run_id=run_id, map_index=map_index, try_number=try_number, label=label,
+                               customers=list(customers), started_at=now()), mailing_task)
 
 
 def summarize_run(engine: Engine, run_id: str) -> dict:

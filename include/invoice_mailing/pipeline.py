@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 from email_validator import EmailNotValidError
 from sqlalchemy import Engine, select
 
-from include.invoice_mailing import ledger, rules, source
+from include.invoice_mailing import archive, ledger, rules, source
 from include.invoice_mailing.deliver import (
     DEFAULT_SMTP_CONN_ID,
     MessageRecipient,
@@ -211,6 +211,7 @@ def planned_deliveries(plan: rules.DocumentPlan) -> list[PlannedDelivery]:
 class BatchSettings:
     lease: timedelta = ledger.DEFAULT_LEASE  # after this long, another host's claim counts as stale
     write_back: bool = False                 # set invoice.emailed in the ERP after a live send
+    archive: archive.Archive | None = None   # keep each sent message's bytes (INVOICE_MAILING_ARCHIVE)
 
 
 @dataclass(frozen=True)
@@ -398,8 +399,11 @@ class _Mailer:
         result = self.sender.send(conn_id, msg, smtp_address(mailing.account.address), list(ids_of))
         crashpoint("before_commit")
 
-        self.finish([i for a in result.accepted for i in ids_of.get(a, ())], SENT,
-                    attachment_sha256=attachment.sha256, redirected_to=params.redirect_to)
+        sent_ids = [i for a in result.accepted for i in ids_of.get(a, ())]
+        self.finish(sent_ids, SENT, attachment_sha256=attachment.sha256, redirected_to=params.redirect_to,
+                    message_sha256=archive.digest(result.data))
+        if sent_ids and self.settings.archive:  # after the commit: the duplicate window stays one UPDATE
+            ledger.record_message_path(self.ledger_db, sent_ids, self.settings.archive.keep(result.data))
         row_of = {r["id"]: r for r in rows}
         for address, (reason, text) in result.rejected.items():
             self.finish(ids_of.get(address, []), FAILED, reason=reason, error=text)

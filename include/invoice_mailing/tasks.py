@@ -7,14 +7,18 @@ import os
 from datetime import datetime, timedelta
 from functools import lru_cache
 
+from airflow.sdk import Asset
 from sqlalchemy import Engine, create_engine
 
-from include.invoice_mailing import alerts, pipeline
+from include.invoice_mailing import alerts, ledger, pipeline
+from include.invoice_mailing.archive import Archive
 from include.invoice_mailing.deliver import SmtpSender
 from include.invoice_mailing.render import Renderer
 
 ERP_CONN_ID = "erp_db"
 LEDGER_CONN_ID = "mailing_ledger"
+# Updated by every run's audit task with its counts in ``extra``: data teams schedule their DAGs on it.
+NIGHTS = Asset(uri="invoice_mailing://ledger/nights", name="invoice_mailing_nights")
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +101,18 @@ def extract(*, run_id, logical_date, data_interval_end, params) -> list[dict]:
     return pipeline.extract(engine_for(ERP_CONN_ID), engine_for(LEDGER_CONN_ID), ctx, max_batches)
 
 
-def mail_batch(batch: dict, *, run_id, logical_date, data_interval_end, params) -> dict:
+def mail_batch(batch: dict, *, run_id, logical_date, data_interval_end, params, map_index: int | None = None,
+               try_number: int | None = None) -> dict:
     ctx = _context(run_id, logical_date, data_interval_end, params)
     settings = pipeline.BatchSettings(
         write_back=os.environ.get("INVOICE_MAILING_WRITE_BACK", "false").lower() in ("1", "true", "yes"),
+        archive=Archive.from_env(),
     )
     keep_map_index_label_on_retry()
+    if map_index is not None and try_number is not None:  # the audit links deliveries to this try
+        ledger.ensure_schema(engine_for(LEDGER_CONN_ID))
+        ledger.record_task(engine_for(LEDGER_CONN_ID), run_id=run_id, map_index=map_index, try_number=try_number,
+                           label=batch["label"], customers=batch["customers"])
     with SmtpSender() as sender:
         summary = pipeline.mail_batch(engine_for(ERP_CONN_ID), engine_for(LEDGER_CONN_ID), ctx, batch,
                                       renderer=renderer(), sender=sender, settings=settings)
@@ -115,12 +125,14 @@ def mail_batch(batch: dict, *, run_id, logical_date, data_interval_end, params) 
     return summary
 
 
-def audit(*, dag_id, run_id, batches: list[dict] | None) -> dict:
+def audit(*, dag_id, run_id, batches: list[dict] | None, outlet_events=None) -> dict:
     """Store the night's summary; a night with deliveries not sent (or no extract) alerts and fails."""
     from airflow.sdk.configuration import conf
     from airflow.sdk.exceptions import AirflowFailException
 
     summary = pipeline.audit(engine_for(LEDGER_CONN_ID), run_id)
+    if outlet_events is not None:  # emitted when audit succeeds: a green night, or a red one once mended
+        outlet_events[NIGHTS].extra = {"run_id": run_id, **summary}
     undelivered = summary["undelivered"]
     if batches is not None and not undelivered:
         return summary
