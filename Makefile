@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv catalogs demo test e2e-celery lint bench clean
+.PHONY: venv catalogs demo airflow test e2e-celery lint bench clean audit-export audit-ui
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,13 +22,31 @@ catalogs: venv
 demo: venv catalogs
 	$(PY) -m include.invoice_mailing.demo run
 
+# A real Airflow (api-server, scheduler, dag-processor, triggerer; PostgreSQL metadata) with the demo ERP.
+airflow: venv catalogs
+	$(PY) -m tests.airflow_stack
+
 test: venv catalogs
-	$(PY) -m pytest -q --ignore=tests/e2e
+	$(PY) -m pytest -q --ignore=tests/e2e/test_celery.py
 
 # The distributed engine without Docker: Airflow's components and two Celery workers as processes,
 # PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379; a night with one worker SIGKILLed (about 2 minutes).
 e2e-celery: venv catalogs
 	$(PY) -m pytest -q -s tests/e2e/test_celery.py
+
+# One night's deliveries as CSV and JSON Lines in exports/ (LEDGER: a SQLAlchemy URL; default: the
+# mailing_ledger connection when Airflow has one, else demo/ledger.db).
+audit-export: venv
+	@test -n "$(DATE)" || { echo "usage: make audit-export DATE=2026-11-24 [LEDGER=sqlite:///demo/ledger.db]"; exit 2; }
+	$(PY) -m include.invoice_mailing.audit export --date $(DATE) $(if $(LEDGER),--ledger $(LEDGER)) --out exports
+
+# The demo's Airflow (after `make demo`) with the auditors' plugin, at http://localhost:8080/plugin/invoice-mailing
+audit-ui: venv
+	AIRFLOW_HOME=$(CURDIR)/demo/airflow AIRFLOW__CORE__LOAD_EXAMPLES=False \
+	AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins \
+	AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=sqlite:///$(CURDIR)/demo/airflow/airflow.db \
+	AIRFLOW_CONN_MAILING_LEDGER='{"conn_type": "sqlite", "host": "$(CURDIR)/demo/ledger.db"}' \
+	$(VENV)/bin/airflow api-server --port 8080
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -37,4 +55,4 @@ bench: venv catalogs
 	$(PY) bench/render.py
 
 clean:
-	rm -rf demo .pytest_cache
+	rm -rf demo exports .pytest_cache

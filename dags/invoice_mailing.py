@@ -5,31 +5,37 @@ Every night at 02:00 (Europe/Oslo) this DAG mails the released customer invoices
 debit notes that are due, to the recipients that each customer's INVOICE mailing setting names,
 and records every delivery in the mailing ledger.
 
-1. **extract**: due documents from the ERP (`erp_db`), less those the ledger (`mailing_ledger`) shows
-   as delivered, grouped into batches of customers (at most a few hundred mapped instances).
-2. **mail_customers** (mapped, one instance per batch, labelled with its customer numbers):
-   resolve recipients and formats, render each document once per format, send through the mailing's
-   SMTP connection (`smtp_default` unless the email account names another), record each delivery.
-   The pool `invoice_mailing_smtp` caps how many instances (so SMTP sessions per relay) run at once.
-   A delivery the server defers stays *pending*; the task then fails and Airflow retries it.
-3. **audit** (runs whatever happened upstream): the run's counts by status and reason.
+1. **open_night** (setup): checks the run's parameters and that the ledger (`mailing_ledger`) is reachable.
+2. **extract**: due documents from the ERP (`erp_db`), less those the ledger shows as delivered, grouped
+   into batches of customers (at most a few hundred mapped instances).
+3. **mail_customers** (mapped, one instance per batch, labelled `customer 10042`): resolve recipients and
+   formats, render each document once per format, send through the mailing's SMTP connection
+   (`smtp_default` unless the email account names another), record each delivery. A delivery the server
+   defers stays *pending* and the instance is retried; a refusal by the relay or a configuration error
+   fails the instance at once (retrying would not help). The pool `invoice_mailing_smtp` caps how many
+   instances (so SMTP sessions per relay) run at once.
+4. **audit** (teardown: runs whatever happened, and again whenever any instance is cleared): the night's
+   counts by status and reason, also published as an event of the asset
+   `invoice_mailing://ledger/nights` (counts in `extra`). If any delivery is still pending or failed it mails the operators (the
+   `mailing_alerts` connection) and fails, so the night is **red**.
 
-Clearing any task, or the whole run, sends only what was not sent. Parameters: `dry_run`,
+**Red night?** The alert and the failed instance's log name the customer, document, recipient and the
+server's answer. Fix the cause, then clear the failed `mail_customers` instance (any clear works: one
+instance or the run, with or without downstream): only what was not sent is sent, and the audit runs again.
+
+A new installation mails nothing before the first 02:00 after it is unpaused. Parameters: `dry_run`,
 `redirect_to`, `customers`, `documents`, `resend`, `lookback_days` (see README.md).
 """
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
-import pendulum
-from airflow.sdk import CronTriggerTimetable, Param, TriggerRule, dag, task
+from airflow.sdk import CronTriggerTimetable, Param, dag, task
 
 from include.invoice_mailing import tasks
 
-RETRY_DELAY = timedelta(seconds=float(os.environ.get("INVOICE_MAILING_RETRY_DELAY_SECONDS", 120)))
-NETWORK_RETRIES = {"retries": 4, "retry_delay": RETRY_DELAY, "retry_exponential_backoff": 2.0,
+NETWORK_RETRIES = {"retries": tasks.retries(), "retry_delay": tasks.retry_delay(), "retry_exponential_backoff": 2.0,
                    "max_retry_delay": timedelta(minutes=30)}
 # Each mapped instance holds at most one SMTP session per relay connection, so the slots of this pool
 # (INVOICE_MAILING_SMTP_SESSIONS, set by airflow-init) cap the sessions a relay sees at once.
@@ -38,8 +44,8 @@ SMTP_POOL = "invoice_mailing_smtp"
 
 @dag(
     dag_id="invoice_mailing",
+    # No start_date: the first run is the first 02:00 after the DAG is unpaused, never a past night.
     schedule=CronTriggerTimetable("0 2 * * *", timezone="Europe/Oslo"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="Europe/Oslo"),
     catchup=False,
     max_active_runs=1,
     tags=["finance", "accounts-receivable", "email"],
@@ -55,21 +61,34 @@ SMTP_POOL = "invoice_mailing_smtp"
 )
 def invoice_mailing():
     @task(**NETWORK_RETRIES)
+    def open_night(params=None, run_id=None, logical_date=None, data_interval_end=None) -> None:
+        tasks.open_night(run_id=run_id, logical_date=logical_date, data_interval_end=data_interval_end,
+                         params=params)
+
+    @task(**NETWORK_RETRIES)
     def extract(params=None, run_id=None, logical_date=None, data_interval_end=None) -> list[dict]:
         return tasks.extract(run_id=run_id, logical_date=logical_date, data_interval_end=data_interval_end,
                              params=params)
 
-    @task(map_index_template="{{ task.op_kwargs['batch']['label'] }}", pool=SMTP_POOL, **NETWORK_RETRIES)
-    def mail_customers(batch: dict, params=None, run_id=None, logical_date=None, data_interval_end=None) -> dict:
+    @task(map_index_template="{{ task.op_kwargs['batch']['label'] }}", pool=SMTP_POOL,
+          **NETWORK_RETRIES)
+    def mail_customers(batch: dict, params=None, run_id=None, logical_date=None, data_interval_end=None,
+                       ti=None) -> dict:
         return tasks.mail_batch(batch, run_id=run_id, logical_date=logical_date,
-                                data_interval_end=data_interval_end, params=params)
+                                data_interval_end=data_interval_end, params=params, map_index=ti.map_index,
+                                try_number=ti.try_number)
 
-    @task(trigger_rule=TriggerRule.ALL_DONE, retries=2, retry_delay=timedelta(minutes=1))
-    def audit(run_id=None) -> dict:
-        return tasks.audit(run_id=run_id)
+    @task(retries=2, retry_delay=timedelta(minutes=1), outlets=[tasks.NIGHTS])
+    def audit(dag_run=None, ti=None, outlet_events=None) -> dict:
+        return tasks.audit(dag_id=dag_run.dag_id, run_id=dag_run.run_id, batches=ti.xcom_pull(task_ids="extract"),
+                           outlet_events=outlet_events)
 
-    mailed = mail_customers.expand(batch=extract())
-    mailed >> audit()
+    # audit is the teardown of open_night: Airflow clears it with any cleared instance in between (so
+    # the summary and the run's state follow every clear) but never re-runs extract, which could regroup.
+    night = open_night()
+    batches = extract()
+    night >> batches
+    mail_customers.expand(batch=batches) >> audit().as_teardown(setups=night, on_failure_fail_dagrun=True)
 
 
 invoice_mailing()

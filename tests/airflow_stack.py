@@ -1,15 +1,24 @@
-"""A real Airflow on this machine, without Docker: the components of docker-compose.yaml as processes.
+"""A real Airflow 3.3 on this machine, as processes: api-server, scheduler, dag-processor and triggerer.
 
-``AirflowStack`` migrates a fresh PostgreSQL metadata database in a temporary AIRFLOW_HOME, then starts
-api-server, scheduler, dag-processor and triggerer (and, for the CeleryExecutor, Celery workers) on
-free ports, each in its own process group, with one environment: the same JWT secret and API secret
-key everywhere and the execution API URL of its api-server. ``StackClient`` speaks the REST API v2
-with a token. A worker can run as another host: its own host name and process namespace (``unshare``,
-as root), so that it looks to Airflow and to the ledger as a worker on a separate machine does.
+``AirflowStack`` is a context manager for end-to-end tests, UI tests and benchmarks: a fresh
+AIRFLOW_HOME and PostgreSQL metadata database, free ports, one shared environment (JWT secret,
+secret key, execution API URL, executor, this repository's dags/ and plugins/), ``airflow db
+migrate``, the components started with their output in ``<home>/<component>.log``, and everything
+stopped (process groups) and dropped on exit. ``stack.client()`` is a small REST API client.
 
-    with AirflowStack(executor="CeleryExecutor", workers=("worker-a", "worker-b")) as stack:
-        client = stack.client()
-        client.wait_for_dag("invoice_mailing")
+    with AirflowStack(extra_env={"AIRFLOW_CONN_ERP_DB": ...}) as stack:
+        api = stack.client()
+        run = api.trigger("invoice_mailing", logical_date="2026-11-24T01:00:00Z")
+        api.wait_for_run("invoice_mailing", run["dag_run_id"], {"success", "failed"})
+
+``python -m tests.airflow_stack`` (``make airflow``) runs the same topology in the foreground with the
+demo ERP and a local SMTP sink, and prints the UI's URL and login.
+
+With ``executor="CeleryExecutor"`` and ``workers=("worker-a", "worker-b")`` it is the topology of
+docker-compose.yaml: Redis (``TEST_REDIS_URL``, database 5, a queue of the stack's own) as the broker,
+PostgreSQL for the Celery results, and Celery workers. As root each worker runs on its own "host": its
+own host name and process namespace (``unshare``), as a worker on another machine looks to Airflow and
+to the ledger. ``kill_worker`` SIGKILLs one with everything it started.
 """
 
 from __future__ import annotations
@@ -24,14 +33,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import httpx
 from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +46,7 @@ POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg2://
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 ADMIN = "admin"
+SMTP_POOL = "invoice_mailing_smtp"
 
 
 def free_port() -> int:
@@ -58,22 +66,37 @@ def can_be_another_host() -> bool:
 
 
 class StackError(RuntimeError):
-    pass
+    """The stack did not come up, or a wait ran out; the message ends with the components' log tails."""
 
 
 class AirflowStack:
-    def __init__(self, *, executor: str = "LocalExecutor", workers: tuple[str, ...] = (),
-                 extra_env: dict[str, str] | None = None, worker_concurrency: int = 2):
-        self.executor, self.worker_names, self.worker_concurrency = executor, workers, worker_concurrency
-        self.extra_env = extra_env or {}
-        self.home = Path(tempfile.mkdtemp(prefix="invoice-mailing-stack-"))
-        self.port = free_port()
-        self.database = f"im_stack_{uuid.uuid4().hex[:10]}"
-        self.queue = f"im_stack_{uuid.uuid4().hex[:10]}"  # this stack's Celery queue in the shared Redis
+    def __init__(self, *, executor: str = "LocalExecutor", extra_env: dict[str, str] | None = None,
+                 components: Iterable[str] = COMPONENTS, postgres_admin_url: str = POSTGRES_ADMIN_URL,
+                 home: Path | None = None, port: int | None = None, parallelism: int = 4,
+                 keep_home: bool = False, startup_timeout: float = 180, workers: Iterable[str] = (),
+                 worker_concurrency: int = 2, broker_url: str = REDIS_URL):
+        self.executor = executor
+        self.workers = tuple(workers)
+        self.worker_concurrency = worker_concurrency
+        self.broker_url = broker_url
+        self.queue = f"airflow_stack_{uuid.uuid4().hex[:10]}"  # the stack's own Celery queue in a shared Redis
+        self.separate_hosts = bool(self.workers) and can_be_another_host()
+        self.killed: set[str] = set()
+        self._redis_keys_before: set[bytes] | None = None
+        self.extra_env = dict(extra_env or {})
+        self.components = tuple(components)
+        self.postgres_admin_url = postgres_admin_url
+        self.home = Path(home) if home else None
+        self.port = port
+        self.parallelism = parallelism
+        self.keep_home = keep_home or home is not None
+        self.startup_timeout = startup_timeout
         self.password = secrets.token_urlsafe(12)
         self.processes: dict[str, subprocess.Popen] = {}
-        self.separate_hosts = bool(workers) and can_be_another_host()
-        self._redis_keys_before: set[bytes] = set()
+        self.database: str | None = None
+        self._admin = None
+
+    # --- set-up and tear-down -------------------------------------------------------------------
 
     @property
     def url(self) -> str:
@@ -90,87 +113,103 @@ class AirflowStack:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # --- life cycle --------------------------------------------------------------------------------
-
     def start(self) -> None:
+        self.home = self.home or Path(tempfile.mkdtemp(prefix="airflow-stack-"))
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
         self._create_database()
-        if self.executor == "CeleryExecutor":
+        if self.workers:
             self._redis_keys_before = set(self._redis().keys("*"))
         (self.home / "passwords.json").write_text(json.dumps({ADMIN: self.password}))
         self.env = self._environment()
         migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=self.env,
-                                 capture_output=True, text=True)
-        if migrate.returncode:
-            raise StackError(f"airflow db migrate failed:\n{migrate.stderr[-3000:]}")
-        for component in COMPONENTS:
-            self._spawn(component, [sys.executable, "-m", "airflow", *component.split()] +
-                        (["--port", str(self.port), "--host", "127.0.0.1"] if component == "api-server" else []))
-        for name in self.worker_names:
+                                 capture_output=True, text=True, timeout=300)
+        if migrate.returncode != 0:
+            raise StackError(f"airflow db migrate failed:\n{migrate.stdout[-2000:]}\n{migrate.stderr[-3000:]}")
+        for component in self.components:
+            self._spawn(component)
+        for name in self.workers:
             self.start_worker(name)
         self.wait_healthy()
+        # What airflow-init does in docker-compose.yaml: without its pool the scheduler never runs mail_customers.
+        self.client().set_pool(SMTP_POOL, int(self.env.get("INVOICE_MAILING_SMTP_SESSIONS", "4")),
+                               "Concurrent SMTP sessions per relay")
 
     def _create_database(self) -> None:
-        admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
+        self._admin = create_engine(self.postgres_admin_url, isolation_level="AUTOCOMMIT")
+        self.database = f"airflow_stack_{uuid.uuid4().hex[:10]}"
+        with self._admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{self.database}"'))
-        admin.dispose()
-
-    def database_url(self, name: str | None = None, driver: str = "postgresql+psycopg2") -> str:
-        return f"{driver}://{POSTGRES_ADMIN_URL.split('://', 1)[1].rsplit('/', 1)[0]}/{name or self.database}"
 
     def _environment(self) -> dict[str, str]:
-        env = {key: value for key, value in os.environ.items()
-               if not key.startswith(("AIRFLOW__", "AIRFLOW_CONN_"))}
+        base = self.postgres_admin_url.rsplit("/", 1)[0]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
         env.update({
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             "AIRFLOW_HOME": str(self.home),
-            "PYTHONPATH": str(ROOT),
+            "AIRFLOW__CORE__EXECUTOR": self.executor,
+            "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": self.executor,
-            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "socket.gethostname",  # no DNS look-up for a worker's host name
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.database_url(),
+            "AIRFLOW__CORE__DEFAULT_TIMEZONE": "Europe/Oslo",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
-            # One secret of each kind for every component, as docker-compose.yaml takes them from .env.
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
-            "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"{base}/{self.database}",
+            "AIRFLOW__API__BASE_URL": f"{self.url}/",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.home / "logs"),
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "2",
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "socket.gethostname",  # no DNS look-up for a worker's host name
+            # Several stacks (and a developer's Airflow) may run on this machine: no fixed ports.
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
             "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(free_port()),
         })
         if self.executor == "CeleryExecutor":
             env.update({
-                "AIRFLOW__CELERY__BROKER_URL": REDIS_URL,
-                "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.database_url(driver="postgresql"),
+                "AIRFLOW__CELERY__BROKER_URL": self.broker_url,
+                "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{base.replace('+psycopg2', '')}/{self.database}",
                 "AIRFLOW__OPERATORS__DEFAULT_QUEUE": self.queue,
                 "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.worker_concurrency),
             })
         env.update(self.extra_env)
         return env
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        log = (self.home / f"{name}.log").open("w")
-        self.processes[name] = subprocess.Popen(argv, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
-                                                cwd=self.home, start_new_session=True)
+    def _spawn(self, component: str) -> None:
+        command = [sys.executable, "-m", "airflow", component]
+        if component == "api-server":
+            command += ["--port", str(self.port), "--host", "127.0.0.1"]
+        log = (self.home / f"{component}.log").open("ab")
+        self.processes[component] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                     start_new_session=True, cwd=self.home)
+        log.close()
 
     def start_worker(self, name: str) -> None:
-        """A Celery worker named ``name``; as root, on its own "host" (host name and process namespace)."""
-        env = {**self.env, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())}
-        argv = [sys.executable, "-m", "airflow", "celery", "worker", "--celery-hostname", f"{name}@{name}",
-                "--queues", self.queue, "--concurrency", str(self.worker_concurrency)]
+        """A Celery worker named ``name``; as root on its own "host" (host name and process namespace)."""
+        command = [sys.executable, "-m", "airflow", "celery", "worker", "--celery-hostname", f"{name}@{name}",
+                   "--queues", self.queue, "--concurrency", str(self.worker_concurrency)]
         if self.separate_hosts:
-            argv = ["unshare", "--uts", "--pid", "--fork", "--mount-proc", "--",
-                    "/bin/sh", "-c", 'hostname "$0" && exec "$@"', name, *argv]
-        self._spawn(f"worker {name}", argv, env)
+            command = ["unshare", "--uts", "--pid", "--fork", "--mount-proc", "--",
+                       "/bin/sh", "-c", 'hostname "$0" && exec "$@"', name, *command]
+        env = {**self.env, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())}
+        log = (self.home / f"worker {name}.log").open("ab")
+        self.processes[f"worker {name}"] = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                            start_new_session=True, cwd=self.home)
+        log.close()
 
     def kill_worker(self, name: str) -> None:
         """SIGKILL a worker and everything it started, as if its host had lost power."""
         import psutil
 
         process = self.processes[f"worker {name}"]
-        try:  # the whole tree: Airflow's task supervisors start their own sessions
+        self.killed.add(f"worker {name}")
+        try:  # the whole tree: Airflow's task supervisors start sessions of their own
             tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
         except psutil.NoSuchProcess:
             tree = []
@@ -181,155 +220,215 @@ class AirflowStack:
                 pass
         process.wait(timeout=30)
 
+    def _redis(self):
+        import redis
+
+        return redis.Redis.from_url(self.broker_url)
+
     def stop(self) -> None:
         for process in self.processes.values():
             if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 20
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
         for process in self.processes.values():
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                pass
+            try:  # the process group: the executor's workers and task processes too
                 os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        if self.executor == "CeleryExecutor":
+            except ProcessLookupError:
+                pass
+        self.processes.clear()
+        if self._redis_keys_before is not None:  # only the keys this stack's Celery made
             try:
                 client = self._redis()
-                new = set(client.keys("*")) - self._redis_keys_before
-                if new:
+                if new := set(client.keys("*")) - self._redis_keys_before:
                     client.delete(*new)
             except Exception:  # noqa: BLE001 - Redis gone: nothing of ours is left there either
                 pass
-        admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
-        admin.dispose()
-        shutil.rmtree(self.home, ignore_errors=True)
+            self._redis_keys_before = None
+        if self._admin is not None and self.database:
+            with self._admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
+            self._admin.dispose()
+            self._admin = self.database = None
+        if self.home and not self.keep_home:
+            shutil.rmtree(self.home, ignore_errors=True)
 
-    @staticmethod
-    def _redis():
-        import redis
-
-        return redis.Redis.from_url(REDIS_URL)
-
-    # --- waiting and diagnosis ---------------------------------------------------------------------
+    # --- waiting --------------------------------------------------------------------------------
 
     def logs_tail(self, lines: int = 25) -> str:
         out = []
-        for name in self.processes:
-            path = self.home / f"{name}.log"
-            if path.exists():
-                out.append(f"--- {name} ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        for component in self.processes:
+            path = self.home / f"{component}.log"
+            tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+            out.append(f"--- {component} ({path}) ---\n" + "\n".join(tail))
         return "\n".join(out)
 
-    def check_alive(self, *, except_: tuple[str, ...] = ()) -> None:
-        for name, process in self.processes.items():
-            if name not in except_ and process.poll() is not None:
-                raise StackError(f"{name} exited with {process.returncode}\n{self.logs_tail()}")
+    def _check_alive(self) -> None:
+        for component, process in self.processes.items():
+            if component not in self.killed and process.poll() is not None:
+                raise StackError(f"{component} exited with {process.returncode}\n{self.logs_tail()}")
 
-    def wait_until(self, what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.5,
-                   *, dead_ok: tuple[str, ...] = ()) -> Any:
+    def wait_until(self, what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
+        """Call ``probe`` until it returns something true; StackError with the logs after ``timeout`` s."""
         deadline = time.monotonic() + timeout
         while True:
-            self.check_alive(except_=dead_ok)
-            result = probe()
-            if result:
-                return result
+            self._check_alive()
+            value = probe()
+            if value:
+                return value
             if time.monotonic() > deadline:
-                raise StackError(f"timed out after {timeout:.0f}s waiting for {what}\n{self.logs_tail()}")
+                raise StackError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs_tail()}")
             time.sleep(interval)
 
     def wait_healthy(self) -> None:
+        wanted = {"api-server": "metadatabase", "scheduler": "scheduler", "dag-processor": "dag_processor",
+                  "triggerer": "triggerer"}
+        expected = [wanted[c] for c in self.components if c in wanted]
+
         def healthy():
             try:
-                with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=5) as response:
-                    body = json.load(response)
-            except (OSError, ValueError):
+                health = httpx.get(f"{self.url}/api/v2/monitor/health", timeout=5).json()
+            except (httpx.HTTPError, ValueError):
                 return False
-            parts = ("metadatabase", "scheduler", "triggerer", "dag_processor")
-            return all(body.get(p, {}).get("status") == "healthy" for p in parts)
+            return all((health.get(part) or {}).get("status") == "healthy" for part in expected)
 
-        self.wait_until("a healthy api-server, scheduler, triggerer and dag-processor", healthy, timeout=180)
-        if self.worker_names:
+        self.wait_until("the components to report healthy", healthy, self.startup_timeout, interval=1)
+        if self.workers:
             from celery import Celery
 
-            app = Celery(broker=REDIS_URL)
-            wanted = {f"{name}@{name}" for name in self.worker_names}
+            app = Celery(broker=self.broker_url)
+            wanted = {f"{name}@{name}" for name in self.workers}
 
             def workers_up():
                 replies = app.control.ping(timeout=1.0) or []
                 return wanted <= {worker for reply in replies for worker in reply}
 
-            self.wait_until("the Celery workers to answer", workers_up, timeout=120)
+            self.wait_until("the Celery workers to answer", workers_up, self.startup_timeout)
 
     def client(self) -> StackClient:
         return StackClient(self)
 
 
 class StackClient:
-    """The REST API v2 with the admin's token."""
+    """The REST API v2 as an operator's script uses it: a token from /auth/token, then JSON calls."""
 
     def __init__(self, stack: AirflowStack):
         self.stack = stack
-        body = json.dumps({"username": ADMIN, "password": stack.password}).encode()
-        request = urllib.request.Request(f"{stack.url}/auth/token", data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            self.token = json.load(response)["access_token"]
+        token = httpx.post(f"{stack.url}/auth/token", json={"username": ADMIN, "password": stack.password},
+                           timeout=30)
+        token.raise_for_status()
+        self.http = httpx.Client(base_url=f"{stack.url}/api/v2", timeout=60,
+                                 headers={"Authorization": f"Bearer {token.json()['access_token']}"})
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        request = urllib.request.Request(
-            f"{self.stack.url}/api/v2{path}", method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.load(response)
-        except urllib.error.HTTPError as exc:
-            raise StackError(f"{method} {path}: {exc.code} {exc.read().decode(errors='replace')[:500]}") from exc
+    def request(self, method: str, path: str, **kwargs) -> Any:
+        response = self.http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise StackError(f"{method} {path}: {response.status_code} {response.text[:2000]}")
+        return response.json() if response.content else None
 
-    def wait_for_dag(self, dag_id: str, timeout: float = 180) -> dict:
+    def wait_for_dag(self, dag_id: str, timeout: float = 120) -> dict:
         def parsed():
-            try:
-                return self.request("GET", f"/dags/{dag_id}")
-            except StackError:
-                return None
+            response = self.http.get(f"/dags/{dag_id}")
+            return response.json() if response.status_code == 200 else None
 
-        return self.stack.wait_until(f"the DAG {dag_id} to be parsed", parsed, timeout)
+        return self.stack.wait_until(f"DAG {dag_id} to be parsed", parsed, timeout)
 
     def unpause(self, dag_id: str) -> dict:
-        return self.request("PATCH", f"/dags/{dag_id}", {"is_paused": False})
+        return self.request("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
 
-    def set_pool(self, name: str, slots: int) -> dict:
-        try:
-            return self.request("POST", "/pools", {"name": name, "slots": slots})
-        except StackError:
-            return self.request("PATCH", f"/pools/{name}", {"name": name, "slots": slots})
+    def runs(self, dag_id: str) -> list[dict]:
+        return self.request("GET", f"/dags/{dag_id}/dagRuns")["dag_runs"]
 
     def trigger(self, dag_id: str, *, logical_date: str | None = None, conf: dict | None = None) -> dict:
-        return self.request("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": logical_date, "conf": conf or {}})
+        return self.request("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": logical_date, "conf": conf or {}})
 
     def run(self, dag_id: str, run_id: str) -> dict:
-        return self.request("GET", f"/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}")
+        return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
 
-    def wait_for_run(self, dag_id: str, run_id: str, states: set[str], timeout: float = 300,
-                     dead_ok: tuple[str, ...] = ()) -> dict:
+    def wait_for_run(self, dag_id: str, run_id: str, states: set[str], timeout: float = 300) -> dict:
         def reached():
             run = self.run(dag_id, run_id)
             return run if run["state"] in states else None
 
-        return self.stack.wait_until(f"run {run_id} to reach {states}", reached, timeout, interval=1.0,
-                                     dead_ok=dead_ok)
+        return self.stack.wait_until(f"run {run_id} to be {sorted(states)}", reached, timeout)
 
-    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
-        run = urllib.parse.quote(run_id, safe="")
-        return self.request("GET", f"/dags/{dag_id}/dagRuns/{run}/taskInstances?limit=1000")["task_instances"]
+    def task_instances(self, dag_id: str, run_id: str, task_id: str | None = None) -> list[dict]:
+        params = {"limit": 1000, **({"task_id": task_id} if task_id else {})}
+        return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params=params)["task_instances"]
+
+    def wait_for_task(self, dag_id: str, run_id: str, predicate: Callable[[dict], bool], what: str,
+                      timeout: float = 300, interval: float = 0.3) -> dict:
+        def found():
+            return next((ti for ti in self.task_instances(dag_id, run_id) if predicate(ti)), None)
+
+        return self.stack.wait_until(what, found, timeout, interval)
+
+    def log(self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
+        """The task log of one try as the UI shows it: one line per event."""
+        body = self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+                            params={"map_index": map_index, "full_content": True},
+                            headers={"Accept": "application/json"})
+        content = body.get("content", [])
+        if isinstance(content, str):
+            return content
+        return "\n".join(json.dumps(e) if not isinstance(e, str) else e for e in content)
 
     def tries(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> list[dict]:
-        run = urllib.parse.quote(run_id, safe="")
-        path = f"/dags/{dag_id}/dagRuns/{run}/taskInstances/{task_id}/{map_index}/tries"
+        """Every try of one task instance, with the host that ran it."""
+        path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/{map_index}/tries"
         return self.request("GET", path)["task_instances"]
 
+    def set_pool(self, name: str, slots: int, description: str = "") -> dict:
+        """Create or resize a pool, as `airflow pools set` in airflow-init does."""
+        if self.http.get(f"/pools/{name}").status_code == 200:
+            return self.request("PATCH", f"/pools/{name}", json={"slots": slots})
+        return self.request("POST", "/pools", json={"name": name, "slots": slots, "description": description})
+
+    def clear(self, dag_id: str, run_id: str, task_ids: list | None = None, **body) -> list[dict]:
+        """``clearTaskInstances`` with the API's own defaults for whatever ``body`` leaves out (only failed,
+        no downstream); ``dry_run`` is false here, as an operator means it."""
+        payload = {"dry_run": False, "dag_run_id": run_id, **({"task_ids": task_ids} if task_ids else {}), **body}
+        return self.request("POST", f"/dags/{dag_id}/clearTaskInstances", json=payload)["task_instances"]
+
+
+def main() -> int:
+    """``make airflow``: the topology with the demo ERP and an SMTP sink, in the foreground until Ctrl-C."""
+    from include.invoice_mailing import demo
+    from include.invoice_mailing.smtp_sink import SmtpSink
+
+    folder = ROOT / "demo" / "airflow-stack"
+    folder.mkdir(parents=True, exist_ok=True)
+    erp_path, ledger_path = folder / "erp.db", folder / "ledger.db"
+    if not erp_path.exists():
+        demo.main(["seed", "--erp", str(erp_path)])
+    with SmtpSink(directory=folder / "outbox") as sink:
+        smtp = {"conn_type": "smtp", "host": "127.0.0.1", "port": sink.port,
+                "extra": {"disable_ssl": True, "disable_tls": True, "retry_limit": 0, "timeout": 10}}
+        alerts = {**smtp, "extra": {**smtp["extra"], "to": "operators@fjordlys.example",
+                                    "from_email": "invoice-mailing@fjordlys.example"}}
+        env = {
+            "AIRFLOW_CONN_ERP_DB": json.dumps({"conn_type": "sqlite", "host": str(erp_path)}),
+            "AIRFLOW_CONN_MAILING_LEDGER": json.dumps({"conn_type": "sqlite", "host": str(ledger_path)}),
+            "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(smtp),
+            "AIRFLOW_CONN_MAILING_ALERTS": json.dumps(alerts),
+        }
+        port = int(os.environ.get("AIRFLOW_PORT", "8080"))
+        with AirflowStack(extra_env=env, home=folder / "home", port=port) as stack:
+            print(f"Airflow is up: {stack.url}  (login {ADMIN} / {stack.password})")
+            print(f"SMTP sink on 127.0.0.1:{sink.port}, mail in {folder / 'outbox'}; component logs in {stack.home}")
+            print("The demo ERP's invoices are due on 2026-11-24: trigger a run with logical date 2026-11-24T01:00Z.")
+            print("Ctrl-C stops everything.", flush=True)
+            try:
+                while True:
+                    stack._check_alive()
+                    time.sleep(2)
+            except KeyboardInterrupt:
+                print("Stopping...")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

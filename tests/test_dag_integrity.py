@@ -32,7 +32,7 @@ def test_dag_file_imports_with_every_database_and_socket_blocked():
     """)
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[-2:] == ["invoice_mailing", "3"]
+    assert done.stdout.split()[-2:] == ["invoice_mailing", "4"]
 
 
 def test_runs_nightly_at_two_in_oslo_without_catch_up(dag):
@@ -41,24 +41,52 @@ def test_runs_nightly_at_two_in_oslo_without_catch_up(dag):
     assert dag.catchup is False and dag.max_active_runs == 1
 
 
+def test_a_new_installation_waits_for_the_next_night():
+    """No start_date: unpausing creates no run for a night already past (Airflow's CronTriggerTimetable
+    then waits for the next 02:00; with a start_date it would run the latest past night at once)."""
+    import pendulum
+    from airflow.timetables.base import TimeRestriction
+    from airflow.timetables.trigger import CronTriggerTimetable
+
+    dag = load_dag()
+    assert dag.start_date is None
+    timetable = CronTriggerTimetable("0 2 * * *", timezone="Europe/Oslo")
+    first = timetable.next_dagrun_info(last_automated_data_interval=None,
+                                       restriction=TimeRestriction(earliest=None, latest=None, catchup=False))
+    assert first.run_after > pendulum.now("UTC")
+
+
+def test_a_night_not_finished_by_six_in_oslo_alerts():
+    from airflow.dag_processing.dagbag import DagBag
+
+    watch = DagBag(dag_folder=str(ROOT / "dags")).get_dag("invoice_mailing_watch")
+    assert watch.timetable.expression == "0 6 * * *" and str(watch.timetable.timezone) == "Europe/Oslo"
+    assert watch.start_date is None and watch.catchup is False
+
+
 def test_has_docs_and_tags_for_the_ui(dag):
     assert "mail_customers" in dag.doc_md and "audit" in dag.doc_md
     assert {"finance", "email"} <= set(dag.tags)
 
 
-def test_shape_is_extract_then_mapped_mailing_then_audit(dag):
-    extract, mail, audit = dag.get_task("extract"), dag.get_task("mail_customers"), dag.get_task("audit")
-    assert mail.upstream_task_ids == {"extract"} and audit.upstream_task_ids == {"mail_customers"}
+def test_shape_is_extract_then_mapped_mailing_then_audit_as_teardown(dag):
+    night, extract = dag.get_task("open_night"), dag.get_task("extract")
+    mail, audit = dag.get_task("mail_customers"), dag.get_task("audit")
+    assert extract.upstream_task_ids == {"open_night"} and mail.upstream_task_ids == {"extract"}
+    assert audit.upstream_task_ids == {"mail_customers", "open_night"}
     assert mail.map_index_template and "label" in mail.map_index_template
-    assert audit.trigger_rule == "all_done"
+    # audit is open_night's teardown, so clearing any instance also clears audit, and its verdict is the run's
+    assert night.is_setup and audit.is_teardown and audit.on_failure_fail_dagrun
+    assert not extract.is_setup  # a clear of one instance must not re-run extract (it could regroup batches)
     assert extract.retries >= 3 and mail.retries >= 3
     for task in (extract, mail):
         assert task.retry_exponential_backoff and task.max_retry_delay
 
 
 def test_only_the_mailing_instances_share_the_smtp_pool(dag):
-    assert {t.task_id: t.pool for t in dag.tasks} == {"extract": "default_pool", "mail_customers": "invoice_mailing_smtp",
-                                                     "audit": "default_pool"}
+    pools = {t.task_id: t.pool for t in dag.tasks}
+    assert pools.pop("mail_customers") == "invoice_mailing_smtp"
+    assert set(pools.values()) == {"default_pool"}
 
 
 def test_operator_parameters_have_safe_defaults(dag):

@@ -10,6 +10,7 @@ from pypdf import PdfReader
 from sqlalchemy import select
 
 from include.invoice_mailing import ledger
+from tests.conftest import smtp_connection
 
 
 def attachment_of(message):
@@ -205,7 +206,10 @@ def test_erp_text_cannot_add_a_header_or_recipient(erp, run_dag, sink):
     assert "Evil &lt;b&gt;&amp; Co&lt;/b&gt;" in html
 
 
-def test_unsafe_notification_template_is_a_config_error_not_a_crash(erp, run_dag, sink, ledger_db):
+def test_unsafe_notification_template_is_a_config_error_that_turns_the_night_red(erp, run_dag, sink, ledger_db,
+                                                                                 monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_MAILING_ALERTS", smtp_connection(sink.port, to="ops@fjordlys.example",
+                                                                      from_email="airflow@fjordlys.example"))
     erp.customer("10001", invoice_email="kari@bolgen.example")
     erp.customer("10002", invoice_email="ola@havet.example")
     erp.template("Unsafe", "", "x", "{{ document.__class__.__mro__[1].__subclasses__() }}")
@@ -216,8 +220,14 @@ def test_unsafe_notification_template_is_a_config_error_not_a_crash(erp, run_dag
 
     run = run_dag()
 
-    assert run.state == "success"
-    assert [m.message["X-Invoice-Document"] for m in sink.received] == ["INV INV000107"]
+    assert run.state == "failed"
+    invoices = [m for m in sink.received if m.envelope_to != ["ops@fjordlys.example"]]
+    (alert,) = [m for m in sink.received if m.envelope_to == ["ops@fjordlys.example"]]
+    assert [m.message["X-Invoice-Document"] for m in invoices] == ["INV INV000107"]
+    body = alert.message.get_body(("html",)).get_content()
+    assert "10002" in body and "INV000108" in body and "config_error" in body and "Unsafe" in body
+    assert "o***@havet.example" in body and "ola@havet.example" not in alert.data.decode()
+    assert "/tasks/mail_customers/mapped/1" in body
     failed = deliveries(ledger_db, ref_nbr="INV000108")
     assert [(r["status"], r["reason"]) for r in failed] == [("failed", "config_error")]
     assert "Unsafe" in failed[0]["last_error"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import date
 from decimal import Decimal
 
@@ -80,16 +81,53 @@ def test_notification_escapes_erp_values_and_keeps_the_subject_on_one_line():
     assert note.subject == "Faktura Bcc: x@y.no"
 
 
-@pytest.mark.parametrize("body", [
-    "{{ document.__class__.__mro__ }}",
-    "{{ ''.__class__.__subclasses__() }}",
-    "{% for x in range(10**9) %}{% endfor %}{{ broken",
+@pytest.mark.parametrize("body, error", [
+    ("{{ document.__class__.__mro__ }}", "SecurityError|UndefinedError"),
+    ("{{ ''.__class__.__subclasses__() }}", "SecurityError"),
+    ("{% for x in range(10**9) %}{% endfor %}{{ broken", "TemplateSyntaxError"),
+    # These parse; they fail only while rendering.
+    ("{{ document.amount / 0 }}", "TypeError"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{{ '%s and %s' % document.number }}", "TypeError: not enough arguments"),
+    ("{{ document.lines[5].amount }}", "UndefinedError"),
+    ("{{ customer.nmae }}", "customer.nmae is undefined"),
+    ("{{ recipient }}", "'recipient' is undefined"),
+    ("{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}", "RecursionError"),
+    ("{% for i in range(10**6) %}{% endfor %}", "at most 100,000 steps"),
 ])
-def test_an_unsafe_or_broken_template_is_a_render_error(body):
-    with pytest.raises(RenderError, match="InvoiceNotification"):
+def test_an_unsafe_or_broken_template_is_a_render_error_naming_template_and_error(body, error):
+    with pytest.raises(RenderError, match="InvoiceNotification") as raised:
         Renderer().notification(template(body), DOC, CUSTOMER, {"address": "a@b.no", "name": ""}, "nb_NO")
+    assert re.search(error, str(raised.value)), str(raised.value)
+
+
+def test_a_template_sees_the_erp_column_names_beside_the_friendly_ones():
+    body = ("{{ document.ref_nbr }}={{ document.number }} {{ document.doc_type }}={{ document.type }} "
+            "{{ document.doc_date }}={{ document.date }} {{ customer.customer_id }}={{ customer.number }} "
+            "{{ sender.display_name }}={{ sender.name }} {{ document.vat_amount }}={{ document.total_vat }}")
+    note = Renderer().notification(template(body), DOC, CUSTOMER, {"address": "a@b.no", "name": "Fjordlys"}, "nb_NO")
+    assert note.text.strip() == "CRM000045=CRM000045 CRM=CRM 23.11.2026=23.11.2026 10001=10001 Fjordlys=Fjordlys 0,00=0,00"
 
 
 def test_missing_report_template_is_a_render_error():
     with pytest.raises(RenderError, match="no_such_form"):
         Renderer().attachment(DOC, CUSTOMER, None, "no_such_form", "PDF", "nb_NO")
+
+
+@pytest.mark.parametrize("body, error", [
+    ("<p>{{ doc.number }} {{ doc.totl }}</p>", "document.totl is undefined"),
+    ("<p>{{ doc.total + 1 }}</p>", "TypeError"),  # amounts are formatted text
+    ("<p>{{ doc.ref_nbr }} {{ doc.doc_date }} {{ 1 // 0 }}</p>", "ZeroDivisionError"),
+])
+def test_a_report_template_that_fails_at_run_time_is_a_render_error(tmp_path, body, error):
+    import shutil
+
+    from include.invoice_mailing.render import TEMPLATES_DIR
+
+    shutil.copy(TEMPLATES_DIR / "company.json", tmp_path / "company.json")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "broken.html.j2").write_text(body)
+    (tmp_path / "reports" / "broken.css").write_text("p { margin: 0 }")
+    with pytest.raises(RenderError, match="'broken' \\(nb_NO\\)") as raised:
+        Renderer(templates_dir=tmp_path).attachment(DOC, CUSTOMER, None, "broken", "HTML", "nb_NO")
+    assert error in str(raised.value)

@@ -13,6 +13,8 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 from html import escape
 
+from email_validator import EmailNotValidError, validate_email
+
 from include.invoice_mailing.ledger import now
 from include.invoice_mailing.render import Attachment, Notification, one_line
 
@@ -23,6 +25,14 @@ DEFAULT_SMTP_CONN_ID = "smtp_default"
 
 class SmtpConfigError(Exception):
     """The mailing names an SMTP connection that Airflow does not have: fix the setting, then it sends."""
+
+
+class SmtpAccountError(Exception):
+    """The relay refused the account itself (its login, or its sender address): fix the account, then it sends."""
+
+    def __init__(self, reason: str, answer: str):
+        super().__init__(answer)
+        self.reason, self.answer = reason, answer
 
 
 class TransientSmtpError(Exception):
@@ -37,6 +47,7 @@ class SendResult:
     rejected: dict[str, tuple[str, str]] = field(default_factory=dict)  # permanent: address -> (reason, answer)
     deferred: dict[str, str] = field(default_factory=dict)  # transient: address -> "451 ..."
     failure: tuple[str, str] | None = None                  # permanent for all: (reason, text)
+    data: bytes = b""                                       # the exact bytes given to the server
 
 
 @dataclass(frozen=True)
@@ -46,9 +57,43 @@ class MessageRecipient:
     name: str | None = None
 
 
+@dataclass(frozen=True)
+class Mailbox:
+    """An address as SMTP carries it. The ERP's text is kept for display (ledger, log); on the wire the
+    domain is in ASCII (IDNA A-labels) whenever the local part is ASCII, so that only a local part
+    such as ``åse@...`` needs the relay's SMTPUTF8."""
+
+    local: str
+    domain: str
+
+    @classmethod
+    def of(cls, address: str) -> Mailbox:
+        try:
+            checked = validate_email(address.strip(), check_deliverability=False, allow_display_name=False)
+        except EmailNotValidError:  # validated when planned; keep the text as it is rather than crash here
+            local, _, domain = address.strip().rpartition("@")
+            return cls(local, domain)
+        if checked.ascii_email:
+            local, _, domain = checked.ascii_email.rpartition("@")
+            return cls(local, domain)
+        return cls(checked.local_part, checked.domain)
+
+    @property
+    def address(self) -> str:
+        return f"{self.local}@{self.domain}"
+
+    @property
+    def needs_smtputf8(self) -> bool:
+        return not self.address.isascii()
+
+
+def smtp_address(address: str) -> str:
+    return Mailbox.of(address).address
+
+
 def _address(address: str, name: str | None = None) -> Address:
-    local, _, domain = address.rpartition("@")
-    return Address(display_name=one_line(name or "", 100), username=local, domain=domain)
+    box = Mailbox.of(address)
+    return Address(display_name=one_line(name or "", 100), username=box.local, domain=box.domain)
 
 
 def build_message(
@@ -97,6 +142,13 @@ def build_message(
     return msg
 
 
+def size_limit(keyword: str | None) -> int:
+    """The message size a relay takes, from its EHLO ``SIZE`` keyword (RFC 1870): ``SIZE 35882577``.
+    A bare ``SIZE``, ``SIZE 0`` or anything but a number means the relay announces no fixed limit."""
+    first = (keyword or "").split()[:1]
+    return int(first[0]) if first and first[0].isdigit() else 0
+
+
 def _code_text(code: int, text: bytes | str) -> str:
     text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
     return f"{code} {one_line(text, 300)}"
@@ -124,13 +176,33 @@ class SmtpSender:
             hook.smtp_connection = hook.get_connection(conn_id)
         except AirflowNotFoundException as exc:
             raise SmtpConfigError(f"the SMTP connection {conn_id!r} does not exist in Airflow") from exc
-        hook.get_conn()
+        try:
+            hook.get_conn()
+        except (smtplib.SMTPAuthenticationError, smtplib.SMTPNotSupportedError) as exc:
+            if hook._smtp_client is not None:
+                hook._smtp_client.close()
+            code = getattr(exc, "smtp_code", 0)
+            if 400 <= code < 500:
+                raise TransientSmtpError(_code_text(code, exc.smtp_error)) from exc
+            answer = _code_text(code, exc.smtp_error) if code else one_line(str(exc), 300)
+            raise SmtpAccountError("auth_failed", f"login refused: {answer}") from exc
         return hook._smtp_client  # the hook keeps its client private; it is the session we send on
 
     def _session(self, conn_id: str) -> smtplib.SMTP:
         if conn_id not in self._sessions:
             self._sessions[conn_id] = self._connect(conn_id)
         return self._sessions[conn_id]
+
+    def supports(self, conn_id: str, extension: str) -> bool | None:
+        """Whether the relay advertises an ESMTP extension; None when the session cannot be opened now
+        (``send`` then meets and classifies the same fault)."""
+        try:
+            client = self._session(conn_id)
+            client.ehlo_or_helo_if_needed()
+            return bool(client.has_extn(extension))
+        except Exception:  # noqa: BLE001 - the send that follows classifies it
+            self._drop(conn_id)
+            return None
 
     def _drop(self, conn_id: str) -> None:
         client = self._sessions.pop(conn_id, None)
@@ -160,10 +232,10 @@ class SmtpSender:
         A fault after DATA was sent is ambiguous (the server may have accepted it): it is not retried
         here but reported as deferred, so the ledger keeps the delivery pending with its Message-ID.
         """
-        smtputf8 = any(not a.isascii() for a in (envelope_from, *rcpts))
+        smtputf8 = any(not a.isascii() for a in (envelope_from, *rcpts))  # only a non-ASCII local part
         data = msg.as_bytes(policy=policy.SMTPUTF8 if smtputf8 else policy.SMTP)
         rcpts = list(rcpts)
-        result = SendResult()
+        result = SendResult(data=data)
         for attempt in range(1, self.attempts + 1):
             try:
                 outcome = self._send_once(conn_id, data, envelope_from, rcpts, smtputf8)
@@ -194,17 +266,18 @@ class SmtpSender:
             client = self._session(conn_id)
             client.ehlo_or_helo_if_needed()
             if smtputf8 and not client.has_extn("smtputf8"):
-                result.failure = ("smtputf8_unsupported", "the server cannot take internationalised addresses")
+                result.failure = ("smtputf8_unsupported", "the relay does not offer SMTPUTF8, which an address "
+                                  "with a non-ASCII local part needs")
                 return result
-            limit = int(client.esmtp_features.get("size", "0").split()[0] or 0) if client.has_extn("size") else 0
+            limit = size_limit(client.esmtp_features.get("size") if client.has_extn("size") else None)
             if limit and len(data) > limit:
                 result.failure = ("too_large", f"the message has {len(data)} bytes; the server takes {limit}")
                 return result
-            options = (["SMTPUTF8"] if smtputf8 else []) + ([f"SIZE={len(data)}"] if limit else [])
+            options = (["SMTPUTF8"] if smtputf8 else []) + ([f"SIZE={len(data)}"] if client.has_extn("size") else [])
             phase = "mail"
             code, text = client.mail(envelope_from, options)
-            if code != 250:
-                return self._refused_all(conn_id, result, code, text, "sender_rejected")
+            if code != 250:  # 530: log in first; 550/553: this sender may not send here
+                return self._refused_all(conn_id, result, code, text, "auth_failed" if code == 530 else "sender_rejected")
             phase = "rcpt"
             for address in rcpts:
                 code, text = client.rcpt(address)
@@ -227,6 +300,9 @@ class SmtpSender:
             return self._data_refused(result, exc.smtp_code, exc.smtp_error)
         except SmtpConfigError as exc:
             result.failure = ("config_error", str(exc))
+            return result
+        except SmtpAccountError as exc:
+            result.failure = (exc.reason, exc.answer)
             return result
         except Exception as exc:  # dropped connection, timeout, refused connection (the hook wraps some)
             self._drop(conn_id)

@@ -23,6 +23,7 @@ AS_OF = date(2026, 11, 24)
 SEED = 20261124
 CENT = Decimal("0.01")
 TEMPLATE_ID = "InvoiceNotification"
+AUDIT_URL = "http://localhost:8080/plugin/invoice-mailing"
 # Child tables first: the order rows are deleted in; inserts go the other way round.
 TABLES = (source.invoice_line, source.invoice, source.mailing_recipient, source.mailing_setting, source.customer,
           source.contact, source.notification_template, source.report, source.email_account, source.customer_class)
@@ -487,12 +488,15 @@ def run_demo(folder: Path, as_of: date = AS_OF) -> int:
         subprocess.run([*airflow, "db", "migrate"], env=env, check=True, stdout=log_file, stderr=subprocess.STDOUT)
         done = subprocess.run([*airflow, "dags", "test", "invoice_mailing", as_of.isoformat()], env=env,
                               stdout=log_file, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
+    if done.returncode != 0 and not ledger_path.exists():
         print(log_path.read_text()[-4000:])
         print(f"The DAG run failed; the whole log is in {log_path}")
         return done.returncode
     new_mail = sorted(set(outbox.glob("*.eml")) - before)
     report(ledger_path, outbox, new_mail, log_path)
+    if done.returncode != 0:
+        print("\nThe run ended failed (a red night): the 'failed' rows above need an operator (the demo ERP is "
+              "broken on purpose); in production the mailing_alerts connection would have been mailed.")
     return 0
 
 
@@ -527,6 +531,8 @@ def report(ledger_path: Path, outbox: Path, new_mail: list[Path], log_path: Path
         print(f"\n{len(new_mail)} emails ({sent} deliveries) arrived at the local SMTP sink.")
     print(f"  emails (.eml):  {outbox}\n  attachments:    {attachments}\n  ledger:         {ledger_path}"
           f"\n  Airflow log:    {log_path}")
+    print(f"\nAuditors' pages (the invoice_mailing_audit plugin): run `make audit-ui`, then open {AUDIT_URL}\n"
+          f"  (login admin, password in {ledger_path.parent / 'airflow' / 'simple_auth_manager_passwords.json.generated'})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,23 +20,29 @@ from babel.support import Translations
 log = logging.getLogger(__name__)
 
 LOCALE_DIR = Path(__file__).resolve().parents[1] / "templates" / "locale"
-SUPPORTED = ("en_GB", "nb_NO", "sv_SE", "da_DK", "fi_FI", "nl_NL")
+SUPPORTED = ("en_GB", "nb_NO", "sv_SE", "da_DK", "fi_FI", "nl_NL")  # locales with a catalog of labels
 FALLBACK = "en_GB"
 
 
 @lru_cache(maxsize=64)
 def resolve_locale(name: str | None) -> str:
-    """The locale to format for: a supported one, else en_GB with a warning (once per name)."""
+    """The locale to format for: any locale Babel knows (``de_DE``, ``nb-NO``), else en_GB with a warning."""
     candidate = (name or "").replace("-", "_").strip()
-    if candidate in SUPPORTED:
-        return candidate
     try:
-        parsed = str(Locale.parse(candidate)) if candidate else ""
+        return str(Locale.parse(candidate)) if candidate else FALLBACK
     except (ValueError, UnknownLocaleError):
-        parsed = ""
-    if parsed in SUPPORTED:
-        return parsed
-    log.warning("Locale %r is not supported; formatting for %s instead", name, FALLBACK)
+        log.warning("Locale %r is unknown; formatting for %s instead", name, FALLBACK)
+        return FALLBACK
+
+
+@lru_cache(maxsize=64)
+def catalog_locale(locale: str) -> str:
+    """The catalog the labels come from: the locale's own, its language's, else en_GB with a warning."""
+    language = locale.split("_")[0]
+    for candidate in (locale, *(s for s in SUPPORTED if s.split("_")[0] == language)):
+        if candidate in SUPPORTED:
+            return candidate
+    log.warning("No catalog for locale %r: labels in %s, numbers and dates for %s", locale, FALLBACK, locale)
     return FALLBACK
 
 
@@ -62,8 +68,8 @@ class Formats:
     """Everything locale-dependent that a template shows, bound to one locale."""
 
     def __init__(self, locale: str | None):
-        self.locale = resolve_locale(locale)
-        self._translations = translations(self.locale)
+        self.locale = resolve_locale(locale)  # numbers, money and dates: Babel knows every CLDR locale
+        self._translations = translations(catalog_locale(self.locale))
 
     def gettext(self, message: str, **values) -> str:
         text = self._translations.gettext(message)

@@ -80,6 +80,8 @@ delivery = Table(
     Column("claimed_at", DateTime(timezone=True), nullable=True),
     Column("sent_at", DateTime(timezone=True), nullable=True),
     Column("attachment_sha256", String(64), nullable=True),
+    Column("message_sha256", String(64), nullable=True),  # the bytes given to SMTP (migration 0003)
+    Column("message_path", String(1024), nullable=True),  # where the archive keeps them, a full URL
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("doc_type", "ref_nbr", "mailing_id", "recipient_key", "format", "mode", "generation",
@@ -99,12 +101,26 @@ mailing_run = Table(
     Column("finished_at", DateTime(timezone=True), nullable=True),
 )
 
+# Each try of a mail_customers instance: links a delivery to the task instance and try that handled it.
+mailing_task = Table(
+    "mailing_task", ledger,
+    Column("run_id", String(250), primary_key=True),
+    Column("map_index", Integer, primary_key=True),
+    Column("try_number", Integer, primary_key=True),
+    Column("label", String(250), nullable=False),
+    Column("customers", JSON, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+)
+
 PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed", "skipped"
 # The server's verdicts on a recipient or a message: final for their delivery. Every other skipped or
 # failed row (a refusal by the rules, a config error, a relay that refused the sender, the login or
 # SMTPUTF8, a dry run) is re-decided by a later run from the ERP data and settings it then finds.
 # The database enforces it with the trigger of migration 0002 (migrations/forward_only.py).
 SMTP_FAILURES = ("recipient_rejected", "message_rejected", "too_large", "smtp_error")
+# The relay's refusals of the account or of SMTPUTF8: mended on the relay's side, so they keep their
+# document due (as a deferred delivery does) until they are sent, within the look-back window.
+RELAY_REFUSALS = ("sender_rejected", "auth_failed", "smtputf8_unsupported")
 DEFAULT_LEASE = timedelta(minutes=15)
 _CHUNK = 500
 
@@ -143,29 +159,32 @@ class PlannedDelivery:
     detail: str | None = None
     sender_domain: str = ""
     sender: str | None = None
+    recipient_key: str = ""  # the normalised address, case-folded (default: the recipient, case-folded)
 
     @property
     def key(self) -> tuple:
-        return (self.doc_type, self.ref_nbr, self.mailing_id, self.recipient.casefold(), self.format)
+        return (self.doc_type, self.ref_nbr, self.mailing_id, self.recipient_key or self.recipient.casefold(),
+                self.format)
 
 
 def settled_documents(engine: Engine, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
-    """Documents that need nothing tonight: delivered live at least once, with no live delivery still open."""
+    """Documents that need nothing tonight: delivered live at least once, with no live delivery still
+    open (pending, being sent, or refused by the relay for a reason the relay's owner can mend)."""
     keys = sorted(set(keys))
     settled: set[tuple[str, str]] = set()
     doc = tuple_(delivery.c.doc_type, delivery.c.ref_nbr)
+    is_open = or_(delivery.c.status.in_((PENDING, SENDING)),
+                  and_(delivery.c.status == FAILED, delivery.c.reason.in_(RELAY_REFUSALS)))
     with engine.connect() as conn:
         for start in range(0, len(keys), _CHUNK):
             chunk = keys[start : start + _CHUNK]
             rows = conn.execute(
-                select(delivery.c.doc_type, delivery.c.ref_nbr, delivery.c.status, func.count())
-                .where(doc.in_(chunk), delivery.c.mode == "live", delivery.c.status.in_((SENT, PENDING, SENDING)))
-                .group_by(delivery.c.doc_type, delivery.c.ref_nbr, delivery.c.status)
+                select(delivery.c.doc_type, delivery.c.ref_nbr, func.count().filter(delivery.c.status == SENT),
+                       func.count().filter(is_open))
+                .where(doc.in_(chunk), delivery.c.mode == "live")
+                .group_by(delivery.c.doc_type, delivery.c.ref_nbr)
             ).all()
-            by_doc: dict[tuple[str, str], set[str]] = {}
-            for doc_type, ref_nbr, status, _ in rows:
-                by_doc.setdefault((doc_type, ref_nbr), set()).add(status)
-            settled |= {k for k, statuses in by_doc.items() if statuses == {SENT}}
+            settled |= {(doc_type, ref_nbr) for doc_type, ref_nbr, sent, still_open in rows if sent and not still_open}
     return settled
 
 
@@ -194,11 +213,13 @@ def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: s
         for p in planned:
             rows = sorted(existing.get(p.key, []), key=lambda r: r["generation"])
             latest = rows[-1] if rows else None
-            tag = run_id if resend else ""
+            # An operator's resend, and every redirected preview, is a new generation with its own Message-ID.
+            again = resend or mode == "redirect"
+            tag = run_id if again else ""
             values = dict(
                 run_id=run_id, last_run_id=run_id, doc_type=p.doc_type, ref_nbr=p.ref_nbr,
                 customer_id=p.customer_id, mailing_id=p.mailing_id, recipient=p.recipient,
-                recipient_key=p.recipient.casefold(), add_to=p.add_to, format=p.format, mode=mode,
+                recipient_key=p.key[3], add_to=p.add_to, format=p.format, mode=mode,
                 status=p.status, reason=p.reason, detail=p.detail, sender=p.sender, attempts=0,
                 created_at=stamp, updated_at=stamp,
             )
@@ -223,7 +244,7 @@ def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: s
                     .values(status=PENDING, reason=None, detail=None, add_to=p.add_to, sender=p.sender,
                             message_id=values["message_id"], last_run_id=run_id, updated_at=stamp)
                 )
-            elif resend and latest["run_id"] != run_id and latest["status"] in (SENT, FAILED):
+            elif again and latest["run_id"] != run_id and latest["status"] in (SENT, FAILED):
                 _insert_new(conn, dict(generation=latest["generation"] + 1, resend_of=latest["id"], **values))
             elif latest["status"] == PENDING and latest["add_to"] != p.add_to:
                 conn.execute(
@@ -232,13 +253,13 @@ def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: s
                 )
 
 
-def _insert_new(conn, values: dict) -> None:
-    """Insert unless a twin attempt inserted the same delivery a moment ago (the unique key decides)."""
+def _insert_new(conn, values: dict, table: Table = delivery) -> None:
+    """Insert unless a twin attempt inserted the same row a moment ago (the unique key decides)."""
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    conn.execute(dialect_insert(delivery).values(**values).on_conflict_do_nothing())
+    conn.execute(dialect_insert(table).values(**values).on_conflict_do_nothing())
 
 
 _REDECIDABLE = and_(delivery.c.status.in_((SKIPPED, FAILED)),
@@ -247,6 +268,19 @@ _REDECIDABLE = and_(delivery.c.status.in_((SKIPPED, FAILED)),
 
 def _redecidable(row) -> bool:
     return row["status"] in (SKIPPED, FAILED) and row["reason"] not in SMTP_FAILURES
+
+
+def documents_with_rows(engine: Engine, keys: Iterable[tuple[str, str]], mode: str) -> set[tuple[str, str]]:
+    """The documents among ``keys`` that have any delivery row of this mode."""
+    keys = sorted(set(keys))
+    found: set[tuple[str, str]] = set()
+    with engine.connect() as conn:
+        for start in range(0, len(keys), _CHUNK):
+            found |= {tuple(r) for r in conn.execute(
+                select(delivery.c.doc_type, delivery.c.ref_nbr).distinct()
+                .where(tuple_(delivery.c.doc_type, delivery.c.ref_nbr).in_(keys[start : start + _CHUNK]),
+                       delivery.c.mode == mode))}
+    return found
 
 
 def open_deliveries(engine: Engine, document_keys: Iterable[tuple[str, str]], mode: str) -> list[dict]:
@@ -266,12 +300,17 @@ def open_deliveries(engine: Engine, document_keys: Iterable[tuple[str, str]], mo
     return out
 
 
-def retire(engine: Engine, ids: Sequence[int], *, run_id: str, reason: str, detail: str) -> int:
-    """Skip pending deliveries that the current plan no longer contains (never one being sent)."""
+def retire(engine: Engine, ids: Sequence[int], *, run_id: str, reason: str, detail: str,
+           status: str = SKIPPED, error: str | None = None) -> int:
+    """Settle pending deliveries without sending them: no longer planned or due (skipped), or not
+    sendable tonight (failed, e.g. a template error). Never touches a row that is being sent."""
+    if not ids:
+        return 0
     with engine.begin() as conn:
         return conn.execute(
             update(delivery).where(delivery.c.id.in_(list(ids)), delivery.c.status == PENDING)
-            .values(status=SKIPPED, reason=reason, detail=detail, last_run_id=run_id, updated_at=now())
+            .values(status=status, reason=reason, detail=detail, last_run_id=run_id, updated_at=now(),
+                    **({"last_error": error} if error else {}))
         ).rowcount
 
 
@@ -379,7 +418,8 @@ def claim(engine: Engine, ids: Sequence[int], token: str, *, run_id: str,
 
 def finish(engine: Engine, ids: Sequence[int], token: str, status: str, *, reason: str | None = None,
            error: str | None = None, attachment_sha256: str | None = None,
-           redirected_to: str | None = None) -> int:
+           redirected_to: str | None = None, detail: str | None = None,
+           message_sha256: str | None = None) -> int:
     """Move claimed deliveries on: to ``sent``, ``failed``, or back to ``pending`` after a transient fault."""
     if not ids:
         return 0
@@ -387,9 +427,11 @@ def finish(engine: Engine, ids: Sequence[int], token: str, status: str, *, reaso
     values = dict(status=status, updated_at=stamp, claimed_at=None if status == PENDING else stamp)
     if status == SENT:
         values.update(sent_at=stamp, reason=reason, attachment_sha256=attachment_sha256,
-                      redirected_to=redirected_to)
+                      redirected_to=redirected_to, message_sha256=message_sha256)
     else:
         values.update(reason=reason, last_error=error)
+        if detail:
+            values["detail"] = detail
         if attachment_sha256:
             values["attachment_sha256"] = attachment_sha256
     with engine.begin() as conn:
@@ -400,6 +442,14 @@ def finish(engine: Engine, ids: Sequence[int], token: str, status: str, *, reaso
         ).rowcount
 
 
+def record_message_path(engine: Engine, ids: Sequence[int], path: str | None) -> None:
+    """Where the archive keeps the bytes of these sent deliveries' message (status is untouched)."""
+    if path and ids:
+        with engine.begin() as conn:
+            conn.execute(update(delivery).where(delivery.c.id.in_(list(ids)), delivery.c.status == SENT)
+                         .values(message_path=path))
+
+
 # --- Runs and the audit -------------------------------------------------------------------------
 
 def start_run(engine: Engine, run_id: str, logical_date: datetime | None, mode: str, params: dict) -> None:
@@ -408,6 +458,14 @@ def start_run(engine: Engine, run_id: str, logical_date: datetime | None, mode: 
         if found is None:
             conn.execute(insert(mailing_run).values(run_id=run_id, logical_date=logical_date, mode=mode,
                                                     params=params, started_at=now()))
+
+
+def record_task(engine: Engine, *, run_id: str, map_index: int, try_number: int, label: str,
+                customers: Sequence[str]) -> None:
+    """Note that this try of a mail_customers instance handles these customers (once per try)."""
+    with engine.begin() as conn:
+        _insert_new(conn, dict(run_id=run_id, map_index=map_index, try_number=try_number, label=label,
+                               customers=list(customers), started_at=now()), mailing_task)
 
 
 def summarize_run(engine: Engine, run_id: str) -> dict:

@@ -12,12 +12,18 @@ from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from email_validator import EmailNotValidError
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
-from include.invoice_mailing import ledger, rules, source
-from include.invoice_mailing.deliver import DEFAULT_SMTP_CONN_ID, MessageRecipient, SmtpSender, build_message
+from include.invoice_mailing import archive, ledger, rules, source
+from include.invoice_mailing.deliver import (
+    DEFAULT_SMTP_CONN_ID,
+    MessageRecipient,
+    SmtpSender,
+    build_message,
+    smtp_address,
+)
 from include.invoice_mailing.ledger import FAILED, PENDING, SENT, SKIPPED, PlannedDelivery
-from include.invoice_mailing.render import Attachment, Renderer, RenderError
+from include.invoice_mailing.render import Attachment, Notification, Renderer, RenderError
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +151,15 @@ def extract(erp: Engine, ledger_db: Engine, ctx: RunContext, max_batches: int = 
 
 # --- 2. Mail one batch --------------------------------------------------------------------------
 
-def plan_batch(data: source.BatchData, renderer: Renderer) -> list[rules.DocumentPlan]:
+def plan_batch(data: source.BatchData, renderer: Renderer, *, include_emailed: bool = False
+               ) -> list[rules.DocumentPlan]:
     template_ids = {template_id for template_id, _ in data.templates}
     plans = []
     for document in data.documents:
+        gone = rules.still_due(document, include_emailed=include_emailed)
+        if gone:  # the ERP changed since the night's extract: voided, "don't email", emailed by hand
+            plans.append(rules.DocumentPlan(document, refusal=gone))
+            continue
         customer = data.customers.get(document.customer_id)
         plan = rules.plan_document(
             document, customer,
@@ -191,7 +202,8 @@ def planned_deliveries(plan: rules.DocumentPlan) -> list[PlannedDelivery]:
     account = plan.mailing.account
     for r in plan.recipients:
         rows.append(PlannedDelivery(**base, recipient=r.address, add_to=r.add_to, format=r.format, status=PENDING,
-                                    sender=account.address, sender_domain=account.address.rpartition("@")[2]))
+                                    sender=account.address, sender_domain=account.address.rpartition("@")[2],
+                                    recipient_key=r.key))
     return rows
 
 
@@ -199,10 +211,37 @@ def planned_deliveries(plan: rules.DocumentPlan) -> list[PlannedDelivery]:
 class BatchSettings:
     lease: timedelta = ledger.DEFAULT_LEASE  # after this long, another host's claim counts as stale
     write_back: bool = False                 # set invoice.emailed in the ERP after a live send
+    archive: archive.Archive | None = None   # keep each sent message's bytes (INVOICE_MAILING_ARCHIVE)
+
+
+@dataclass(frozen=True)
+class NotSent:
+    """A delivery that did not go out, as an operator reads it: who, what, and the server's answer."""
+    customer: str
+    document: str
+    recipient: str
+    format: str
+    status: str      # pending (deferred: retried) or failed (an operator must act)
+    reason: str
+    answer: str
+
+    def __str__(self) -> str:
+        return (f"customer {self.customer}, {self.document}, to {self.recipient or '(no recipient)'}, "
+                f"{self.format or '-'}: {self.status} {self.reason}: {self.answer}")
+
+    @classmethod
+    def of(cls, row: dict, status: str, reason: str, answer: str | None) -> NotSent:
+        return cls(customer=row["customer_id"], document=f"{row['doc_type']} {row['ref_nbr']}",
+                   recipient=row["recipient"], format=row["format"], status=status, reason=reason,
+                   answer=" ".join((answer or "").split()))
 
 
 class DeliveriesPending(RuntimeError):
     """Some deliveries could not be sent now: the task fails so that Airflow retries it with back-off."""
+
+    def __init__(self, message: str, not_sent: list[NotSent] = ()):
+        super().__init__(message)
+        self.not_sent = list(not_sent)
 
 
 def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, renderer: Renderer,
@@ -216,44 +255,57 @@ def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, 
     settings = settings or BatchSettings()
     mode = ctx.params.mode
     data = source.load_batch(erp, [tuple(d) for d in batch["documents"]])
-    plans = plan_batch(data, renderer)
-    planned = {p.document.key: planned_deliveries(p) for p in plans}
+    plans = plan_batch(data, renderer, include_emailed=ctx.params.resend)
+    gone = {p.document.key for p in plans if p.refusal and p.refusal.reason == rules.NO_LONGER_DUE}
+    # A document no longer due keeps the rows it has (its pending ones are retired below); one that
+    # never had any gets a row that says why it was not mailed.
+    recorded = ledger.documents_with_rows(ledger_db, gone, mode) if gone else set()
+    planned = {p.document.key: [] if p.document.key in recorded else planned_deliveries(p) for p in plans}
     ledger.record_plan(ledger_db, [row for rows in planned.values() for row in rows],
                        run_id=ctx.run_id, mode=mode, resend=ctx.params.resend)
+    refused = [NotSent.of(asdict(row), FAILED, row.reason, row.detail)
+               for rows in planned.values() for row in rows if row.status == FAILED]
+    for item in refused:
+        log.warning("Not sent: %s", item)
 
     by_key = {p.document.key: p for p in plans if p.refusal is None}
     wanted = {row.key for rows in planned.values() for row in rows if row.status == PENDING}
     messages: dict[str, list[dict]] = defaultdict(list)
-    retired = []
+    retired: dict[str, list[int]] = defaultdict(list)
     for row in ledger.open_deliveries(ledger_db, planned, mode):
-        key = (row["doc_type"], row["ref_nbr"], row["mailing_id"], row["recipient_key"], row["format"])
+        doc_key = (row["doc_type"], row["ref_nbr"])
+        key = (*doc_key, row["mailing_id"], row["recipient_key"], row["format"])
         if row["status"] == PENDING and key not in wanted:
-            retired.append(row["id"])  # left pending by an earlier night, no longer named by the ERP
-        elif (row["doc_type"], row["ref_nbr"]) in by_key:
+            retired["no_longer_due" if doc_key in gone else "no_longer_planned"].append(row["id"])
+        elif doc_key in by_key:
             messages[row["message_id"]].append(row)
-    if retired:
-        ledger.retire(ledger_db, retired, run_id=ctx.run_id, reason="no_longer_planned",
-                      detail="the ERP no longer names this recipient, format or document for mailing")
+    for reason, ids in retired.items():
+        detail = ("the document is no longer due in the ERP (voided, marked don't email, or emailed)"
+                  if reason == "no_longer_due" else
+                  "the ERP no longer names this recipient, format or document for mailing")
+        ledger.retire(ledger_db, ids, run_id=ctx.run_id, reason=reason, detail=detail)
 
     mailer = _Mailer(ctx, data, renderer, sender, ledger_db, settings)
-    delivered_docs: set[tuple[str, str]] = set()
     for message_id, members in messages.items():
         todo = [r for r in members if r["status"] in (PENDING, ledger.SENDING)]
         if todo:
-            plan = by_key[(todo[0]["doc_type"], todo[0]["ref_nbr"])]
-            if mailer.mail(plan, message_id, members, todo):
-                delivered_docs.add(plan.document.key)
+            mailer.mail(by_key[(todo[0]["doc_type"], todo[0]["ref_nbr"])], message_id, members, todo)
 
-    if settings.write_back and mode == "live" and delivered_docs:
-        changed = source.mark_emailed(erp, delivered_docs)
-        log.info("Marked %d documents as emailed in the ERP", changed)
+    if settings.write_back and mode == "live":
+        # Only a document whose every live delivery is settled: a deferred recipient is retried tomorrow.
+        settled = ledger.settled_documents(ledger_db, by_key)
+        if settled:
+            log.info("Marked %d documents as emailed in the ERP", source.mark_emailed(erp, settled))
     counts = {status: n for status, n in mailer.counts.items() if status != "held"}
     summary = {"label": batch["label"], "documents": len(plans), **counts}
     log.info("Batch %s: %s", batch["label"], summary)
+    not_sent = refused + mailer.not_sent
     if counts.get("deferred") or mailer.counts["held"]:
         raise DeliveriesPending(
             f"{counts.get('deferred', 0)} deliveries deferred by the SMTP server, {mailer.counts['held']} held by "
-            f"another running attempt; they stay pending and are sent by the task's next try ({summary})")
+            f"another running attempt; they stay pending and are sent by the task's next try ({summary}). "
+            "Not sent: " + "; ".join(str(item) for item in not_sent), not_sent)
+    summary["failed_deliveries"] = [str(item) for item in not_sent]  # an operator must act on these
     return summary
 
 
@@ -274,76 +326,127 @@ def crashpoint(name: str) -> None:
 
 
 class _Mailer:
-    """Sends the messages of one batch: claim, render (once per document and format), send, record."""
+    """Sends the messages of one batch: render (once per document and format), claim, send, record."""
 
     def __init__(self, ctx: RunContext, data: source.BatchData, renderer: Renderer, sender: SmtpSender,
                  ledger_db: Engine, settings: BatchSettings):
         self.ctx, self.data, self.renderer, self.sender = ctx, data, renderer, sender
         self.ledger_db, self.settings = ledger_db, settings
         self.token = ledger.claimant()
-        self.attachments: dict[tuple, Attachment] = {}
+        self.attachments: dict[tuple, Attachment | RenderError] = {}
+        self.notifications: dict[tuple, Notification | RenderError] = {}
         self.counts: dict[str, int] = defaultdict(int)
+        self.not_sent: list[NotSent] = []
 
     def finish(self, ids, status: str, count_as: str | None = None, **values) -> None:
         self.counts[count_as or status] += ledger.finish(self.ledger_db, ids, self.token, status, **values)
 
-    def mail(self, plan: rules.DocumentPlan, message_id: str, members: list[dict], todo: list[dict]) -> bool:
-        """Send one message to the deliveries in ``todo``; True if any of them is now sent."""
+    def not_sending(self, rows: list[dict], status: str, reason: str, answer: str | None) -> None:
+        """One log line per delivery that did not go out, with the server's answer."""
+        for row in rows:
+            item = NotSent.of(row, status, reason, answer)
+            self.not_sent.append(item)
+            log.warning("Not sent: %s", item)
+
+    def mail(self, plan: rules.DocumentPlan, message_id: str, members: list[dict], todo: list[dict]) -> None:
+        """Send one message to the deliveries in ``todo``.
+
+        The message is rendered before anything is claimed: a template that fails, whatever it
+        raises, is this document's ``config_error`` and leaves no row ``sending``.
+        """
+        doc, mailing, params = plan.document, plan.mailing, self.ctx.params
+        try:
+            notification = self.notification(plan)
+            attachment = self.attachment(plan, todo[0]["format"])
+        except RenderError as exc:
+            self.refuse(todo, rules.CONFIG_ERROR, str(exc))
+            return
         claimed, busy = ledger.claim(self.ledger_db, [r["id"] for r in todo], self.token, run_id=self.ctx.run_id,
                                      lease=self.settings.lease)
         self.counts["held"] += len(busy)
         if not claimed:
-            return False
+            return
         crashpoint("after_claim")
-        doc, mailing, params = plan.document, plan.mailing, self.ctx.params
-        customer = self.data.customers[doc.customer_id]
-        try:
-            attachment = self.attachment(plan, todo[0]["format"])
-            template = (self.data.templates.get((mailing.template_id, customer.locale))
-                        or self.data.templates[(mailing.template_id, "")])
-            sender_info = {"address": mailing.account.address, "name": mailing.account.display_name or ""}
-            notification = self.renderer.notification(template, doc, customer, sender_info, customer.locale)
-        except RenderError as exc:
-            self.finish(claimed, FAILED, reason=rules.CONFIG_ERROR, error=str(exc))
-            return False
         if params.mode == "dry_run":
             self.finish(claimed, SKIPPED, "dry_run", reason="dry_run", attachment_sha256=attachment.sha256)
-            return False
+            return
 
-        claimed_rows = [r for r in todo if r["id"] in claimed]
+        conn_id = mailing.account.smtp_conn_id or DEFAULT_SMTP_CONN_ID
+        account = (f"email account {mailing.account.account_id} <{mailing.account.address}>, "
+                   f"SMTP connection {conn_id!r}")
+        rows = [r for r in todo if r["id"] in claimed]
+        envelope = {r["id"]: smtp_address(params.redirect_to or r["recipient"]) for r in rows}
+        utf8 = [r["id"] for r in rows if not envelope[r["id"]].isascii()]
+        if utf8 and self.sender.supports(conn_id, "smtputf8") is False:
+            text = "the relay does not offer SMTPUTF8, which an address with a non-ASCII local part needs"
+            self.finish(utf8, FAILED, reason="smtputf8_unsupported", error=text, detail=f"{text} ({account})")
+            self.not_sending([r for r in rows if r["id"] in utf8], FAILED, "smtputf8_unsupported", text)
+            rows = [r for r in rows if r["id"] not in utf8]
+            if not rows:
+                return
+        excluded = set(utf8) - {r["id"] for r in rows}
         msg = build_message(
             sender_address=mailing.account.address, sender_name=mailing.account.display_name,
-            recipients=[MessageRecipient(r["recipient"], r["add_to"], _name(plan, r["recipient"]))
-                        for r in members if r["status"] != FAILED or r["id"] in claimed],
+            recipients=[MessageRecipient(r["recipient"], r["add_to"], _name(plan, r["recipient_key"]))
+                        for r in members
+                        if r["id"] not in excluded and (r["status"] != FAILED or r["id"] in claimed)],
             notification=notification, attachment=attachment, message_id=message_id,
             document_ref=f"{doc.doc_type} {doc.ref_nbr}", redirect_to=params.redirect_to,
         )
-        conn_id = mailing.account.smtp_conn_id or DEFAULT_SMTP_CONN_ID
-        envelope = [params.redirect_to] if params.redirect_to else [r["recipient"] for r in claimed_rows]
-        result = self.sender.send(conn_id, msg, mailing.account.address, envelope)
+        ids_of: dict[str, list[int]] = defaultdict(list)  # envelope address -> rows (all of them, redirected)
+        for r in rows:
+            ids_of[envelope[r["id"]]].append(r["id"])
+        result = self.sender.send(conn_id, msg, smtp_address(mailing.account.address), list(ids_of))
         crashpoint("before_commit")
 
-        by_address = {r["recipient"]: r["id"] for r in claimed_rows}
-        if params.redirect_to:  # the one envelope address stands for all the real recipients
-            refusal = next(iter(result.rejected.values()), None)
-            text = next(iter(result.deferred.values()), "")
-            accepted = list(by_address) if result.accepted else []
-            rejected = {a: refusal for a in by_address} if refusal else {}
-            deferred = {a: text for a in by_address} if result.deferred else {}
-        else:
-            accepted, rejected, deferred = result.accepted, result.rejected, result.deferred
-        if result.failure:
+        sent_ids = [i for a in result.accepted for i in ids_of.get(a, ())]
+        self.finish(sent_ids, SENT, attachment_sha256=attachment.sha256, redirected_to=params.redirect_to,
+                    message_sha256=archive.digest(result.data))
+        if sent_ids and self.settings.archive:  # after the commit: the duplicate window stays one UPDATE
+            ledger.record_message_path(self.ledger_db, sent_ids, self.settings.archive.keep(result.data))
+        row_of = {r["id"]: r for r in rows}
+        for address, (reason, text) in result.rejected.items():
+            self.finish(ids_of.get(address, []), FAILED, reason=reason, error=text)
+            self.not_sending([row_of[i] for i in ids_of.get(address, [])], FAILED, reason, text)
+        for address, text in result.deferred.items():
+            self.finish(ids_of.get(address, []), PENDING, "deferred", error=text)
+            self.not_sending([row_of[i] for i in ids_of.get(address, [])], PENDING, "deferred", text)
+        if result.failure:  # for every recipient the relay did not take: earlier attempts' stay sent
             reason, text = result.failure
-            self.finish(claimed, FAILED, reason=reason, error=text, attachment_sha256=attachment.sha256)
-            return False
-        sent_before = self.counts[SENT]
-        self.finish([by_address[a] for a in accepted if a in by_address], SENT, attachment_sha256=attachment.sha256,
-                    redirected_to=params.redirect_to)
-        for address, (reason, text) in rejected.items():
-            self.finish([by_address[address]], FAILED, reason=reason, error=text)
-        for address, text in deferred.items():
-            self.finish([by_address[address]], PENDING, "deferred", error=text)
-        return self.counts[SENT] > sent_before
+            answered = {*result.accepted, *result.rejected, *result.deferred}
+            rest = [i for a, ids in ids_of.items() if a not in answered for i in ids]
+            detail = f"{text} ({account})" if reason in ("auth_failed", "sender_rejected", "config_error") else None
+            self.finish(rest, FAILED, reason=reason, error=text, detail=detail, attachment_sha256=attachment.sha256)
+            self.not_sending([row_of[i] for i in rest], FAILED, reason, detail or text)
+
+    def refuse(self, rows: list[dict], reason: str, detail: str) -> None:
+        """Deliveries that cannot be sent tonight and are re-decided tomorrow. Pending rows are settled
+        directly; a stale ``sending`` row is claimed first (another attempt may still hold it)."""
+        self.not_sending(rows, FAILED, reason, detail)
+        pending = [r["id"] for r in rows if r["status"] == PENDING]
+        self.counts[FAILED] += ledger.retire(self.ledger_db, pending, run_id=self.ctx.run_id, reason=reason,
+                                             detail=detail, status=FAILED, error=detail)
+        stuck = [r["id"] for r in rows if r["status"] == ledger.SENDING]
+        if stuck:
+            claimed, busy = ledger.claim(self.ledger_db, stuck, self.token, run_id=self.ctx.run_id,
+                                         lease=self.settings.lease)
+            self.counts["held"] += len(busy)
+            self.finish(claimed, FAILED, reason=reason, error=detail, detail=detail)
+
+    def notification(self, plan: rules.DocumentPlan) -> Notification:
+        """Rendered once per document, for all its formats; a failure is remembered too."""
+        doc, mailing = plan.document, plan.mailing
+        if doc.key not in self.notifications:
+            customer = self.data.customers[doc.customer_id]
+            template = (self.data.templates.get((mailing.template_id, customer.locale))
+                        or self.data.templates[(mailing.template_id, "")])
+            sender_info = {"address": mailing.account.address, "name": mailing.account.display_name or ""}
+            try:
+                self.notifications[doc.key] = self.renderer.notification(template, doc, customer, sender_info,
+                                                                         customer.locale)
+            except RenderError as exc:
+                self.notifications[doc.key] = exc
+        return _value_or_raise(self.notifications[doc.key])
 
     def attachment(self, plan: rules.DocumentPlan, fmt: str) -> Attachment:
         """Rendered once per document and format, for all its recipients and messages."""
@@ -352,15 +455,24 @@ class _Mailer:
         key = (doc.key, fmt, customer.locale)
         if key not in self.attachments:
             contact = self.data.contacts.get(customer.invoice_contact_id)
-            self.attachments[key] = self.renderer.attachment(
-                doc, customer, contact.display_name if contact else None, report.template_name, fmt,
-                customer.locale, report.report_id)
-        return self.attachments[key]
+            try:
+                self.attachments[key] = self.renderer.attachment(
+                    doc, customer, contact.display_name if contact else None, report.template_name, fmt,
+                    customer.locale, report.report_id)
+            except RenderError as exc:
+                self.attachments[key] = exc
+        return _value_or_raise(self.attachments[key])
 
 
-def _name(plan: rules.DocumentPlan, address: str) -> str | None:
+def _value_or_raise(value):
+    if isinstance(value, Exception):
+        raise value
+    return value
+
+
+def _name(plan: rules.DocumentPlan, key: str) -> str | None:
     for r in plan.recipients:
-        if r.address.casefold() == address.casefold():
+        if r.key == key:
             return r.name
     return None
 
@@ -368,9 +480,26 @@ def _name(plan: rules.DocumentPlan, address: str) -> str | None:
 # --- 3. Audit -----------------------------------------------------------------------------------
 
 def audit(ledger_db: Engine, run_id: str) -> dict:
+    """The run's counts by status and reason, and every delivery an operator must act on.
+
+    A delivery still pending (deferred by the relay) or failed (refused by the relay, a configuration
+    error) makes the night red; rule refusals (``skipped``: inactive customer, no address...) do not.
+    """
     ledger.ensure_schema(ledger_db)
     summary = ledger.summarize_run(ledger_db, run_id)
     lines = [f"{'status':<9} {'reason':<22} {'deliveries':>10} {'documents':>9}"]
     lines += [f"{r['status']:<9} {r['reason']:<22} {r['deliveries']:>10} {r['documents']:>9}" for r in summary["rows"]]
     log.info("Run %s:\n%s", run_id, "\n".join(lines))
+    with ledger_db.connect() as conn:
+        started = conn.execute(select(ledger.mailing_run.c.started_at)
+                               .where(ledger.mailing_run.c.run_id == run_id)).scalar()
+    if started is not None:  # Airflow restarts a run's clock at every clear; the ledger keeps the night's start
+        started = (started if started.tzinfo else started.replace(tzinfo=ZoneInfo("UTC"))).astimezone(TIMEZONE)
+        summary["night_started_at"] = started.isoformat()
+        log.info("The night started at %s (Europe/Oslo); Airflow's run duration counts from its last clear",
+                 started.strftime("%Y-%m-%d %H:%M:%S"))
+    rows = ledger.all_deliveries(ledger_db, ledger.delivery.c.last_run_id == run_id,
+                                 ledger.delivery.c.status.in_((PENDING, ledger.SENDING, FAILED)))
+    summary["undelivered"] = [asdict(NotSent.of(r, r["status"], r["reason"] or "deferred", r["last_error"] or r["detail"]))
+                              for r in rows]
     return summary

@@ -8,15 +8,18 @@ import json
 import logging
 import os
 import re
+import time
 from collections import defaultdict
+from contextvars import ContextVar
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from functools import cached_property, lru_cache
 from html.parser import HTMLParser
 from pathlib import Path
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError, select_autoescape
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from jinja2.sandbox import SandboxedEnvironment
+from jinja2.utils import missing, object_type_repr
 
 from include.invoice_mailing.i18n import Formats
 from include.invoice_mailing.rules import DOC_TYPES, Customer, Document, NotificationTemplate
@@ -48,6 +51,135 @@ logging.getLogger("weasyprint").addFilter(_OnlyOnce())
 
 class RenderError(Exception):
     """A template is missing or broken: a configuration error of one mailing, not a crash of the run."""
+
+
+
+class TemplateBudgetExceeded(RuntimeError):
+    """A template ran longer, or wrote more, than a template may."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one rendering of a template may cost. Settings: ``INVOICE_MAILING_TEMPLATE_SECONDS``, ``..._BYTES``."""
+
+    seconds: float
+    max_bytes: int
+
+    @classmethod
+    def from_env(cls, prefix: str, seconds: float, max_bytes: int) -> Budget:
+        return cls(float(os.environ.get(f"{prefix}_SECONDS", seconds)), int(os.environ.get(f"{prefix}_BYTES", max_bytes)))
+
+
+_deadline: ContextVar[tuple[float, Budget] | None] = ContextVar("template_deadline", default=None)
+
+
+def _check_budget() -> None:
+    current = _deadline.get()
+    if current is not None and time.monotonic() > current[0]:
+        raise TemplateBudgetExceeded(f"the template ran for more than {current[1].seconds:g} s")
+
+
+class Values(dict):
+    """The values a template sees under one name (``document``, ``customer``...): the name goes into errors."""
+
+    def __init__(self, path: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._path = path
+
+
+class NamedUndefined(StrictUndefined):
+    """Strict: using a value the pipeline does not provide is an error that names it (``document.refnr``)."""
+
+    __slots__ = ()
+
+    @property
+    def _undefined_message(self) -> str:
+        if self._undefined_hint:
+            return self._undefined_hint
+        if self._undefined_obj is missing:
+            return f"{self._undefined_name!r} is undefined"
+        owner = getattr(self._undefined_obj, "_path", None) or object_type_repr(self._undefined_obj)
+        return f"{owner}.{self._undefined_name} is undefined"
+
+
+class _BoundedRange:
+    """``range()`` in a template: at most 100,000 steps (as Jinja's sandbox), each step checks the clock."""
+
+    def __init__(self, steps: range):
+        if len(steps) > 100_000:
+            raise TemplateBudgetExceeded("range() may count at most 100,000 steps in a template")
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __iter__(self):
+        for value in self.steps:
+            _check_budget()
+            yield value
+
+
+class BoundedSandbox(SandboxedEnvironment):
+    """The ERP's templates are untrusted: sandboxed, strict, and bounded in time and in what they write.
+
+    The clock is checked on every attribute, item and call a template makes and on every step of
+    ``range()``; ``*`` and ``**`` may not build values larger than the output may be.
+    """
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def __init__(self, budget: Budget, **options):
+        super().__init__(undefined=NamedUndefined, **options)
+        self.budget = budget
+        self.globals["range"] = self._range
+
+    @staticmethod
+    def _range(*args) -> _BoundedRange:
+        return _BoundedRange(range(*args))
+
+    def getattr(self, obj, attribute):
+        _check_budget()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        _check_budget()
+        return super().getitem(obj, argument)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's own signature
+        _check_budget()
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
+            raise TemplateBudgetExceeded("a power above 64 in a template")
+        if operator == "*" and isinstance(left, str | list | tuple) != isinstance(right, str | list | tuple):
+            size = len(left if isinstance(left, str | list | tuple) else right)
+            times = right if isinstance(right, int) else left
+            if isinstance(times, int) and size * times > self.budget.max_bytes:
+                raise TemplateBudgetExceeded(f"the template builds a value larger than {self.budget.max_bytes} bytes")
+        return super().call_binop(context, operator, left, right)
+
+
+def render_bounded(template, values: dict, budget: Budget) -> str:
+    """Render within ``budget``: the clock and the output's size are checked as the output streams."""
+    token = _deadline.set((time.monotonic() + budget.seconds, budget))
+    try:
+        parts, size = [], 0
+        for part in template.generate(values):
+            size += len(part)
+            if size > budget.max_bytes:
+                raise TemplateBudgetExceeded(f"the template wrote more than {budget.max_bytes} bytes")
+            _check_budget()
+            parts.append(part)
+        return "".join(parts)
+    finally:
+        _deadline.reset(token)
+
+
+def describe(exc: BaseException) -> str:
+    """An error for the ledger and the log: its kind and message, on one line."""
+    text = one_line(str(exc), 300)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -150,21 +282,28 @@ def one_line(text: str, limit: int = 250) -> str:
     return " ".join(str(text).split())[:limit]
 
 
+NOTIFICATION_BUDGET = Budget.from_env("INVOICE_MAILING_TEMPLATE", seconds=2.0, max_bytes=1_000_000)
+REPORT_BUDGET = Budget.from_env("INVOICE_MAILING_REPORT", seconds=120.0, max_bytes=50_000_000)
+
+
 class Renderer:
     """One per worker process: the Jinja2 environments, the font configuration and the company."""
 
-    def __init__(self, templates_dir: Path = TEMPLATES_DIR, company_file: Path | None = None):
+    def __init__(self, templates_dir: Path = TEMPLATES_DIR, company_file: Path | None = None,
+                 notification_budget: Budget = NOTIFICATION_BUDGET, report_budget: Budget = REPORT_BUDGET):
         self.templates_dir = Path(templates_dir)
+        self.report_budget = report_budget
         self.reports = Environment(
             loader=FileSystemLoader(self.templates_dir),
             autoescape=select_autoescape(("html", "j2", "htm")),
-            undefined=StrictUndefined,
+            undefined=NamedUndefined,
             trim_blocks=True,
             lstrip_blocks=True,
         )
         # Notification templates come from the ERP: anyone with access to its settings can edit them.
-        self.notifications = SandboxedEnvironment(autoescape=True)
-        self.subjects = SandboxedEnvironment(autoescape=False)
+        self.notification_budget = notification_budget
+        self.notifications = BoundedSandbox(notification_budget, autoescape=True)
+        self.subjects = BoundedSandbox(notification_budget, autoescape=False)
         company_file = company_file or Path(os.environ.get("INVOICE_MAILING_COMPANY",
                                                           self.templates_dir / "company.json"))
         self.company = json.loads(Path(company_file).read_text(encoding="utf-8"))
@@ -198,33 +337,40 @@ class Renderer:
 
     def document_context(self, document: Document, customer: Customer, attention: str | None,
                          formats: Formats) -> dict:
-        vat_rows = [{"rate": formats.percent(rate), "basis": formats.amount(basis), "vat": formats.amount(vat)}
+        """What a report template sees; a notification template sees the same less the labels.
+
+        Each value has its friendly name and, where the ERP has a column for it, the column's name too
+        (``document.number`` is ``document.ref_nbr``): the README lists them all.
+        """
+        vat_rows = [Values("document.vat_breakdown[]", rate=formats.percent(rate), basis=formats.amount(basis),
+                           vat=formats.amount(vat))
                     for rate, basis, vat in vat_breakdown(document)]
+        lines = [
+            Values("line", nbr=line.line_nbr, line_nbr=line.line_nbr, description=line.description,
+                   quantity=formats.quantity(line.quantity), unit_price=formats.amount(line.unit_price),
+                   vat_rate=formats.percent(line.vat_rate), amount=formats.amount(line.amount))
+            for line in document.lines
+        ]
+        label = document_label(document.doc_type, formats)
+        values = Values(
+            "document",
+            type=document.doc_type, doc_type=document.doc_type, type_label=label,
+            number=document.ref_nbr, ref_nbr=document.ref_nbr, status=document.status,
+            date=formats.date(document.doc_date), doc_date=formats.date(document.doc_date),
+            due_date=formats.date(document.due_date),
+            customer_ref=document.customer_ref, description=document.description, currency=document.currency,
+            is_credit=document.doc_type == "CRM", lines=lines, vat_breakdown=vat_rows,
+            total_excl_vat=formats.amount(document.amount - document.vat_amount),
+            total_vat=formats.amount(document.vat_amount), vat_amount=formats.amount(document.vat_amount),
+            amount=formats.amount(document.amount), total=formats.money(document.amount, document.currency),
+        )
         return {
-            "doc": {
-                "type": document.doc_type,
-                "type_label": document_label(document.doc_type, formats),
-                "number": document.ref_nbr,
-                "date": formats.date(document.doc_date),
-                "due_date": formats.date(document.due_date),
-                "customer_ref": document.customer_ref,
-                "description": document.description,
-                "currency": document.currency,
-                "is_credit": document.doc_type == "CRM",
-                "lines": [
-                    {"nbr": line.line_nbr, "description": line.description,
-                     "quantity": formats.quantity(line.quantity), "unit_price": formats.amount(line.unit_price),
-                     "vat_rate": formats.percent(line.vat_rate), "amount": formats.amount(line.amount)}
-                    for line in document.lines
-                ],
-                "vat_breakdown": vat_rows,
-                "total_excl_vat": formats.amount(document.amount - document.vat_amount),
-                "total_vat": formats.amount(document.vat_amount),
-                "total": formats.money(document.amount, document.currency),
-            },
-            "customer": {"number": customer.customer_id, "name": customer.name},
+            "document": values,
+            "doc": values,
+            "customer": Values("customer", number=customer.customer_id, customer_id=customer.customer_id,
+                               name=customer.name, locale=formats.locale),
             "attention": attention,
-            "company": self.company,
+            "company": Values("company", self.company),
             "payment_reference": payment_reference(customer.customer_id, document.ref_nbr, formats.locale),
             "lang": formats.locale.split("_")[0],
             "_": formats.gettext,
@@ -236,10 +382,11 @@ class Renderer:
         before, _, rest = formats.gettext("Page {page} of {pages}").partition("{page}")
         between, _, after = rest.partition("{pages}")
         try:
-            return self.reports.get_template(f"{REPORTS}/{template_name}.html.j2").render(
-                **context, for_pdf=for_pdf, page_label=(before, between, after))
-        except TemplateError as exc:
-            raise RenderError(f"report template {template_name!r} failed: {exc}") from exc
+            template = self.reports.get_template(f"{REPORTS}/{template_name}.html.j2")
+            return render_bounded(template, {**context, "for_pdf": for_pdf, "page_label": (before, between, after)},
+                                  self.report_budget)
+        except Exception as exc:  # noqa: BLE001 - whatever a template raises is that document's config error
+            raise RenderError(f"report template {template_name!r} ({formats.locale}) failed: {describe(exc)}") from exc
 
     def attachment(self, document: Document, customer: Customer, attention: str | None, template_name: str,
                    fmt: str, locale: str | None, report_id: str | None = None) -> Attachment:
@@ -264,21 +411,26 @@ class Renderer:
 
     def notification(self, template: NotificationTemplate, document: Document, customer: Customer,
                      sender: dict, locale: str | None) -> Notification:
-        """Subject and body from an untrusted ERP template, sandboxed; ERP values are escaped."""
+        """Subject and body from an untrusted ERP template: sandboxed, strict, bounded; ERP values escaped.
+
+        Whatever the template raises (a syntax error, a division by zero, an unknown value, a loop that
+        outlasts its budget) is a RenderError that names the template, its locale and the error.
+        """
         formats = Formats(locale)
         context = self.document_context(document, customer, None, formats)
         values = {
-            "document": {**context["doc"], "amount": formats.amount(document.amount),
-                         "vat_amount": formats.amount(document.vat_amount)},
+            "document": context["document"],
             "customer": context["customer"],
-            "sender": sender,
-            "company": self.company,
+            "sender": Values("sender", address=sender["address"], name=sender.get("name") or "",
+                             display_name=sender.get("name") or ""),
+            "company": context["company"],
             "payment_reference": context["payment_reference"],
         }
         try:
-            subject = self.subjects.from_string(template.subject).render(values)
-            html = self.notifications.from_string(template.body_html).render(values)
-        except TemplateError as exc:  # includes the sandbox's SecurityError
+            subject = render_bounded(self.subjects.from_string(template.subject), values, self.notification_budget)
+            html = render_bounded(self.notifications.from_string(template.body_html), values,
+                                  self.notification_budget)
+        except Exception as exc:  # noqa: BLE001 - including the sandbox's SecurityError and the budget
             raise RenderError(f"notification template {template.template_id!r} ({template.locale or 'default'}) "
-                              f"failed: {exc}") from exc
+                              f"failed: {describe(exc)}") from exc
         return Notification(subject=one_line(subject), html=html, text=html_to_text(html))

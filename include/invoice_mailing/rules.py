@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal
 
 from email_validator import EmailNotValidError, validate_email
@@ -25,6 +25,8 @@ INVALID_ADDRESS = "invalid_address"
 CONTACT_INACTIVE = "contact_inactive"
 FOREIGN_CONTACT = "foreign_contact"
 NO_RECIPIENTS = "no_recipients"
+NO_LONGER_DUE = "no_longer_due"
+RELEASED_STATUSES = ("Open", "Closed")
 
 
 # --- ERP values -------------------------------------------------------------------------------
@@ -129,6 +131,9 @@ class Document:
     description: str | None = None
     customer_ref: str | None = None
     lines: tuple[DocumentLine, ...] = ()
+    released_at: datetime | None = None
+    dont_email: bool = False
+    emailed: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -150,10 +155,11 @@ class Refusal:
 class Recipient:
     """One address that gets the document, in one header field and one format."""
 
-    address: str
+    address: str  # as the ERP wrote it: what the ledger and the log show
     add_to: str
     format: str
     name: str | None = None
+    key: str = ""  # the normalised address, case-folded: one delivery per key, whatever the spelling
 
 
 @dataclass(frozen=True)
@@ -319,8 +325,9 @@ def resolve_recipients(
         if raw is None or not str(raw).strip():
             refused.append(RecipientRefusal(_row_label(row), Refusal(NO_ADDRESS, f"{_row_label(row)} has no email")))
             continue
+        address = str(raw).strip()
         try:
-            address = normalize_address(raw)
+            key = normalize_address(raw).casefold()
         except EmailNotValidError as exc:
             refused.append(RecipientRefusal(_printable(raw), Refusal(INVALID_ADDRESS, f"{_row_label(row)}: {exc}")))
             continue
@@ -335,10 +342,9 @@ def resolve_recipients(
                 "failed")))
             continue
         name = found.display_name if found is not None else customer.name
-        key = address.casefold()
         current = chosen.get(key)
         if current is None or ADD_TO_STRENGTH[add_to] < ADD_TO_STRENGTH[current.add_to]:
-            chosen[key] = Recipient(address=address, add_to=add_to, format=fmt, name=name)
+            chosen[key] = Recipient(address=address, add_to=add_to, format=fmt, name=name, key=key)
     return list(chosen.values()), refused
 
 
@@ -351,6 +357,22 @@ def _row_label(row: RecipientRow) -> str:
 def _printable(value: str) -> str:
     """ERP text made safe for a ledger key: one line, bounded."""
     return " ".join(str(value).split())[:254]
+
+
+# --- Still due? (spec section 1, as the ERP has it now) ------------------------------------------
+
+def still_due(document: Document, *, include_emailed: bool = False) -> Refusal | None:
+    """Re-check section 1 at sending time: the ERP may have changed since the night's extract
+    (a document voided, marked "don't email", or emailed by hand). None if it is still due."""
+    if document.status not in RELEASED_STATUSES or document.released_at is None:
+        why = f"its status is now {document.status}"
+    elif document.dont_email:
+        why = "it is now marked don't email"
+    elif document.emailed and not include_emailed:
+        why = "it is now marked as emailed"
+    else:
+        return None
+    return Refusal(NO_LONGER_DUE, f"{document.doc_type} {document.ref_nbr} is no longer due: {why}")
 
 
 # --- One document -----------------------------------------------------------------------------

@@ -38,7 +38,7 @@ class Faults:
 
     rcpt_replies: dict[str, str] = field(default_factory=dict)        # address (lower case) -> "550 5.1.1 ..."
     rcpt_queue: dict[str, list[str]] = field(default_factory=dict)    # address -> next answers, e.g. ["451 ..."]
-    mail_replies: list[str] = field(default_factory=list)             # next MAIL FROM answers, e.g. ["421 ..."]
+    mail_replies: list[str | None] = field(default_factory=list)      # next MAIL FROM answers ("421 ...", None: normal)
     mail_delays: list[float] = field(default_factory=list)            # seconds before the next MAIL answers
     data_replies: list[str] = field(default_factory=list)             # next end-of-DATA answers, e.g. ["451 ..."]
     drop_in_data: int = 0        # close the connection when the message arrived, without keeping it
@@ -47,6 +47,11 @@ class Faults:
     # (n, pid, keep): at the n-th message, SIGKILL the sending process, after keeping the message or not
     kill_at_data: tuple[int, int, bool] | None = None
     data_seen: int = 0
+    # The EHLO answer's keywords, reshaped: drop these (e.g. {"SMTPUTF8"}), replace by keyword
+    # (e.g. {"SIZE": "SIZE"} for a bare SIZE), add these lines (e.g. ["X-UNKNOWN-EXTENSION a b"]).
+    ehlo_drop: set[str] = field(default_factory=set)
+    ehlo_replace: dict[str, str] = field(default_factory=dict)
+    ehlo_add: list[str] = field(default_factory=list)
 
 
 class SinkHandler:
@@ -58,11 +63,23 @@ class SinkHandler:
         if self.directory:
             self.directory.mkdir(parents=True, exist_ok=True)
 
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        lines = [r[4:] for r in responses]  # "250-SIZE 33554432" -> "SIZE 33554432"; the last is "HELP"
+        shaped = []
+        for line in lines[:-1]:
+            keyword = line.split(" ", 1)[0].upper()
+            if keyword in self.faults.ehlo_drop:
+                continue
+            shaped.append(self.faults.ehlo_replace.get(keyword, line))
+        shaped += [*self.faults.ehlo_add, lines[-1]]
+        return [f"250-{line}" for line in shaped[:-1]] + [f"250 {shaped[-1]}"]
+
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.faults.mail_delays:
             await asyncio.sleep(self.faults.mail_delays.pop(0))
-        if self.faults.mail_replies:
-            return self.faults.mail_replies.pop(0)
+        if self.faults.mail_replies and (reply := self.faults.mail_replies.pop(0)) is not None:
+            return reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -114,6 +131,18 @@ class SinkHandler:
                 path.write_bytes(head.encode() + data)
 
 
+class _Authenticator:
+    def __init__(self, logins: dict[str, str]):
+        self.logins = logins
+
+    def __call__(self, server, session, envelope, mechanism, auth_data):
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+
+        ok = isinstance(auth_data, LoginPassword) and self.logins.get(
+            auth_data.login.decode()) == auth_data.password.decode()
+        return AuthResult(success=ok, handled=False)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
@@ -124,9 +153,13 @@ class SmtpSink:
     """Start and stop the server; ``received`` holds what arrived."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, directory: Path | None = None,
-                 faults: Faults | None = None, size_limit: int | None = None):
+                 faults: Faults | None = None, size_limit: int | None = None,
+                 logins: dict[str, str] | None = None):
+        """``logins`` (user -> password): the server offers AUTH and refuses MAIL FROM before a login."""
         self.handler = SinkHandler(directory, faults)
         kwargs = {"data_size_limit": size_limit} if size_limit else {}
+        if logins:
+            kwargs.update(authenticator=_Authenticator(logins), auth_required=True, auth_require_tls=False)
         self.controller = Controller(self.handler, hostname=host, port=port or free_port(host),
                                      server_kwargs=kwargs)
 

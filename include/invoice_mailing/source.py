@@ -28,6 +28,7 @@ from sqlalchemy import (
 )
 
 from include.invoice_mailing.rules import (
+    RELEASED_STATUSES,
     Contact,
     Customer,
     Document,
@@ -142,7 +143,7 @@ invoice_line = Table(
     Column("amount", Numeric(18, 2)),
 )
 
-RELEASED_STATUSES = ("Open", "Closed")
+
 INVOICE_MAILING = "INVOICE"
 # SQLite and PostgreSQL both accept a few thousand bound parameters; stay well below.
 _CHUNK = 500
@@ -259,6 +260,9 @@ def load_batch(engine: Engine, document_keys: Iterable[tuple[str, str]]) -> Batc
                 description=h["description"],
                 customer_ref=h["customer_ref"],
                 lines=tuple(lines.get((h["doc_type"], h["ref_nbr"]), ())),
+                released_at=h["released_at"],
+                dont_email=bool(h["dont_email"]),
+                emailed=bool(h["emailed"]),
             )
             for h in sorted(headers, key=lambda h: (h["customer_id"], h["doc_type"], h["ref_nbr"]))
         ]

@@ -1,0 +1,283 @@
+"""The auditors' pages in the Airflow UI: wiring and access control only (the queries are in include/).
+
+A FastAPI app mounted by Airflow's API server at ``/invoice-mailing``, shown in the UI through
+``external_views``: "Invoice mailing" in the navigation, and a "Deliveries" tab on the DAG run page
+(the night) and on the task instance page (the batch of customers). Airflow does not authenticate a
+plugin's app, so the app itself depends on Airflow's auth manager: every route needs read access to
+the ``invoice_mailing`` DAG (no token: 401; no access: 403); recipient addresses are masked and the
+archived messages withheld for readers without edit access to it. The app's OpenAPI page is
+``/invoice-mailing/docs``.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote, urlencode
+
+from airflow.api_fastapi.app import API_ROOT_PATH, get_auth_manager
+from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
+from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
+from airflow.plugins_manager import AirflowPlugin
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from pydantic import BaseModel, create_model
+from sqlalchemy import Engine
+
+from include.invoice_mailing import archive, audit
+from include.invoice_mailing.audit import DeliveryFilter, FilterError
+from include.invoice_mailing.ledger import delivery
+
+DAG_ID = "invoice_mailing"
+URL_PREFIX = "/invoice-mailing"
+TEMPLATES = Path(__file__).resolve().parents[1] / "include" / "templates" / "audit"
+
+
+# --- Who asks, and the ledger ---------------------------------------------------------------------
+
+class Reader:
+    """The authenticated user, and whether they may see addresses and archived messages (edit access)."""
+
+    def __init__(self, user):
+        self.name = user.get_name()
+        self.can_edit = get_auth_manager().is_authorized_dag(method="PUT", details=DagDetails(id=DAG_ID), user=user)
+
+    def rows(self, rows: list[dict]) -> list[dict]:
+        return rows if self.can_edit else audit.mask_rows(rows)
+
+
+def reader(user: GetUserDep) -> Reader:
+    return Reader(user)
+
+
+@cache
+def _migrated(engine: Engine) -> Engine:
+    from include.invoice_mailing import ledger
+
+    ledger.ensure_schema(engine)  # one query when the DAG has already brought the ledger to the head
+    return engine
+
+
+def ledger_engine() -> Engine:
+    """The DAG's own ledger connection, ``mailing_ledger``."""
+    from include.invoice_mailing.tasks import LEDGER_CONN_ID, engine_for
+
+    return _migrated(engine_for(LEDGER_CONN_ID))
+
+
+ReaderDep = Annotated[Reader, Depends(reader)]
+LedgerDep = Annotated[Engine, Depends(ledger_engine)]
+
+
+def delivery_filter(request: Request) -> DeliveryFilter:
+    try:
+        return DeliveryFilter.from_query(request.query_params)
+    except FilterError as exc:
+        raise HTTPException(400, str(exc)) from exc
+
+
+FilterDep = Annotated[DeliveryFilter, Depends(delivery_filter)]
+
+app = FastAPI(
+    title="Invoice mailing audit",
+    description="Read-only views of the invoice mailing ledger. Every route needs read access to the "
+                f"`{DAG_ID}` DAG; recipient addresses are masked without edit access to it.",
+    dependencies=[Depends(requires_access_dag("GET", param_dag_id=DAG_ID))],
+)
+
+
+# --- JSON ---------------------------------------------------------------------------------------
+
+def _field(column: str):
+    if column == "night":
+        return date | None, None
+    col = delivery.c[column]
+    return (col.type.python_type | None, None) if col.nullable else (col.type.python_type, ...)
+
+
+# One ledger row with the export's columns (times in UTC, ISO 8601), typed from the ledger's table.
+Delivery = create_model("Delivery", **{column: _field(column) for column in audit.EXPORT_COLUMNS})
+
+
+class Night(BaseModel):
+    """One DAG run: its parameters, and its deliveries counted by status and by status and reason."""
+
+    run_id: str
+    night: date | None
+    logical_date: datetime | None
+    mode: str
+    params: dict[str, Any]
+    by_status: dict[str, int]
+    counts: list[dict[str, Any]]
+    started_at: datetime
+    finished_at: datetime | None
+
+
+def _nights(engine: Engine, who: Reader) -> list[dict]:
+    fields = set(Night.model_fields)
+    return [{k: v for k, v in n.items() if k in fields} for n in who.rows(audit.nights(engine))]
+
+
+def _deliveries(engine: Engine, who: Reader, flt: DeliveryFilter) -> list[dict]:
+    return who.rows(audit.deliveries(engine, flt, exact_recipient=not who.can_edit))
+
+
+@app.get("/api/nights", response_model=list[Night], tags=["JSON"])
+def nights_json(engine: LedgerDep, who: ReaderDep):
+    """The runs, newest first."""
+    return _nights(engine, who)
+
+
+@app.get("/api/deliveries", response_model=list[Delivery], tags=["JSON"])
+def deliveries_json(engine: LedgerDep, who: ReaderDep, flt: FilterDep):
+    """Deliveries, newest first. Query: customer, document, recipient, status, reason, format, mode,
+    run_id, since, until (YYYY-MM-DD, Oslo days, by sent or last change), customers (comma-separated)."""
+    return audit.export_records(_deliveries(engine, who, flt))
+
+
+@app.get("/nights.csv", response_class=PlainTextResponse, tags=["CSV"])
+def nights_csv(engine: LedgerDep, who: ReaderDep):
+    return _csv(audit.csv_text(audit.night_records(who.rows(audit.nights(engine))), audit.NIGHT_COLUMNS), "nights")
+
+
+@app.get("/deliveries.csv", response_class=PlainTextResponse, tags=["CSV"])
+def deliveries_csv(engine: LedgerDep, who: ReaderDep, flt: FilterDep):
+    """The same rows and filters as ``/api/deliveries``, with the export's documented columns."""
+    return _csv(audit.to_csv(_deliveries(engine, who, flt)), "deliveries")
+
+
+def _csv(text: str, name: str) -> Response:
+    return Response(text, media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": f'attachment; filename="invoice-mailing-{name}.csv"'})
+
+
+@app.get("/messages/{delivery_id}.eml", tags=["Archive"],
+         dependencies=[Depends(requires_access_dag("PUT", param_dag_id=DAG_ID))])
+def message(delivery_id: int, engine: LedgerDep):
+    """The exact bytes sent for this delivery, from the archive (edit access to the DAG only)."""
+    row = audit.delivery_row(engine, delivery_id)
+    if row is None or not row["message_path"]:
+        raise HTTPException(404, "no archived message for this delivery")
+    try:
+        data = archive.read(row["message_path"])
+    except (FileNotFoundError, OSError) as exc:
+        raise HTTPException(410, "the archived message is gone from the archive") from exc
+    match = "match" if archive.digest(data) == row["message_sha256"] else "changed"
+    return Response(data, media_type="message/rfc822", headers={
+        "Content-Disposition": f'attachment; filename="{row["ref_nbr"]}-{delivery_id}.eml"',
+        "X-Message-SHA256": row["message_sha256"], "X-Archive-Check": match})
+
+
+# --- Pages --------------------------------------------------------------------------------------
+
+def _when(moment: datetime | None) -> str:
+    return "" if moment is None else audit._utc(moment).strftime("%Y-%m-%d %H:%M UTC")
+
+
+_pages = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(default=True),
+                     trim_blocks=True, lstrip_blocks=True)
+_pages.filters["when"] = _when
+
+
+def _ui(path: str) -> str:
+    return f"{API_ROOT_PATH.rstrip('/')}/{path}"
+
+
+def grid_url(run_id: str) -> str:
+    return _ui(f"dags/{DAG_ID}/runs/{quote(run_id, safe='')}")
+
+
+def task_url(row: dict) -> str:
+    return _ui(f"dags/{DAG_ID}/runs/{quote(row['last_run_id'], safe='')}/tasks/mail_customers/mapped/"
+               f"{row['map_index']}?try_number={row['try_number']}")
+
+
+def _page(request: Request, who: Reader, template: str, title: str, **values) -> HTMLResponse:
+    base = request.scope.get("root_path", "").rstrip("/")
+    html = _pages.get_template(template).render(
+        base=base, title=title, user_name=who.name, masked=not who.can_edit, can_edit=who.can_edit,
+        grid_url=grid_url, task_url=task_url, **values)
+    return HTMLResponse(html)
+
+
+def _deliveries_page(request: Request, engine: Engine, who: Reader, flt: DeliveryFilter, title: str, *,
+                     rows: list[dict] | None = None, verify: bool = False, show_form: bool = True,
+                     nights: list[dict] | None = None) -> HTMLResponse:
+    if rows is None:
+        rows = audit.deliveries(engine, flt, exact_recipient=not who.can_edit, limit=500)
+    if verify:
+        for row in rows:
+            row["archive"] = archive.verify(row["message_path"], row["message_sha256"]) if row["message_path"] else None
+    base = request.scope.get("root_path", "").rstrip("/")
+    qs = "?" + urlencode(flt.query_values()) if flt.query_values() else ""
+    return _page(request, who, "deliveries.html.j2", title, rows=who.rows(rows), query=flt.query_values(),
+                 total=audit.count_deliveries(engine, flt, exact_recipient=not who.can_edit),
+                 choices={"status": audit.STATUSES, "format": audit.FORMATS, "mode": audit.MODES},
+                 csv_url=f"{base}/deliveries.csv{qs}", json_url=f"{base}/api/deliveries{qs}", show_form=show_form,
+                 nights=who.rows(nights) if nights else None)
+
+
+@app.get("/", include_in_schema=False)
+def home(request: Request):
+    return RedirectResponse(f"{request.scope.get('root_path', '').rstrip('/')}/nights")
+
+
+@app.get("/nights", response_class=HTMLResponse, tags=["Pages"])
+def nights_page(request: Request, engine: LedgerDep, who: ReaderDep):
+    return _page(request, who, "nights.html.j2", "Nights", nights=who.rows(audit.nights(engine)))
+
+
+@app.get("/deliveries", response_class=HTMLResponse, tags=["Pages"])
+def deliveries_page(request: Request, engine: LedgerDep, who: ReaderDep, flt: FilterDep):
+    return _deliveries_page(request, engine, who, flt, "Deliveries")
+
+
+@app.get("/documents/{ref_nbr}", response_class=HTMLResponse, tags=["Pages"])
+def document_page(request: Request, ref_nbr: str, engine: LedgerDep, who: ReaderDep):
+    """One document across nights, resends and previews, oldest first, with the archive's check."""
+    return _deliveries_page(request, engine, who, DeliveryFilter(document=ref_nbr), f"Document {ref_nbr}",
+                            rows=audit.document_history(engine, ref_nbr), verify=True, show_form=False)
+
+
+@app.get("/customers/{customer_id}", response_class=HTMLResponse, tags=["Pages"])
+def customer_page(request: Request, customer_id: str, engine: LedgerDep, who: ReaderDep, flt: FilterDep):
+    """What one customer got between two days (``since``, ``until``)."""
+    flt = DeliveryFilter(customer=customer_id, since=flt.since, until=flt.until)
+    return _deliveries_page(request, engine, who, flt, f"Customer {customer_id}")
+
+
+@app.get("/runs/{dag_id}/{run_id}", response_class=HTMLResponse, tags=["Pages"])
+def run_tab(request: Request, dag_id: str, run_id: str, engine: LedgerDep, who: ReaderDep):
+    """The DAG run page's "Deliveries" tab: this night."""
+    if dag_id != DAG_ID:
+        return _page(request, who, "nights.html.j2", f"{dag_id} is not the invoice mailing DAG", nights=[])
+    return _deliveries_page(request, engine, who, DeliveryFilter(run_id=run_id), f"Night {run_id}",
+                            nights=audit.nights(engine, run_ids=[run_id]))
+
+
+@app.get("/tasks/{dag_id}/{run_id}/{task_id}/{map_index}", response_class=HTMLResponse, tags=["Pages"])
+def task_tab(request: Request, dag_id: str, run_id: str, task_id: str, map_index: int, engine: LedgerDep,
+             who: ReaderDep):
+    """The task instance page's "Deliveries" tab: this batch of customers in this night."""
+    customers = audit.task_customers(engine, run_id, map_index) if dag_id == DAG_ID else ()
+    if not customers:
+        return _page(request, who, "nights.html.j2", f"{task_id} [{map_index}] mailed no customers", nights=[])
+    flt = DeliveryFilter(run_id=run_id, customers=customers)
+    return _deliveries_page(request, engine, who, flt, f"{run_id} · {task_id} [{map_index}]: customers "
+                            f"{', '.join(customers)}")
+
+
+class InvoiceMailingAuditPlugin(AirflowPlugin):
+    name = "invoice_mailing_audit"
+    fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "Invoice mailing audit"}]
+    external_views = [
+        {"name": "Invoice mailing", "href": f"{URL_PREFIX}/nights", "destination": "nav",
+         "url_route": "invoice-mailing", "nav_top_level": True},
+        {"name": "Deliveries", "href": f"{URL_PREFIX}/runs/{{DAG_ID}}/{{RUN_ID}}", "destination": "dag_run",
+         "url_route": "invoice-mailing-night"},
+        {"name": "Deliveries", "href": f"{URL_PREFIX}/tasks/{{DAG_ID}}/{{RUN_ID}}/{{TASK_ID}}/{{MAP_INDEX}}",
+         "destination": "task_instance", "url_route": "invoice-mailing-batch"},
+    ]

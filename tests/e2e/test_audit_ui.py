@@ -1,0 +1,172 @@
+"""The auditors' pages in a real Airflow, in headless Chromium: log in, nights, a failed delivery, its try, the CSV.
+
+A real night first: the stack of ``tests/airflow_stack.py`` (api-server with this repository's plugins,
+scheduler, dag-processor, triggerer; PostgreSQL metadata) runs the DAG against an SMTP server that
+refuses one recipient. Then Debian's chromium and chromedriver, through Selenium, do what an auditor
+does. Screenshots go to ``docs/audit-*.png`` (shown in the README). About a minute and a half.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from include.invoice_mailing.smtp_sink import SmtpSink
+from tests.conftest import IN_CI, ROOT, smtp_connection, sqlite_connection
+from tests.erp import TinyErp
+
+DAG = "invoice_mailing"
+REFUSED = "ola@fjellheimen.example"
+DOCS = ROOT / "docs"
+CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+
+def _missing(what: str) -> None:
+    message = f"{what} is not installed; install it to run this test"
+    if IN_CI:
+        pytest.fail(f"{message}. Under CI=true a missing browser is a failure.")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _missing("selenium")
+    for path in (CHROMEDRIVER, CHROMIUM):
+        if not shutil.which(path):
+            _missing(path)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900",
+                     "--disable-gpu"):
+        options.add_argument(argument)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.implicitly_wait(10)
+    driver.downloads = downloads
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def night(tmp_path, postgres_admin):
+    """A real night in a running Airflow: customer 10001 gets its invoice, 10002's recipient is refused (550)."""
+    from sqlalchemy import create_engine, select
+
+    from include.invoice_mailing import ledger
+    from tests.airflow_stack import AirflowStack
+
+    erp = TinyErp(create_engine(f"sqlite:///{tmp_path / 'erp.db'}"))
+    erp.recipient(erp.setting(class_id="DOMESTIC"), "Invoicing")
+    for number, address in (("10001", "kari@bolgen.example"), ("10002", REFUSED)):
+        erp.customer(number, invoice_email=address)
+        erp.invoice(f"INV0{number}", number)
+    with SmtpSink() as sink:
+        sink.faults.rcpt_replies[REFUSED] = "550 5.1.1 <ola@fjellheimen.example>: user unknown"
+        env = {"AIRFLOW_CONN_ERP_DB": sqlite_connection(tmp_path / "erp.db"),
+               "AIRFLOW_CONN_MAILING_LEDGER": sqlite_connection(tmp_path / "ledger.db"),
+               "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port),
+               "INVOICE_MAILING_ARCHIVE": str(tmp_path / "archive")}
+        with AirflowStack(extra_env=env) as stack:
+            api = stack.client()
+            api.wait_for_dag(DAG)
+            api.unpause(DAG)
+            run_id = api.trigger(DAG, logical_date="2026-11-24T01:00:00Z")["dag_run_id"]
+            api.wait_for_run(DAG, run_id, {"success", "failed"}, timeout=240)
+            # Unpausing may have started a scheduled run first (max_active_runs=1: it ended before ours):
+            # the night to audit is the one that mailed.
+            with create_engine(f"sqlite:///{tmp_path / 'ledger.db'}").connect() as conn:
+                mailed = conn.execute(select(ledger.delivery.c.last_run_id).where(
+                    ledger.delivery.c.status == "failed")).scalar_one()
+            yield stack, mailed
+
+
+def shoot(driver, name: str) -> None:
+    time.sleep(1.0)  # the UI's own requests settle
+    driver.save_screenshot(str(DOCS / f"audit-{name}.png"))
+
+
+def test_an_auditor_finds_the_failed_delivery_follows_it_to_its_try_and_downloads_the_csv(night, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from tests.airflow_stack import ADMIN
+
+    stack, run_id = night
+    wait = WebDriverWait(browser, 30)
+
+    browser.get(f"{stack.url}/auth/login")  # Airflow's own login page (simple auth manager)
+    browser.find_element(By.NAME, "username").send_keys(ADMIN)
+    browser.find_element(By.NAME, "password").send_keys(stack.password)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait.until(lambda d: "/auth/login" not in d.current_url)
+
+    browser.get(f"{stack.url}/plugin/invoice-mailing")  # the navigation's "Invoice mailing" entry
+    wait.until(ready.frame_to_be_available_and_switch_to_it((By.TAG_NAME, "iframe")))
+    nights = browser.find_element(By.ID, "nights").text
+    assert run_id in nights and "failed 1" in nights and "sent 1" in nights
+    browser.switch_to.default_content()
+    shoot(browser, "nights")
+
+    browser.switch_to.frame(browser.find_element(By.TAG_NAME, "iframe"))
+    browser.find_element(By.LINK_TEXT, "Deliveries").click()
+    Select(wait.until(ready.presence_of_element_located((By.NAME, "status")))).select_by_visible_text("failed")
+    browser.find_element(By.ID, "apply").click()
+    wait.until(lambda d: "status=failed" in d.current_url or "status=failed" in d.execute_script("return location.href"))
+    rows = browser.find_elements(By.CSS_SELECTOR, "#deliveries tbody tr")
+    assert len(rows) == 1 and "recipient_rejected" in rows[0].text and REFUSED in rows[0].text
+    browser.find_element(By.ID, "csv").click()  # the filtered list as CSV, downloaded by the browser
+    task_link = rows[0].find_element(By.CLASS_NAME, "task-link")
+    browser.switch_to.default_content()
+    shoot(browser, "deliveries")
+
+    downloaded = _wait_for_file(browser.downloads, "*.csv")
+    table = list(csv.DictReader(io.StringIO(downloaded.read_text())))
+    assert [(r["customer_id"], r["status"], r["reason"], r["recipient"]) for r in table] == [
+        ("10002", "failed", "recipient_rejected", REFUSED)]
+
+    browser.switch_to.frame(browser.find_element(By.TAG_NAME, "iframe"))
+    task_link.click()  # target=_top: the UI's own task instance page
+    browser.switch_to.default_content()
+    wait.until(lambda d: "/tasks/mail_customers/mapped/" in d.current_url)
+    assert f"/dags/{DAG}/runs/" in browser.current_url and "try_number=1" in browser.current_url
+    wait.until(ready.presence_of_element_located((By.XPATH, "//*[contains(text(), 'customer 10002')]")))
+    shoot(browser, "task-instance")
+
+    browser.find_element(By.XPATH, "//a[normalize-space()='Deliveries'] | //button[normalize-space()='Deliveries']").click()
+    wait.until(ready.frame_to_be_available_and_switch_to_it((By.TAG_NAME, "iframe")))
+    assert "customers 10002" in wait.until(ready.presence_of_element_located((By.TAG_NAME, "h1"))).text
+    browser.switch_to.default_content()
+    shoot(browser, "task-deliveries")
+
+    browser.get(f"{stack.url}/dags/{DAG}/runs/{run_id}")
+    browser.find_element(By.XPATH, "//a[normalize-space()='Deliveries'] | //button[normalize-space()='Deliveries']").click()
+    wait.until(ready.frame_to_be_available_and_switch_to_it((By.TAG_NAME, "iframe")))
+    assert "INV010001" in wait.until(ready.presence_of_element_located((By.ID, "deliveries"))).text
+    browser.switch_to.default_content()
+    shoot(browser, "night-deliveries")
+
+
+def _wait_for_file(folder: Path, pattern: str, timeout: float = 20) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = [p for p in folder.glob(pattern) if not p.name.endswith(".crdownload")]
+        if done:
+            return done[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no {pattern} downloaded into {folder}: {list(folder.iterdir())}")

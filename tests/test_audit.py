@@ -1,0 +1,126 @@
+"""The audit's questions as plain functions: nights, filters, histories, masking and the export files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import date
+
+import pytest
+
+from include.invoice_mailing import audit
+from include.invoice_mailing.audit import DeliveryFilter, FilterError
+from tests.audit_seed import NIGHT_1, NIGHT_2, PREVIEW, RESEND, seed
+
+
+@pytest.fixture
+def ids(ledger_db):
+    return seed(ledger_db)
+
+
+@pytest.mark.parametrize(("address", "masked"), [
+    ("kari@bolgen.example", "k***@bolgen.example"),
+    ("j@example.com", "j***@example.com"),
+    ("", ""),
+    (None, None),
+])
+def test_mask_address_keeps_the_first_letter_and_the_domain(address, masked):
+    assert audit.mask_address(address) == masked
+
+
+def test_mask_rows_masks_addresses_in_server_answers_too():
+    rows = audit.mask_rows([{"recipient": "ola@fjellheimen.example", "redirected_to": None,
+                             "last_error": "550 5.1.1 <ola@fjellheimen.example>: user unknown", "detail": None}])
+    assert rows == [{"recipient": "o***@fjellheimen.example", "redirected_to": None,
+                     "last_error": "550 5.1.1 <o***@fjellheimen.example>: user unknown", "detail": None}]
+
+
+def test_nights_counts_each_run_by_status_and_reason_newest_first(ledger_db, ids):
+    nights = audit.nights(ledger_db)
+
+    assert [n["run_id"] for n in nights] == [RESEND, PREVIEW, NIGHT_2, NIGHT_1]
+    first = nights[-1]
+    assert first["night"] == date(2026, 11, 23)
+    assert first["by_status"] == {"sent": 2, "skipped": 1}
+    assert first["counts"] == [{"status": "sent", "reason": "", "deliveries": 2},
+                               {"status": "skipped", "reason": "no_address", "deliveries": 1}]
+    assert nights[0]["params"] == {"documents": ["INV000101"], "resend": True}
+
+
+@pytest.mark.parametrize(("query", "expected"), [
+    ({}, {"sent", "cc", "refused", "failed", "html", "preview", "resend"}),
+    ({"customer": "10002"}, {"failed", "html"}),
+    ({"document": "INV000101"}, {"sent", "cc", "preview", "resend"}),
+    ({"recipient": "KARI@"}, {"sent", "preview", "resend"}),
+    ({"status": "failed"}, {"failed"}),
+    ({"reason": "no_address"}, {"refused"}),
+    ({"format": "HTML"}, {"html"}),
+    ({"mode": "dry_run"}, {"preview"}),
+    ({"run_id": NIGHT_2}, {"failed", "html"}),
+    ({"since": "2026-11-24", "until": "2026-11-24"}, {"failed", "html", "preview"}),
+    ({"customer": "10001", "since": "2026-11-25"}, {"resend"}),
+    ({"status": "", "mode": ""}, {"sent", "cc", "refused", "failed", "html", "preview", "resend"}),
+])
+def test_deliveries_filter(ledger_db, ids, query, expected):
+    rows = audit.deliveries(ledger_db, DeliveryFilter.from_query(query))
+    assert {name for name, i in ids.items() if i in {r["id"] for r in rows}} == expected
+    assert audit.count_deliveries(ledger_db, DeliveryFilter.from_query(query)) == len(expected)
+
+
+def test_a_reader_who_sees_masks_can_only_look_up_an_address_they_already_know(ledger_db, ids):
+    flt = DeliveryFilter(recipient="kari@")
+    assert audit.deliveries(ledger_db, flt, exact_recipient=True) == []
+    exact = audit.deliveries(ledger_db, DeliveryFilter(recipient="Kari@Bolgen.example"), exact_recipient=True)
+    assert {r["id"] for r in exact} == {ids["sent"], ids["preview"], ids["resend"]}
+
+
+@pytest.mark.parametrize("query", [{"status": "lost"}, {"mode": "test"}, {"since": "24.11.2026"},
+                                   {"since": "2026-11-25", "until": "2026-11-24"}])
+def test_a_filter_that_cannot_be_right_is_refused(query):
+    with pytest.raises(FilterError):
+        DeliveryFilter.from_query(query)
+
+
+def test_each_delivery_links_to_the_try_that_last_handled_it(ledger_db, ids):
+    failed = audit.delivery_row(ledger_db, ids["failed"])
+    assert (failed["night"], failed["map_index"], failed["try_number"]) == (date(2026, 11, 24), 0, 2)
+    sent = audit.delivery_row(ledger_db, ids["sent"])
+    assert (sent["map_index"], sent["try_number"]) == (0, 1)
+    assert audit.delivery_row(ledger_db, ids["resend"])["map_index"] is None  # no try recorded for that run
+    assert audit.task_customers(ledger_db, NIGHT_2, 0) == ("10002",)
+
+
+def test_a_documents_history_shows_nights_previews_and_resends_in_order(ledger_db, ids):
+    history = audit.document_history(ledger_db, "INV000101")
+    assert [(r["last_run_id"], r["mode"], r["generation"], r["status"]) for r in history] == [
+        (NIGHT_1, "live", 0, "sent"), (NIGHT_1, "live", 0, "sent"), (PREVIEW, "dry_run", 0, "skipped"),
+        (RESEND, "live", 1, "sent")]
+    assert history[-1]["resend_of"] == ids["sent"]
+
+
+def test_what_a_customer_got_between_two_days(ledger_db, ids):
+    rows = audit.customer_history(ledger_db, "10001", date(2026, 11, 23), date(2026, 11, 23))
+    assert {r["id"] for r in rows} == {ids["sent"], ids["cc"], ids["refused"]}
+
+
+def test_the_export_files_have_the_documented_columns(ledger_db, ids, tmp_path):
+    csv_path, jsonl_path, n = audit.export_night(ledger_db, date(2026, 11, 24), tmp_path)
+
+    assert n == 3  # NIGHT_2's two rows and the same night's dry-run preview
+    table = list(csv.DictReader(io.StringIO(csv_path.read_text())))
+    assert tuple(table[0]) == audit.EXPORT_COLUMNS
+    records = [json.loads(line) for line in jsonl_path.read_text().splitlines()]
+    assert [r["id"] for r in records] == [int(r["id"]) for r in table] == sorted([ids["failed"], ids["html"],
+                                                                                 ids["preview"]])
+    failed = next(r for r in records if r["id"] == ids["failed"])
+    assert failed["recipient"] == "ola@fjellheimen.example"  # the files are the ledger owner's: unmasked
+    assert failed["night"] == "2026-11-24" and failed["sent_at"] is None
+    assert failed["updated_at"] == "2026-11-24T01:03:00+00:00"
+
+
+def test_audit_export_command_writes_both_files(ledger_db, ledger_path, ids, tmp_path, capsys):
+    assert audit.main(["export", "--date", "2026-11-23", "--ledger", f"sqlite:///{ledger_path}",
+                       "--out", str(tmp_path / "out")]) == 0
+    assert "3 deliveries of the night of 2026-11-23" in capsys.readouterr().out
+    assert (tmp_path / "out" / "deliveries-2026-11-23.jsonl").read_text().count("\n") == 3

@@ -1,0 +1,144 @@
+"""The audit plugin's app with FastAPI's test client: Airflow's auth decides, masks and downloads follow it."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import io
+import sys
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.audit_seed import NIGHT_2, seed
+from tests.conftest import ROOT, sqlite_connection
+
+
+@pytest.fixture(scope="module")
+def plugin():
+    sys.path.insert(0, str(ROOT / "plugins"))
+    return importlib.import_module("invoice_mailing_audit")
+
+
+@pytest.fixture
+def ids(ledger_db, ledger_path, monkeypatch):
+    from include.invoice_mailing import tasks
+
+    monkeypatch.setenv("AIRFLOW_CONN_MAILING_LEDGER", sqlite_connection(ledger_path))
+    tasks.engine_for.cache_clear()
+    yield seed(ledger_db)
+    tasks.engine_for.cache_clear()
+
+
+@pytest.fixture
+def client(airflow_db, plugin, ids):
+    from airflow.api_fastapi.app import create_auth_manager
+
+    create_auth_manager().init()
+    with TestClient(plugin.app, base_url="http://testserver/invoice-mailing", root_path="/invoice-mailing") as c:
+        yield c
+
+
+def token(role: str | None) -> dict:
+    """A JWT signed by Airflow's auth manager (SimpleAuthManager: a user without a role may read nothing)."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    user = SimpleAuthManagerUser(username=role or "outsider", role=role)
+    return {"Authorization": f"Bearer {get_auth_manager().generate_jwt(user)}"}
+
+
+ROUTES = ["/nights", "/deliveries", "/api/nights", "/api/deliveries", "/nights.csv", "/deliveries.csv",
+          "/documents/INV000101", "/customers/10001", f"/runs/invoice_mailing/{NIGHT_2}",
+          f"/tasks/invoice_mailing/{NIGHT_2}/mail_customers/0"]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_every_route_needs_a_token_and_read_access_to_the_dag(client, route):
+    assert client.get(route).status_code == 401
+    assert client.get(route, headers=token(None)).status_code == 403
+    assert client.get(route, headers=token("viewer")).status_code == 200
+
+
+def test_the_ui_cookie_authenticates_the_embedded_page(client):
+    client.cookies.set("_token", token("viewer")["Authorization"].removeprefix("Bearer "))
+    assert client.get("/nights").status_code == 200
+
+
+def test_a_viewer_sees_masked_addresses_and_an_editor_sees_them_whole(client):
+    viewer = client.get("/api/deliveries", params={"status": "failed"}, headers=token("viewer")).json()
+    editor = client.get("/api/deliveries", params={"status": "failed"}, headers=token("user")).json()
+
+    assert [r["recipient"] for r in viewer] == ["o***@fjellheimen.example"]
+    assert viewer[0]["last_error"] == "550 5.1.1 <o***@fjellheimen.example>: user unknown"
+    assert [r["recipient"] for r in editor] == ["ola@fjellheimen.example"]
+    page = client.get("/deliveries", params={"status": "failed"}, headers=token("viewer")).text
+    assert "o***@fjellheimen.example" in page and "ola@fjellheimen.example" not in page
+    csv_text = client.get("/deliveries.csv", headers=token("viewer")).text
+    assert "@bolgen.example" in csv_text and "kari@" not in csv_text and "ola@" not in csv_text
+
+
+def test_the_csv_is_the_filtered_list_with_the_documented_columns(client, plugin):
+    from include.invoice_mailing.audit import EXPORT_COLUMNS
+
+    answer = client.get("/deliveries.csv", params={"customer": "10002", "status": "failed"}, headers=token("op"))
+
+    assert answer.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(answer.text)))
+    assert tuple(rows[0]) == EXPORT_COLUMNS
+    assert [(r["ref_nbr"], r["status"], r["reason"]) for r in rows] == [("INV000201", "failed", "recipient_rejected")]
+
+
+def test_a_filter_that_cannot_be_right_is_a_400(client):
+    assert client.get("/api/deliveries", params={"status": "lost"}, headers=token("viewer")).status_code == 400
+
+
+def test_a_failed_delivery_links_to_its_task_instance_and_try(client):
+    page = client.get("/deliveries", params={"status": "failed"}, headers=token("viewer")).text
+    assert ('href="/dags/invoice_mailing/runs/scheduled__2026-11-24T01%3A00%3A00%2B00%3A00/tasks/mail_customers/'
+            'mapped/0?try_number=2" target="_top"') in page
+
+
+def test_the_tabs_show_the_night_and_the_batch(client):
+    night = client.get(f"/runs/invoice_mailing/{NIGHT_2}", headers=token("viewer")).text
+    assert "INV000201" in night and "INV000202" in night and "INV000101" not in night
+    batch = client.get(f"/tasks/invoice_mailing/{NIGHT_2}/mail_customers/0", headers=token("viewer")).text
+    assert "customers 10002" in batch and "INV000201" in batch
+    other = client.get(f"/tasks/invoice_mailing/{NIGHT_2}/extract/-1", headers=token("viewer")).text
+    assert "mailed no customers" in other
+
+
+def test_the_archived_message_is_for_editors_and_its_check_is_shown(client, ids, ledger_db, tmp_path):
+    from sqlalchemy import update
+
+    from include.invoice_mailing import archive, ledger
+
+    data = b"Subject: Faktura INV000101\r\n\r\nHei\r\n"
+    path = archive.Archive(str(tmp_path / "archive")).keep(data)
+    with ledger_db.begin() as conn:
+        conn.execute(update(ledger.delivery).where(ledger.delivery.c.id == ids["sent"])
+                     .values(message_sha256=archive.digest(data), message_path=path))
+    route = f"/messages/{ids['sent']}.eml"
+
+    assert client.get(route, headers=token("viewer")).status_code == 403
+    answer = client.get(route, headers=token("user"))
+    assert answer.status_code == 200 and answer.content == data
+    assert answer.headers["x-archive-check"] == "match"
+    assert '<span class="match">match</span>' in client.get("/documents/INV000101", headers=token("user")).text
+    with open(path.removeprefix("file://"), "ab") as stored:
+        stored.write(b"tampered")
+    assert '<span class="changed">changed</span>' in client.get("/documents/INV000101", headers=token("viewer")).text
+    assert client.get(f"/messages/{ids['cc']}.eml", headers=token("user")).status_code == 404
+
+
+def test_the_plugin_registers_the_app_and_the_views(plugin):
+    assert plugin.InvoiceMailingAuditPlugin.fastapi_apps[0]["url_prefix"] == "/invoice-mailing"
+    destinations = {v["destination"]: v["href"] for v in plugin.InvoiceMailingAuditPlugin.external_views}
+    assert destinations == {"nav": "/invoice-mailing/nights",
+                            "dag_run": "/invoice-mailing/runs/{DAG_ID}/{RUN_ID}",
+                            "task_instance": "/invoice-mailing/tasks/{DAG_ID}/{RUN_ID}/{TASK_ID}/{MAP_INDEX}"}
+
+
+def test_the_openapi_page_documents_the_json(client):
+    spec = client.get("/openapi.json", headers=token("viewer")).json()
+    assert {"/api/nights", "/api/deliveries", "/deliveries.csv"} <= set(spec["paths"])

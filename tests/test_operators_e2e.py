@@ -1,0 +1,99 @@
+"""What an operator sees in a running Airflow: a deferred customer turns the night red, is named, and one clear mends it.
+
+The real topology (api-server, scheduler, dag-processor, triggerer; LocalExecutor; PostgreSQL metadata
+and ledger), a real SMTP server that defers one customer's recipient, and nothing but the REST API.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+from sqlalchemy import select
+
+from include.invoice_mailing import ledger
+from include.invoice_mailing.smtp_sink import SmtpSink
+from tests.airflow_stack import AirflowStack
+from tests.conftest import smtp_connection, sqlite_connection
+from tests.erp import TinyErp
+
+DAG = "invoice_mailing"
+OPS = "ops@fjordlys.example"
+DEFERRED = "ola@havet.example"
+
+
+@pytest.fixture
+def erp(tmp_path):
+    from sqlalchemy import create_engine
+
+    erp = TinyErp(create_engine(f"sqlite:///{tmp_path / 'erp.db'}"))
+    erp.recipient(erp.setting(class_id="DOMESTIC"), "Invoicing")
+    for number, address in (("10001", "kari@bolgen.example"), ("10002", DEFERRED), ("10003", "per@fjell.example")):
+        erp.customer(number, invoice_email=address)
+        erp.invoice(f"INV0{number}", number)
+    return erp
+
+
+def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it(erp, tmp_path, postgres_databases):
+    ledger_db, ledger_connection = postgres_databases["engines"][1], postgres_databases["connections"][1]
+    with SmtpSink() as sink:
+        sink.faults.rcpt_replies[DEFERRED] = "451 4.7.1 Greylisted, try again later"
+        env = {
+            "AIRFLOW_CONN_ERP_DB": sqlite_connection(tmp_path / "erp.db"),
+            "AIRFLOW_CONN_MAILING_LEDGER": ledger_connection,
+            "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port),
+            "AIRFLOW_CONN_MAILING_ALERTS": smtp_connection(sink.port, to=OPS, from_email="airflow@fjordlys.example"),
+            "INVOICE_MAILING_RETRIES": "1",
+            "INVOICE_MAILING_RETRY_DELAY_SECONDS": "6",
+        }
+        with AirflowStack(extra_env=env) as stack:
+            api = stack.client()
+            api.wait_for_dag(DAG)
+            api.unpause(DAG)
+            run_id = api.trigger(DAG, logical_date="2026-11-24T01:00:00Z")["dag_run_id"]
+
+            waiting = api.wait_for_task(DAG, run_id, lambda ti: ti["state"] == "up_for_retry",
+                                        "an instance up for retry", timeout=240)
+            assert waiting["task_id"] == "mail_customers"
+            assert waiting["rendered_map_index"] == "customer 10002"
+
+            assert api.wait_for_run(DAG, run_id, {"success", "failed"}, timeout=240)["state"] == "failed"
+            assert len(api.runs(DAG)) == 1  # unpausing created no run for a night already past
+            instances = {(ti["task_id"], ti["map_index"]): ti for ti in api.task_instances(DAG, run_id)}
+            failed = instances[("mail_customers", waiting["map_index"])]
+            assert (failed["state"], failed["rendered_map_index"]) == ("failed", "customer 10002")
+            assert [ti["rendered_map_index"] for (task, _), ti in sorted(instances.items()) if task == "mail_customers"] \
+                == ["customer 10001", "customer 10002", "customer 10003"]
+            assert instances[("audit", -1)]["state"] == "failed"
+
+            log = api.log(DAG, run_id, "mail_customers", failed["try_number"], failed["map_index"])
+            assert re.search(r"customer 10002, INV INV010002, to ola@havet\.example, PDF: pending deferred: "
+                             r"451 4\.7\.1 Greylisted", log), log[-3000:]
+            assert "Step 1 - Fetching" not in log and "fontTools" not in log
+
+            alerts = [m for m in sink.received if m.envelope_to == [OPS]]
+            assert len(alerts) == 1
+            body = alerts[0].message.get_body(("html",)).get_content()
+            assert "10002" in body and "INV010002" in body and "o***@havet.example" in body and "451" in body
+            assert DEFERRED not in alerts[0].data.decode()
+            assert f"/tasks/mail_customers/mapped/{failed['map_index']}" in body
+
+            sink.faults.rcpt_replies.clear()  # the relay recovered
+            cleared = api.clear(DAG, run_id, [["mail_customers", failed["map_index"]]])  # the API's defaults
+            assert {(ti["task_id"], ti["map_index"]) for ti in cleared} == {("mail_customers", failed["map_index"]),
+                                                                            ("audit", -1)}
+            assert api.wait_for_run(DAG, run_id, {"success", "failed"}, timeout=240)["state"] == "success"
+
+            api.clear(DAG, run_id, only_failed=False)  # the whole run, everything: sends nothing again
+            assert api.wait_for_run(DAG, run_id, {"success", "failed"}, timeout=240)["state"] == "success"
+
+    with ledger_db.connect() as conn:
+        summary = conn.execute(select(ledger.mailing_run.c.summary)
+                               .where(ledger.mailing_run.c.run_id == run_id)).scalar_one()
+    summary = summary if isinstance(summary, dict) else json.loads(summary)
+    assert summary["by_status"] == {"sent": 3}
+    invoices = Counter(m.envelope_to[0] for m in sink.received if m.envelope_to != [OPS])
+    assert invoices == {"kari@bolgen.example": 1, DEFERRED: 1, "per@fjell.example": 1}
+    assert len([m for m in sink.received if m.envelope_to == [OPS]]) == 1  # the mended night sent no alert
