@@ -66,7 +66,8 @@ def invoice_mailing():
         return tasks.extract(run_id=run_id, logical_date=logical_date, data_interval_end=data_interval_end,
                              params=params)
 
-    @task(map_index_template="{{ task.op_kwargs['batch']['label'] }}", **NETWORK_RETRIES)
+    @task(map_index_template="{{ task.op_kwargs['batch']['label'] }}", max_active_tis_per_dagrun=tasks.concurrency(),
+          **NETWORK_RETRIES)
     def mail_customers(batch: dict, params=None, run_id=None, logical_date=None, data_interval_end=None,
                        ti=None) -> dict:
         return tasks.mail_batch(batch, run_id=run_id, logical_date=logical_date,
