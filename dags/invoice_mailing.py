@@ -71,6 +71,7 @@ def invoice_mailing():
                              params=params)
 
     @task(map_index_template="{{ task.op_kwargs['batch']['label'] }}", pool=SMTP_POOL,
+          max_active_tis_per_dagrun=tasks.concurrency(),
           **NETWORK_RETRIES)
     def mail_customers(batch: dict, params=None, run_id=None, logical_date=None, data_interval_end=None,
                        ti=None) -> dict:

@@ -145,7 +145,8 @@ class AirflowStack:
         base = self.postgres_admin_url.rsplit("/", 1)[0]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
         env.update({
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            # config/ holds airflow_local_settings.py: the scheduler warms the renderer for its task processes.
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "config"), os.environ.get("PYTHONPATH")])),
             "AIRFLOW_HOME": str(self.home),
             "AIRFLOW__CORE__EXECUTOR": self.executor,
             "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),

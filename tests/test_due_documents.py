@@ -92,15 +92,27 @@ def test_resend_includes_delivered_and_emailed_documents(erp, ledger_db, custome
     assert due(erp, ledger_db, resend=True, documents=["INV000101"]) == ["INV000101"]
 
 
-@pytest.mark.parametrize("customers, max_batches, expected", [(3, 200, 3), (1000, 200, 200), (5000, 200, 200),
-                                                              (201, 200, 101)])
-def test_a_night_of_thousands_of_customers_stays_within_a_few_hundred_mapped_tasks(customers, max_batches,
-                                                                                    expected):
-    documents = [source.DueDocument("INV", f"INV{i:06d}", f"{10000 + i}") for i in range(customers)]
-    batches = pipeline.group_batches(documents, max_batches)
+@pytest.mark.parametrize("customers, per_customer, expected", [
+    (3, 1, 3),          # a small night: one customer per instance
+    (200, 4, 200),      # still small: 200 customers
+    (201, 1, 2),        # larger: batches sized by work (201 documents), at least one per worker
+    (1000, 4, 14),      # 4,000 documents in batches of about 300
+    (5000, 4, 67),      # 20,000 documents
+    (50000, 4, 256),    # 200,000 documents: never more than 256 instances
+])
+def test_batches_are_sized_by_work_and_stay_within_the_instance_limit(customers, per_customer, expected):
+    documents = [source.DueDocument("INV", f"INV{c:05d}{n}", f"{10000 + c}")
+                 for c in range(customers) for n in range(per_customer)]
+    batches = pipeline.group_batches(documents, 200, batch_documents=300, max_instances=256, workers=2)
     assert len(batches) == expected
-    assert sorted(c for b in batches for c in b["customers"]) == sorted(d.customer_id for d in documents)
-    assert batches[0]["label"].startswith("customer")
+    assert [c for b in batches for c in b["customers"]] == sorted({d.customer_id for d in documents})
+    sizes = [len(b["documents"]) for b in batches]
+    assert max(sizes) - min(sizes) <= 2 * per_customer  # balanced, and no customer split
+    if customers <= 200:
+        assert all(b["label"] == f"customer {b['customers'][0]}" for b in batches)
+    else:
+        first = batches[0]
+        assert first["label"] == f"customers {first['customers'][0]}..{first['customers'][-1]} ({len(first['customers'])})"
 
 
 @pytest.mark.parametrize("params, message", [

@@ -7,6 +7,7 @@ import math
 import os
 import signal
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -28,7 +29,10 @@ from include.invoice_mailing.render import Attachment, Notification, Renderer, R
 log = logging.getLogger(__name__)
 
 TIMEZONE = ZoneInfo("Europe/Oslo")
-MAX_BATCHES = 200  # mapped task instances per run; each costs ~0.7 s of scheduler and worker CPU
+# How a night is cut into mapped task instances (each costs about 1.4 s of start-up on a LocalExecutor):
+MAX_BATCHES = 200        # up to this many customers, one customer per instance (a small night)
+BATCH_DOCUMENTS = 300    # beyond, instances of about this many documents: ~30 s of work each
+MAX_INSTANCES = 256      # and never more instances than this (nor Airflow's max_map_length)
 
 
 class ParamError(ValueError):
@@ -109,29 +113,58 @@ def _naive_utc(moment: datetime | None) -> datetime | None:
 
 # --- 1. Extract ---------------------------------------------------------------------------------
 
-def group_batches(documents: list[source.DueDocument], max_batches: int = MAX_BATCHES) -> list[dict]:
-    """Group due documents by customer, then customers into at most ``max_batches`` batches."""
+def group_batches(documents: Iterable[source.DueDocument], max_batches: int = MAX_BATCHES, *,
+                  batch_documents: int = BATCH_DOCUMENTS, max_instances: int = MAX_INSTANCES,
+                  workers: int = 1) -> list[dict]:
+    """Group due documents by customer, then customers into batches sized by work.
+
+    A small night (at most ``max_batches`` customers) gets one customer per batch, the instance an
+    operator finds and clears by its customer number. A larger night gets batches of consecutive
+    customers carrying about ``batch_documents`` documents each, so that the work of an instance
+    (tens of seconds) pays for its start-up; at least ``workers`` batches, so every worker has one;
+    at most ``max_instances``. A customer is never split across batches.
+    """
     by_customer: dict[str, list[list[str]]] = defaultdict(list)
     for d in documents:
         by_customer[d.customer_id].append([d.doc_type, d.ref_nbr])
     customers = sorted(by_customer)
     if not customers:
         return []
-    size = math.ceil(len(customers) / max(1, max_batches))
-    batches = []
-    for start in range(0, len(customers), size):
-        group = customers[start : start + size]
-        label = f"customer {group[0]}" if len(group) == 1 else f"customers {group[0]}..{group[-1]} ({len(group)})"
-        batches.append({"label": label, "customers": group,
-                        "documents": [doc for c in group for doc in by_customer[c]]})
-    return batches
+    if len(customers) <= max_batches:
+        groups = [[c] for c in customers]
+    else:
+        total = sum(len(docs) for docs in by_customer.values())
+        wanted = max(math.ceil(total / max(1, batch_documents)), workers)
+        groups = _balanced(customers, by_customer, min(wanted, max_instances, len(customers)))
+    return [{"label": f"customer {g[0]}" if len(g) == 1 else f"customers {g[0]}..{g[-1]} ({len(g)})",
+             "customers": g, "documents": [doc for c in g for doc in by_customer[c]]} for g in groups]
 
 
-def extract(erp: Engine, ledger_db: Engine, ctx: RunContext, max_batches: int = MAX_BATCHES) -> list[dict]:
-    """Due documents, less those the ledger shows as delivered, grouped into batches of customers."""
+def _balanced(customers: list[str], by_customer: dict[str, list], count: int) -> list[list[str]]:
+    """Cut the sorted customers into ``count`` runs of about equal numbers of documents."""
+    total = sum(len(by_customer[c]) for c in customers)
+    groups: list[list[str]] = [[]]
+    done = 0
+    for i, customer in enumerate(customers):
+        left_customers, left_groups = len(customers) - i, count - len(groups)
+        if groups[-1] and (done >= total * len(groups) / count or left_customers <= left_groups):
+            groups.append([])
+        groups[-1].append(customer)
+        done += len(by_customer[customer])
+    return groups
+
+
+def extract(erp: Engine, ledger_db: Engine, ctx: RunContext, max_batches: int = MAX_BATCHES, *,
+            batch_documents: int = BATCH_DOCUMENTS, max_instances: int = MAX_INSTANCES, workers: int = 1
+            ) -> list[dict]:
+    """Due documents, less those the ledger shows as delivered, grouped into batches of customers.
+
+    The ERP's rows are streamed in chunks and only their keys are kept: the mapped instances get
+    customer numbers and document keys, and load the rest themselves.
+    """
     ledger.ensure_schema(ledger_db)
     ledger.start_run(ledger_db, ctx.run_id, ctx.released_before, ctx.params.mode, asdict(ctx.params))
-    due = source.due_documents(
+    chunks = source.due_documents(
         erp,
         released_before=_naive_utc(ctx.released_before),
         released_since=_naive_utc(ctx.released_since),
@@ -139,11 +172,17 @@ def extract(erp: Engine, ledger_db: Engine, ctx: RunContext, max_batches: int = 
         documents=ctx.params.documents,
         include_emailed=ctx.params.resend,
     )
-    if not ctx.params.resend:  # a dry or redirected run previews tonight's live run: delivered is done
-        settled = ledger.settled_documents(ledger_db, [(d.doc_type, d.ref_nbr) for d in due])
-        due = [d for d in due if (d.doc_type, d.ref_nbr) not in settled]
-        log.info("%d documents due, %d of them delivered before", len(due) + len(settled), len(settled))
-    batches = group_batches(due, max_batches)
+    due: list[source.DueDocument] = []
+    delivered = 0
+    for chunk in chunks:
+        if not ctx.params.resend:  # a dry or redirected run previews tonight's live run: delivered is done
+            settled = ledger.settled_documents(ledger_db, [(d.doc_type, d.ref_nbr) for d in chunk])
+            delivered += len(settled)
+            chunk = [d for d in chunk if (d.doc_type, d.ref_nbr) not in settled]
+        due += chunk
+    log.info("%d documents due, %d of them delivered before", len(due) + delivered, delivered)
+    batches = group_batches(due, max_batches, batch_documents=batch_documents, max_instances=max_instances,
+                            workers=workers)
     log.info("%d documents of %d customers in %d batches", len(due),
              sum(len(b["customers"]) for b in batches), len(batches))
     return batches
@@ -286,10 +325,15 @@ def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, 
         ledger.retire(ledger_db, ids, run_id=ctx.run_id, reason=reason, detail=detail)
 
     mailer = _Mailer(ctx, data, renderer, sender, ledger_db, settings)
-    for message_id, members in messages.items():
+    current = None
+    for message_id, members in sorted(messages.items(), key=lambda m: (m[1][0]["doc_type"], m[1][0]["ref_nbr"])):
         todo = [r for r in members if r["status"] in (PENDING, ledger.SENDING)]
         if todo:
-            mailer.mail(by_key[(todo[0]["doc_type"], todo[0]["ref_nbr"])], message_id, members, todo)
+            doc_key = (todo[0]["doc_type"], todo[0]["ref_nbr"])
+            if doc_key != current:  # one document's attachments in memory at a time
+                mailer.forget()
+                current = doc_key
+            mailer.mail(by_key[doc_key], message_id, members, todo)
 
     if settings.write_back and mode == "live":
         # Only a document whose every live delivery is settled: a deferred recipient is retried tomorrow.
@@ -340,6 +384,11 @@ class _Mailer:
 
     def finish(self, ids, status: str, count_as: str | None = None, **values) -> None:
         self.counts[count_as or status] += ledger.finish(self.ledger_db, ids, self.token, status, **values)
+
+    def forget(self) -> None:
+        """Drop the rendered attachments and notification of the document just mailed."""
+        self.attachments.clear()
+        self.notifications.clear()
 
     def not_sending(self, rows: list[dict], status: str, reason: str, answer: str | None) -> None:
         """One log line per delivery that did not go out, with the server's answer."""

@@ -329,6 +329,20 @@ class Renderer:
         return [CSS(filename=str(folder / f"{template_name}.css"), font_config=self.font_config),
                 CSS(filename=str(folder / "print.css"), font_config=self.font_config)]
 
+    def warm(self) -> None:
+        """Load now what the first document would: WeasyPrint, fonts, every report's stylesheets and
+        template (a worker process does this once, before it forks task processes)."""
+        for template in sorted((self.templates_dir / REPORTS).glob("*.html.j2")):
+            name = template.name.removesuffix(".html.j2")
+            if self.has_report(name):
+                self.stylesheets(name)
+                self.reports.get_template(f"{REPORTS}/{template.name}")
+
+    def disown_font_files(self) -> None:
+        """In a forked child: leave the parent's @font-face folder to the parent."""
+        if "font_config" in self.__dict__:
+            self.font_config._folder = None
+
     def has_report(self, template_name: str) -> bool:
         folder = self.templates_dir / REPORTS
         return (folder / f"{template_name}.html.j2").is_file() and (folder / f"{template_name}.css").is_file()

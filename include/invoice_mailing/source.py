@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -178,8 +178,10 @@ def due_documents(
     customers: Sequence[str] = (),
     documents: Sequence[str] = (),
     include_emailed: bool = False,
-) -> list[DueDocument]:
-    """Documents due by spec section 1 as far as the ERP alone can tell (the ledger filters next).
+    chunk: int = 5000,
+) -> Iterator[list[DueDocument]]:
+    """Documents due by spec section 1 as far as the ERP alone can tell (the ledger filters next),
+    streamed in chunks of ``chunk`` (a server-side cursor on PostgreSQL), in customer order.
 
     ``released_since`` is the look-back window's start (None = no window);
     ``include_emailed`` is for an operator's resend of documents already marked as emailed.
@@ -204,7 +206,9 @@ def due_documents(
         .order_by(invoice.c.customer_id, invoice.c.doc_type, invoice.c.ref_nbr)
     )
     with engine.connect() as conn:
-        return [DueDocument(*row) for row in conn.execute(query)]
+        result = conn.execution_options(yield_per=chunk).execute(query)
+        for rows in result.partitions():
+            yield [DueDocument(*row) for row in rows]
 
 
 @dataclass

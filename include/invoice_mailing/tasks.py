@@ -33,6 +33,12 @@ def retries() -> int:
     return int(os.environ.get("INVOICE_MAILING_RETRIES", "4"))
 
 
+def concurrency() -> int:
+    """How many mapped instances of one night run at once: what the workers can run (one per core of
+    this machine), or INVOICE_MAILING_CONCURRENCY. More only makes rendering processes fight for cores."""
+    return int(os.environ.get("INVOICE_MAILING_CONCURRENCY") or os.cpu_count() or 1)
+
+
 def finish_by() -> str:
     """The cron expression of the hour by which a night must have finished: 06:00, or INVOICE_MAILING_FINISH_BY."""
     hour, _, minute = os.environ.get("INVOICE_MAILING_FINISH_BY", "06:00").partition(":")
@@ -97,8 +103,14 @@ def open_night(*, run_id, logical_date, data_interval_end, params) -> None:
 
 def extract(*, run_id, logical_date, data_interval_end, params) -> list[dict]:
     ctx = _context(run_id, logical_date, data_interval_end, params)
+    from airflow.sdk.configuration import conf
+
     max_batches = int(os.environ.get("INVOICE_MAILING_MAX_BATCHES", pipeline.MAX_BATCHES))
-    return pipeline.extract(engine_for(ERP_CONN_ID), engine_for(LEDGER_CONN_ID), ctx, max_batches)
+    batch_documents = int(os.environ.get("INVOICE_MAILING_BATCH_DOCUMENTS", pipeline.BATCH_DOCUMENTS))
+    max_instances = min(int(os.environ.get("INVOICE_MAILING_MAX_INSTANCES", pipeline.MAX_INSTANCES)),
+                        conf.getint("core", "max_map_length", fallback=1024))
+    return pipeline.extract(engine_for(ERP_CONN_ID), engine_for(LEDGER_CONN_ID), ctx, max_batches,
+                            batch_documents=batch_documents, max_instances=max_instances, workers=concurrency())
 
 
 def mail_batch(batch: dict, *, run_id, logical_date, data_interval_end, params, map_index: int | None = None,

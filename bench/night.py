@@ -1,0 +1,270 @@
+"""A night of N one-page invoices in a real Airflow, against the plain loop measured in the same run.
+
+1. Generates a synthetic ERP on PostgreSQL: N documents over N/4 customers (default 20,000 and
+   5,000), every customer with one invoicing contact in To, one to five lines a document.
+2. The baseline: the plain loop (``pipeline.extract`` and one ``pipeline.mail_batch`` in this one
+   process) on a 10% sample ERP made the same way, to a local SMTP server: time per document.
+3. The night: the real topology of ``make airflow`` (``tests/airflow_stack.py``: api-server,
+   scheduler with the LocalExecutor, dag-processor, triggerer; PostgreSQL metadata, ERP and ledger)
+   on free ports; the night is triggered through the REST API and waited for; the SMTP server counts
+   what arrives; the task processes' RSS is sampled every half second.
+
+Prints the figures, and as its last line:
+
+    night: N documents, M customers, T task instances, ratio R, peak_rss_mb P, sent_once yes|no
+
+where R = the night's wall time / (the plain loop's time per document x N / cores): 1.0 would be
+the plain loop's speed spread perfectly over every core, with no orchestration at all.
+Run: ``make bench-night`` or ``python bench/night.py [--documents 2000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("AIRFLOW_HOME", str(ROOT / "demo" / "bench-airflow"))  # the plain loop reads connections
+
+import psutil  # noqa: E402
+from sqlalchemy import create_engine, insert, text  # noqa: E402
+
+from include.invoice_mailing import source  # noqa: E402
+from include.invoice_mailing.smtp_sink import SinkHandler, SmtpSink  # noqa: E402
+
+POSTGRES = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+PRODUCTS = ("Kaffebønner, hele 1 kg", "Røkt laks, skivet (kg)", "Tyttebærsyltetøy 3 kg", "Kjølevitrine, leie",
+            "Engangshansker nitril M, 100 stk", "Filterkaffe, malt 500 g", "Servietter hvite 33x33", "Havredrikk 1 l")
+LOCALES = ("nb_NO", "sv_SE", "da_DK", "fi_FI", "nl_NL", "en_GB")
+
+
+# --- the ERP ------------------------------------------------------------------------------------
+
+def seed_erp(engine, documents: int, customers: int, released: datetime, seed: int = 20261127) -> None:
+    """A synthetic ERP: ``customers`` customers (one invoicing contact each), ``documents`` invoices."""
+    rng = random.Random(seed)
+    source.create_erp_schema(engine)
+    tables = source.erp.tables
+    with engine.begin() as conn:
+        conn.execute(insert(tables["customer_class"]).values(class_id="DOMESTIC", description="Domestic"))
+        conn.execute(insert(tables["email_account"]).values(account_id=1, address="faktura@fjordlys.example",
+                                                             display_name="Fjordlys Faktura", smtp_conn_id=None))
+        conn.execute(insert(tables["report"]).values(report_id="AR641000", description="Invoice/Memo",
+                                                      template_name="invoice"))
+        conn.execute(insert(tables["notification_template"]).values(
+            template_id="InvoiceNotification", locale="", subject="{{ document.type_label }} {{ document.number }}",
+            body_html="<p>Dear {{ customer.name }},</p><p>{{ document.type_label }} {{ document.number }} of "
+                      "{{ document.total }} is attached, due {{ document.due_date }}.</p>"))
+        conn.execute(insert(tables["mailing_setting"]).values(
+            setting_id=1, class_id="DOMESTIC", customer_id=None, mailing_id="INVOICE", email_account_id=1,
+            report_id="AR641000", template_id="InvoiceNotification", format="PDF", active=True))
+        conn.execute(insert(tables["mailing_recipient"]).values(
+            recipient_id=1, setting_id=1, contact_type="Invoicing", contact_id=None, format=None, add_to="To",
+            active=True))
+        ids = [f"{20000 + c}" for c in range(customers)]
+        conn.execute(insert(tables["contact"]), [
+            dict(contact_id=c + 1, customer_id=cid, display_name=f"Innkjøp {cid}", email=f"faktura@k{cid}.example",
+                 preferred_format=None, is_employee=False, active=True) for c, cid in enumerate(ids)])
+        conn.execute(insert(tables["customer"]), [
+            dict(customer_id=cid, name=f"Kunde {cid} AS", class_id="DOMESTIC", status="Active",
+                 locale=LOCALES[c % len(LOCALES)], email=None, primary_contact_id=None, invoice_contact_id=c + 1,
+                 send_invoices_by_email=True) for c, cid in enumerate(ids)])
+        for start in range(0, documents, 2000):
+            heads, lines = [], []
+            for n in range(start, min(documents, start + 2000)):
+                ref, rows = f"INV{n + 1:07d}", []
+                for line_nbr in range(1, rng.randint(1, 5) + 1):
+                    quantity, price = Decimal(rng.randint(1, 20)), Decimal(rng.randint(1000, 99999)) / 100
+                    rows.append(dict(doc_type="INV", ref_nbr=ref, line_nbr=line_nbr,
+                                     description=rng.choice(PRODUCTS), quantity=quantity, unit_price=price,
+                                     vat_rate=Decimal(25), amount=(quantity * price).quantize(Decimal("0.01"))))
+                net = sum((r["amount"] for r in rows), Decimal(0))
+                vat = (net / 4).quantize(Decimal("0.01"))
+                heads.append(dict(doc_type="INV", ref_nbr=ref, customer_id=ids[n % customers], status="Open",
+                                  released_at=released.replace(tzinfo=None), doc_date=released.date(),
+                                  due_date=released.date() + timedelta(days=14), currency="NOK", amount=net + vat,
+                                  vat_amount=vat, description=None, customer_ref=f"PO-{n}", dont_email=False,
+                                  emailed=False))
+                lines += rows
+            conn.execute(insert(tables["invoice"]), heads)
+            conn.execute(insert(tables["invoice_line"]), lines)
+
+
+class Databases:
+    """Fresh PostgreSQL databases for the run, dropped at the end."""
+
+    def __init__(self):
+        self.admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+        self.names: list[str] = []
+
+    def new(self, kind: str) -> tuple[str, object]:
+        name = f"bench_{kind}_{uuid.uuid4().hex[:8]}"
+        with self.admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        self.names.append(name)
+        return name, create_engine(f"{POSTGRES.rsplit('/', 1)[0]}/{name}")
+
+    def connection(self, name: str) -> str:
+        return json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": 5432, "login": "postgres",
+                           "schema": name})
+
+    def drop(self) -> None:
+        with self.admin.connect() as conn:
+            for name in self.names:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+# --- the SMTP server: counts, keeps no bytes ----------------------------------------------------
+
+class CountingHandler(SinkHandler):
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()  # (document, envelope recipient) -> copies
+
+    def keep(self, envelope_from: str, envelope_to: list[str], data: bytes) -> None:
+        head = data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+        document = next((line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                         if line.lower().startswith("x-invoice-document:")), "?")
+        with self._lock:
+            for rcpt in envelope_to:
+                self.counts[(document, rcpt)] += 1
+
+
+def counting_sink() -> SmtpSink:
+    sink = SmtpSink()
+    sink.handler = sink.controller.handler = CountingHandler()
+    return sink
+
+
+def smtp_connection(port: int) -> str:
+    return json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": port,
+                       "extra": {"disable_ssl": True, "disable_tls": True, "retry_limit": 0, "timeout": 30}})
+
+
+# --- 1. the plain loop --------------------------------------------------------------------------
+
+def plain_loop(dbs: Databases, documents: int, customers: int, released: datetime) -> dict:
+    from include.invoice_mailing import pipeline, tasks
+    from include.invoice_mailing.deliver import SmtpSender
+
+    _, erp = dbs.new("plain_erp")
+    _, ledger_db = dbs.new("plain_ledger")
+    seed_erp(erp, documents, customers, released)
+    with counting_sink() as sink:
+        os.environ["AIRFLOW_CONN_SMTP_DEFAULT"] = smtp_connection(sink.port)
+        ctx = pipeline.RunContext.from_airflow("plain", None, datetime.now(UTC), {})
+        wall, cpu = time.perf_counter(), time.process_time()
+        [batch] = pipeline.extract(erp, ledger_db, ctx, max_batches=0, batch_documents=documents, max_instances=1)
+        with SmtpSender() as sender:
+            pipeline.mail_batch(erp, ledger_db, ctx, batch, renderer=tasks.renderer(), sender=sender)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        arrived = sum(sink.handler.counts.values())
+    erp.dispose()
+    ledger_db.dispose()
+    return {"documents": documents, "wall": wall, "cpu": cpu, "per_doc": wall / documents, "arrived": arrived}
+
+
+# --- 2. the night in a real Airflow -------------------------------------------------------------
+
+class RssSampler(threading.Thread):
+    """Every half second, the RSS of each process below the scheduler (its executor's workers and task
+    processes); keeps the peak of any one process."""
+
+    def __init__(self, root_pid: int):
+        super().__init__(daemon=True)
+        self.root = psutil.Process(root_pid)
+        self.peak_mb = 0.0
+        self.peak_name = ""
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.5):
+            try:
+                children = self.root.children(recursive=True)
+            except psutil.Error:
+                continue
+            for child in children:
+                try:
+                    rss = child.memory_info().rss / 2**20
+                    if rss > self.peak_mb:
+                        self.peak_mb, self.peak_name = rss, " ".join(child.cmdline())[:80]
+                except psutil.Error:
+                    continue
+
+
+def night(dbs: Databases, documents: int, customers: int, released: datetime, timeout: float) -> dict:
+    from tests.airflow_stack import AirflowStack
+
+    erp_name, erp = dbs.new("erp")
+    ledger_name, _ = dbs.new("ledger")
+    seed_erp(erp, documents, customers, released)
+    erp.dispose()
+    with counting_sink() as sink:
+        env = {"AIRFLOW_CONN_ERP_DB": dbs.connection(erp_name), "AIRFLOW_CONN_MAILING_LEDGER": dbs.connection(ledger_name),
+               "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port)}
+        with AirflowStack(extra_env=env) as stack:
+            client = stack.client()
+            client.wait_for_dag("invoice_mailing")
+            client.unpause("invoice_mailing")
+            sampler = RssSampler(stack.processes["scheduler"].pid)
+            sampler.start()
+            started = time.perf_counter()
+            run = client.trigger("invoice_mailing")
+            finished = client.wait_for_run("invoice_mailing", run["dag_run_id"], {"success", "failed"}, timeout=timeout)
+            wall = time.perf_counter() - started
+            sampler.stopped.set()
+            instances = client.task_instances("invoice_mailing", run["dag_run_id"])
+            counts = sink.handler.counts
+    mapped = [ti for ti in instances if ti["task_id"] == "mail_customers"]
+    return {"state": finished["state"], "wall": wall, "task_instances": len(instances), "mapped": len(mapped),
+            "peak_rss_mb": sampler.peak_mb, "peak_process": sampler.peak_name,
+            "arrived": sum(counts.values()), "distinct": len(counts), "max_copies": max(counts.values(), default=0)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--documents", type=int, default=20_000)
+    parser.add_argument("--customers", type=int, help="default: documents / 4")
+    parser.add_argument("--sample", type=float, default=0.10, help="the plain loop's share of the night")
+    parser.add_argument("--timeout", type=float, default=4 * 3600)
+    args = parser.parse_args(argv)
+    customers = args.customers or max(1, args.documents // 4)
+    cores = os.cpu_count() or 1
+    released = datetime.now(UTC) - timedelta(days=1)
+    print(f"machine: {cores} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
+          f"concurrency {os.environ.get('INVOICE_MAILING_CONCURRENCY') or cores}, "
+          f"preload {os.environ.get('INVOICE_MAILING_PRELOAD', 'true')}", flush=True)
+    dbs = Databases()
+    try:
+        sample_docs = max(1, round(args.documents * args.sample))
+        plain = plain_loop(dbs, sample_docs, max(1, round(customers * args.sample)), released)
+        print(f"plain loop: {plain['documents']} documents in {plain['wall']:.1f} s wall, {plain['cpu']:.1f} s CPU: "
+              f"{plain['per_doc'] * 1000:.1f} ms a document ({plain['arrived']} arrived)", flush=True)
+        result = night(dbs, args.documents, customers, released, args.timeout)
+    finally:
+        dbs.drop()
+    ideal = plain["per_doc"] * args.documents / cores
+    ratio = result["wall"] / ideal
+    once = result["state"] == "success" and result["distinct"] == args.documents and result["max_copies"] == 1
+    print(f"night: {result['state']} in {result['wall']:.1f} s wall; the plain loop's pace over {cores} cores would take "
+          f"{ideal:.1f} s; {result['mapped']} mapped instances; {result['arrived']} mails arrived for "
+          f"{result['distinct']} (document, recipient) pairs, at most {result['max_copies']} each; peak RSS "
+          f"{result['peak_rss_mb']:.0f} MB ({result['peak_process']})")
+    print(f"night: {args.documents} documents, {customers} customers, {result['task_instances']} task instances, "
+          f"ratio {ratio:.2f}, peak_rss_mb {result['peak_rss_mb']:.0f}, sent_once {'yes' if once else 'no'}")
+    return 0 if once else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

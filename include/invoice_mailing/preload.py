@@ -1,0 +1,43 @@
+"""Warm the processes that fork task processes, so that every task instance starts with the renderer ready.
+
+A LocalExecutor's workers are forked from the scheduler, and each task process is forked from a
+worker (a Celery worker forks its pool the same way). Importing the pipeline and building the
+renderer there once (WeasyPrint, its fonts, the parsed stylesheets, the compiled templates) lets
+every task process inherit them instead of paying for them again: ``config/airflow_local_settings.py``
+calls ``warm()`` in the scheduler and in Celery workers. ``INVOICE_MAILING_PRELOAD=false`` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger(__name__)
+
+
+def forks_task_processes(argv: list[str]) -> bool:
+    """``airflow scheduler`` (LocalExecutor workers fork from it) or ``airflow celery worker``."""
+    words = [a for a in argv[1:] if not a.startswith("-")]
+    return words[:1] == ["scheduler"] or words[:2] == ["celery", "worker"]
+
+
+def wanted(argv: list[str] | None = None) -> bool:
+    enabled = os.environ.get("INVOICE_MAILING_PRELOAD", "true").lower() not in ("0", "false", "no")
+    return enabled and forks_task_processes(sys.argv if argv is None else argv)
+
+
+def warm() -> float:
+    """Import the pipeline and warm this process's renderer; returns the seconds it took."""
+    started = time.perf_counter()
+    from include.invoice_mailing import tasks
+
+    tasks.renderer().warm()
+    # A forked child inherits the font configuration's folder of @font-face files. Task processes end
+    # with os._exit (no finaliser runs); any other forked child must not delete the parent's folder.
+    os.register_at_fork(after_in_child=tasks.renderer().disown_font_files)
+    took = time.perf_counter() - started
+    log.info("Invoice mailing: renderer warmed in %.2f s for the task processes forked from pid %d", took,
+             os.getpid())
+    return took

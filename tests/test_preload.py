@@ -1,0 +1,55 @@
+"""Warm workers: a process that forks task processes builds the renderer once; the children inherit it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from include.invoice_mailing import preload
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("argv, forks", [
+    (["airflow", "scheduler"], True),
+    (["airflow", "celery", "worker", "--celery-hostname", "w1"], True),
+    (["airflow", "api-server", "--port", "8080"], False),
+    (["airflow", "dag-processor"], False),
+    (["airflow", "tasks", "test", "invoice_mailing", "extract"], False),
+])
+def test_only_the_processes_that_fork_task_processes_warm_up(argv, forks):
+    assert preload.forks_task_processes(argv) is forks
+
+
+def test_a_forked_task_process_inherits_the_warm_renderer_and_leaves_the_parents_fonts_alone():
+    """As a LocalExecutor's scheduler: airflow_local_settings warms the renderer, then each task process
+    is a fork that renders without parsing a stylesheet again; its exit does not delete the parent's fonts."""
+    script = textwrap.dedent('''
+        import os, sys
+        sys.argv = ["airflow", "scheduler"]
+        import airflow_local_settings  # warms, as the scheduler's start does
+        from datetime import date
+        from decimal import Decimal
+        from include.invoice_mailing import tasks
+        from include.invoice_mailing.rules import Customer, Document
+        renderer = tasks.renderer()
+        folder = renderer.font_config._folder
+        misses = renderer.stylesheets.cache_info().misses
+        doc = Document("INV", "INV000101", "10001", "Open", date(2026, 11, 23), None, "NOK", Decimal("100"), Decimal("20"))
+        for _ in range(2):
+            pid = os.fork()
+            if pid == 0:  # the task process
+                pdf = tasks.renderer().attachment(doc, Customer("10001", "Bølgen", "DOMESTIC"), None, "invoice", "PDF", "nb_NO")
+                fresh = tasks.renderer().stylesheets.cache_info().misses - misses
+                print(f"child pdf={pdf.content[:5]!r} parsed_again={fresh}", flush=True)
+                sys.exit(0)  # a normal exit: finalisers run
+            os.waitpid(pid, 0)
+        print(f"parent fonts_kept={folder is None or folder.exists()}")
+    ''')
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": f"{ROOT}:{ROOT / 'config'}", "PATH": "/usr/bin:/bin",
+                                 "AIRFLOW_HOME": str(ROOT / "demo" / "preload-test")})
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("child", "parent"))]
+    assert lines == ["child pdf=b'%PDF-' parsed_again=0"] * 2 + ["parent fonts_kept=True"], result.stderr[-3000:]
