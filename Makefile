@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv catalogs demo airflow test lint bench bench-night clean audit-export audit-ui
+.PHONY: venv catalogs demo airflow test e2e-celery lint bench bench-night clean audit-export audit-ui
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,12 @@ airflow: venv catalogs
 	$(PY) -m tests.airflow_stack
 
 test: venv catalogs
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --ignore=tests/e2e/test_celery.py
+
+# The distributed engine without Docker: Airflow's components and two Celery workers as processes,
+# PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379; a night with one worker SIGKILLed (about 2 minutes).
+e2e-celery: venv catalogs
+	$(PY) -m pytest -q -s tests/e2e/test_celery.py
 
 # One night's deliveries as CSV and JSON Lines in exports/ (LEDGER: a SQLAlchemy URL; default: the
 # mailing_ledger connection when Airflow has one, else demo/ledger.db).

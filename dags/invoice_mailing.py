@@ -12,7 +12,8 @@ and records every delivery in the mailing ledger.
    formats, render each document once per format, send through the mailing's SMTP connection
    (`smtp_default` unless the email account names another), record each delivery. A delivery the server
    defers stays *pending* and the instance is retried; a refusal by the relay or a configuration error
-   fails the instance at once (retrying would not help).
+   fails the instance at once (retrying would not help). The pool `invoice_mailing_smtp` caps how many
+   instances (so SMTP sessions per relay) run at once.
 4. **audit** (teardown: runs whatever happened, and again whenever any instance is cleared): the night's
    counts by status and reason, also published as an event of the asset
    `invoice_mailing://ledger/nights` (counts in `extra`). If any delivery is still pending or failed it mails the operators (the
@@ -36,6 +37,9 @@ from include.invoice_mailing import tasks
 
 NETWORK_RETRIES = {"retries": tasks.retries(), "retry_delay": tasks.retry_delay(), "retry_exponential_backoff": 2.0,
                    "max_retry_delay": timedelta(minutes=30)}
+# Each mapped instance holds at most one SMTP session per relay connection, so the slots of this pool
+# (INVOICE_MAILING_SMTP_SESSIONS, set by airflow-init) cap the sessions a relay sees at once.
+SMTP_POOL = "invoice_mailing_smtp"
 
 
 @dag(
@@ -66,7 +70,8 @@ def invoice_mailing():
         return tasks.extract(run_id=run_id, logical_date=logical_date, data_interval_end=data_interval_end,
                              params=params)
 
-    @task(map_index_template="{{ task.op_kwargs['batch']['label'] }}", max_active_tis_per_dagrun=tasks.concurrency(),
+    @task(map_index_template="{{ task.op_kwargs['batch']['label'] }}", pool=SMTP_POOL,
+          max_active_tis_per_dagrun=tasks.concurrency(),
           **NETWORK_RETRIES)
     def mail_customers(batch: dict, params=None, run_id=None, logical_date=None, data_interval_end=None,
                        ti=None) -> dict:

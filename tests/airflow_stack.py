@@ -13,6 +13,12 @@ stopped (process groups) and dropped on exit. ``stack.client()`` is a small REST
 
 ``python -m tests.airflow_stack`` (``make airflow``) runs the same topology in the foreground with the
 demo ERP and a local SMTP sink, and prints the UI's URL and login.
+
+With ``executor="CeleryExecutor"`` and ``workers=("worker-a", "worker-b")`` it is the topology of
+docker-compose.yaml: Redis (``TEST_REDIS_URL``, database 5, a queue of the stack's own) as the broker,
+PostgreSQL for the Celery results, and Celery workers. As root each worker runs on its own "host": its
+own host name and process namespace (``unshare``), as a worker on another machine looks to Airflow and
+to the ledger. ``kill_worker`` SIGKILLs one with everything it started.
 """
 
 from __future__ import annotations
@@ -37,14 +43,26 @@ from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 ADMIN = "admin"
+SMTP_POOL = "invoice_mailing_smtp"
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def can_be_another_host() -> bool:
+    """True when a worker can get its own host name and process namespace here (root, unshare).
+
+    AIRFLOW_STACK_ONE_HOST=1 keeps every worker on this host, as a user without root gets it."""
+    if os.environ.get("AIRFLOW_STACK_ONE_HOST") == "1" or os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "--uts", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
+    return probe.returncode == 0
 
 
 class StackError(RuntimeError):
@@ -55,8 +73,16 @@ class AirflowStack:
     def __init__(self, *, executor: str = "LocalExecutor", extra_env: dict[str, str] | None = None,
                  components: Iterable[str] = COMPONENTS, postgres_admin_url: str = POSTGRES_ADMIN_URL,
                  home: Path | None = None, port: int | None = None, parallelism: int = 4,
-                 keep_home: bool = False, startup_timeout: float = 180):
+                 keep_home: bool = False, startup_timeout: float = 180, workers: Iterable[str] = (),
+                 worker_concurrency: int = 2, broker_url: str = REDIS_URL):
         self.executor = executor
+        self.workers = tuple(workers)
+        self.worker_concurrency = worker_concurrency
+        self.broker_url = broker_url
+        self.queue = f"airflow_stack_{uuid.uuid4().hex[:10]}"  # the stack's own Celery queue in a shared Redis
+        self.separate_hosts = bool(self.workers) and can_be_another_host()
+        self.killed: set[str] = set()
+        self._redis_keys_before: set[bytes] | None = None
         self.extra_env = dict(extra_env or {})
         self.components = tuple(components)
         self.postgres_admin_url = postgres_admin_url
@@ -92,6 +118,8 @@ class AirflowStack:
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         self._create_database()
+        if self.workers:
+            self._redis_keys_before = set(self._redis().keys("*"))
         (self.home / "passwords.json").write_text(json.dumps({ADMIN: self.password}))
         self.env = self._environment()
         migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=self.env,
@@ -100,7 +128,12 @@ class AirflowStack:
             raise StackError(f"airflow db migrate failed:\n{migrate.stdout[-2000:]}\n{migrate.stderr[-3000:]}")
         for component in self.components:
             self._spawn(component)
+        for name in self.workers:
+            self.start_worker(name)
         self.wait_healthy()
+        # What airflow-init does in docker-compose.yaml: without its pool the scheduler never runs mail_customers.
+        self.client().set_pool(SMTP_POOL, int(self.env.get("INVOICE_MAILING_SMTP_SESSIONS", "4")),
+                               "Concurrent SMTP sessions per relay")
 
     def _create_database(self) -> None:
         self._admin = create_engine(self.postgres_admin_url, isolation_level="AUTOCOMMIT")
@@ -133,7 +166,19 @@ class AirflowStack:
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.home / "logs"),
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
             "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "2",
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "socket.gethostname",  # no DNS look-up for a worker's host name
+            # Several stacks (and a developer's Airflow) may run on this machine: no fixed ports.
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(free_port()),
         })
+        if self.executor == "CeleryExecutor":
+            env.update({
+                "AIRFLOW__CELERY__BROKER_URL": self.broker_url,
+                "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{base.replace('+psycopg2', '')}/{self.database}",
+                "AIRFLOW__OPERATORS__DEFAULT_QUEUE": self.queue,
+                "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.worker_concurrency),
+            })
         env.update(self.extra_env)
         return env
 
@@ -145,6 +190,41 @@ class AirflowStack:
         self.processes[component] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                                      start_new_session=True, cwd=self.home)
         log.close()
+
+    def start_worker(self, name: str) -> None:
+        """A Celery worker named ``name``; as root on its own "host" (host name and process namespace)."""
+        command = [sys.executable, "-m", "airflow", "celery", "worker", "--celery-hostname", f"{name}@{name}",
+                   "--queues", self.queue, "--concurrency", str(self.worker_concurrency)]
+        if self.separate_hosts:
+            command = ["unshare", "--uts", "--pid", "--fork", "--mount-proc", "--",
+                       "/bin/sh", "-c", 'hostname "$0" && exec "$@"', name, *command]
+        env = {**self.env, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())}
+        log = (self.home / f"worker {name}.log").open("ab")
+        self.processes[f"worker {name}"] = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                            start_new_session=True, cwd=self.home)
+        log.close()
+
+    def kill_worker(self, name: str) -> None:
+        """SIGKILL a worker and everything it started, as if its host had lost power."""
+        import psutil
+
+        process = self.processes[f"worker {name}"]
+        self.killed.add(f"worker {name}")
+        try:  # the whole tree: Airflow's task supervisors start sessions of their own
+            tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for member in tree:
+            try:
+                member.kill()
+            except psutil.NoSuchProcess:
+                pass
+        process.wait(timeout=30)
+
+    def _redis(self):
+        import redis
+
+        return redis.Redis.from_url(self.broker_url)
 
     def stop(self) -> None:
         for process in self.processes.values():
@@ -161,6 +241,14 @@ class AirflowStack:
             except ProcessLookupError:
                 pass
         self.processes.clear()
+        if self._redis_keys_before is not None:  # only the keys this stack's Celery made
+            try:
+                client = self._redis()
+                if new := set(client.keys("*")) - self._redis_keys_before:
+                    client.delete(*new)
+            except Exception:  # noqa: BLE001 - Redis gone: nothing of ours is left there either
+                pass
+            self._redis_keys_before = None
         if self._admin is not None and self.database:
             with self._admin.connect() as conn:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
@@ -181,7 +269,7 @@ class AirflowStack:
 
     def _check_alive(self) -> None:
         for component, process in self.processes.items():
-            if process.poll() is not None:
+            if component not in self.killed and process.poll() is not None:
                 raise StackError(f"{component} exited with {process.returncode}\n{self.logs_tail()}")
 
     def wait_until(self, what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
@@ -209,6 +297,17 @@ class AirflowStack:
             return all((health.get(part) or {}).get("status") == "healthy" for part in expected)
 
         self.wait_until("the components to report healthy", healthy, self.startup_timeout, interval=1)
+        if self.workers:
+            from celery import Celery
+
+            app = Celery(broker=self.broker_url)
+            wanted = {f"{name}@{name}" for name in self.workers}
+
+            def workers_up():
+                replies = app.control.ping(timeout=1.0) or []
+                return wanted <= {worker for reply in replies for worker in reply}
+
+            self.wait_until("the Celery workers to answer", workers_up, self.startup_timeout)
 
     def client(self) -> StackClient:
         return StackClient(self)
@@ -277,6 +376,17 @@ class StackClient:
         if isinstance(content, str):
             return content
         return "\n".join(json.dumps(e) if not isinstance(e, str) else e for e in content)
+
+    def tries(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> list[dict]:
+        """Every try of one task instance, with the host that ran it."""
+        path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/{map_index}/tries"
+        return self.request("GET", path)["task_instances"]
+
+    def set_pool(self, name: str, slots: int, description: str = "") -> dict:
+        """Create or resize a pool, as `airflow pools set` in airflow-init does."""
+        if self.http.get(f"/pools/{name}").status_code == 200:
+            return self.request("PATCH", f"/pools/{name}", json={"slots": slots})
+        return self.request("POST", "/pools", json={"name": name, "slots": slots, "description": description})
 
     def clear(self, dag_id: str, run_id: str, task_ids: list | None = None, **body) -> list[dict]:
         """``clearTaskInstances`` with the API's own defaults for whatever ``body`` leaves out (only failed,

@@ -83,6 +83,12 @@ def test_shape_is_extract_then_mapped_mailing_then_audit_as_teardown(dag):
         assert task.retry_exponential_backoff and task.max_retry_delay
 
 
+def test_only_the_mailing_instances_share_the_smtp_pool(dag):
+    pools = {t.task_id: t.pool for t in dag.tasks}
+    assert pools.pop("mail_customers") == "invoice_mailing_smtp"
+    assert set(pools.values()) == {"default_pool"}
+
+
 def test_operator_parameters_have_safe_defaults(dag):
     params = {key: dag.params[key] for key in dag.params}
     assert params == {"dry_run": False, "redirect_to": None, "customers": [], "documents": [], "resend": False,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
 
 from include.invoice_mailing import ledger
@@ -89,3 +90,26 @@ def test_a_claim_from_another_host_is_taken_over_only_after_its_lease(db):
     assert ledger.claim(db, [1], "worker-7.example:4242:cafe", run_id="r1") == ([1], [])
     assert ledger.claim(db, [1], ledger.claimant(), run_id="r1") == ([], [1])
     assert ledger.claim(db, [1], ledger.claimant(), run_id="r1", lease=timedelta(0)) == ([1], [])
+
+
+def test_a_lease_is_measured_by_the_database_clock_not_the_workers(db, monkeypatch):
+    ledger.record_plan(db, [planned()], run_id="r1", mode="live", resend=False)
+    monkeypatch.setattr(ledger, "now", lambda: datetime.now(UTC) - timedelta(hours=2))  # a worker's clock, behind
+    assert ledger.claim(db, [1], "worker-7.example/0a1b2c3d:4242:cafe", run_id="r1") == ([1], [])
+    monkeypatch.undo()
+    # A worker with a correct clock sees a claim made seconds ago by the database's clock: not stale.
+    assert ledger.claim(db, [1], ledger.claimant(), run_id="r1") == ([], [1])
+    with db.connect() as conn:
+        claimed_at, db_now = conn.execute(select(delivery.c.claimed_at, func.current_timestamp())).one()
+    if isinstance(db_now, str):  # SQLite's CURRENT_TIMESTAMP is text, UTC
+        db_now = datetime.fromisoformat(db_now)
+    assert abs(claimed_at.replace(tzinfo=None) - db_now.astimezone(UTC).replace(tzinfo=None)) < timedelta(minutes=1)
+
+
+@pytest.mark.parametrize("host", [socket.gethostname(), f"{socket.gethostname()}/0a1b2c3d"],
+                         ids=["host name only", "same host name, another process namespace"])
+def test_a_claim_whose_process_this_host_cannot_see_waits_for_its_lease(db, host):
+    ledger.record_plan(db, [planned()], run_id="r1", mode="live", resend=False)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert ledger.claim(db, [1], f"{host}:{gone.stdout.strip()}:cafe", run_id="r1") == ([1], [])
+    assert ledger.claim(db, [1], ledger.claimant(), run_id="r1") == ([], [1])

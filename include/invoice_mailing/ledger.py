@@ -12,7 +12,8 @@ differently); a row the SMTP server refused, and a sent row, are final. The data
 transitions with a trigger, on SQLite and PostgreSQL alike; the schema changes only through the
 Alembic migrations in ``migrations/``.
 ``sending`` is taken over by another attempt only when its claim is stale: the claimant's process
-is gone (same host) or its lease expired. The window in which a message can arrive twice is
+is gone (same host, same process namespace) or its lease expired, measured by the database's clock
+so that workers on hosts whose clocks disagree still agree on it. The window in which a message can arrive twice is
 between the SMTP server accepting DATA and the ``sent`` commit; a resend then carries the same
 Message-ID, so mail clients and the audit recognise it.
 """
@@ -40,6 +41,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    case,
     func,
     insert,
     or_,
@@ -312,23 +314,28 @@ def retire(engine: Engine, ids: Sequence[int], *, run_id: str, reason: str, deta
         ).rowcount
 
 
+def _this_host() -> str:
+    """The claimant's host as the fast path must see it: the host name, and where Linux tells them, the
+    kernel's boot and the process namespace. Two containers may share a host name while their pids
+    belong to different namespaces; then they are different hosts, and only the lease applies."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            namespace = f"{boot.read().strip()}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return socket.gethostname()  # no way to tell namespaces apart: no fast path (see _claimant_gone)
+    return f"{socket.gethostname()}/{hashlib.sha256(namespace.encode()).hexdigest()[:8]}"
+
+
 def claimant() -> str:
     """Who claims: host, process and a nonce, so that a dead process's claims can be recognised."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{_this_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _claim_is_stale(claimed_by: str | None, claimed_at: datetime | None, lease: timedelta) -> bool:
-    if claimed_at is None or claimed_by is None:
-        return True
-    if claimed_at.tzinfo is None:
-        claimed_at = claimed_at.replace(tzinfo=UTC)
-    if now() - claimed_at > lease:
-        return True
+def _claimant_gone(claimed_by: str) -> bool:
+    """True only when the claimant ran in this host's process namespace and its process is gone."""
     host, _, rest = claimed_by.partition(":")
     pid = rest.partition(":")[0]
-    if host == socket.gethostname() and pid.isdigit():
-        return not _process_alive(int(pid))
-    return False
+    return "/" in host and host == _this_host() and pid.isdigit() and not _process_alive(int(pid))
 
 
 def _process_alive(pid: int) -> bool:
@@ -347,12 +354,29 @@ def _process_alive(pid: int) -> bool:
         return True
 
 
+def _db_clock(conn):
+    """The database server's current time: one clock for every worker, whatever its host's clock says."""
+    if conn.dialect.name == "sqlite":
+        return func.strftime("%Y-%m-%d %H:%M:%f", "now")  # UTC, milliseconds, as the DateTime column stores it
+    return func.now()
+
+
+def _lease_expired(conn, lease: timedelta):
+    """A claim made longer than ``lease`` ago, by the database's clock."""
+    if conn.dialect.name == "sqlite":
+        start = func.strftime("%Y-%m-%d %H:%M:%f", "now", f"-{lease.total_seconds():.3f} seconds")
+    else:
+        start = func.now() - lease
+    return or_(delivery.c.claimed_at.is_(None), delivery.c.claimed_at <= start)
+
+
 def claim(engine: Engine, ids: Sequence[int], token: str, *, run_id: str,
           lease: timedelta = DEFAULT_LEASE) -> tuple[list[int], list[int]]:
     """Claim deliveries for sending. Returns (claimed ids, ids still held by another live attempt).
 
     A conditional UPDATE is the lock: only one attempt can move a row from ``pending`` (or from a
-    stale ``sending``) to its own ``sending`` claim, on SQLite and PostgreSQL alike.
+    stale ``sending``) to its own ``sending`` claim, on SQLite and PostgreSQL alike. Claims are
+    stamped, and leases measured, with the database's clock.
     """
     if not ids:
         return [], []
@@ -362,24 +386,28 @@ def claim(engine: Engine, ids: Sequence[int], token: str, *, run_id: str,
         conn.execute(
             update(delivery)
             .where(delivery.c.id.in_(list(ids)), delivery.c.status == PENDING)
-            .values(status=SENDING, claimed_by=token, claimed_at=stamp, attempts=delivery.c.attempts + 1,
+            .values(status=SENDING, claimed_by=token, claimed_at=_db_clock(conn), attempts=delivery.c.attempts + 1,
                     last_run_id=run_id, updated_at=stamp)
         )
     with engine.begin() as conn:
+        expired = _lease_expired(conn, lease)
         held = conn.execute(
-            select(delivery.c.id, delivery.c.claimed_by, delivery.c.claimed_at)
+            select(delivery.c.id, delivery.c.claimed_by, case((expired, True), else_=False))
             .where(delivery.c.id.in_(list(ids)), delivery.c.status == SENDING, delivery.c.claimed_by != token)
         ).all()
-        for row_id, claimed_by, claimed_at in held:
-            if not _claim_is_stale(claimed_by, claimed_at, lease):
+        for row_id, claimed_by, lease_expired in held:
+            gone = claimed_by is not None and _claimant_gone(claimed_by)
+            if not (lease_expired or gone):
                 busy.append(row_id)
                 continue
             conn.execute(
                 update(delivery)
-                .where(delivery.c.id == row_id, delivery.c.status == SENDING, delivery.c.claimed_by == claimed_by)
-                .values(claimed_by=token, claimed_at=stamp, attempts=delivery.c.attempts + 1,
+                .where(delivery.c.id == row_id, delivery.c.status == SENDING, delivery.c.claimed_by == claimed_by,
+                       *(() if gone else (expired,)))
+                .values(claimed_by=token, claimed_at=_db_clock(conn), attempts=delivery.c.attempts + 1,
                         last_run_id=run_id, updated_at=stamp,
-                        last_error=f"took over a stale claim of {claimed_by}")
+                        last_error=f"took over a stale claim of {claimed_by}"
+                                   + ("" if gone else f" (its lease of {lease} expired)"))
             )
         claimed = conn.execute(
             select(delivery.c.id).where(delivery.c.id.in_(list(ids)), delivery.c.claimed_by == token,

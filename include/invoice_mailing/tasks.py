@@ -118,6 +118,8 @@ def mail_batch(batch: dict, *, run_id, logical_date, data_interval_end, params, 
     ctx = _context(run_id, logical_date, data_interval_end, params)
     settings = pipeline.BatchSettings(
         write_back=os.environ.get("INVOICE_MAILING_WRITE_BACK", "false").lower() in ("1", "true", "yes"),
+        lease=timedelta(seconds=float(os.environ.get("INVOICE_MAILING_CLAIM_LEASE_SECONDS",
+                                                     ledger.DEFAULT_LEASE.total_seconds()))),
         archive=Archive.from_env(),
     )
     keep_map_index_label_on_retry()
