@@ -14,5 +14,6 @@ RUN pip install --no-cache-dir -r /opt/invoice-mailing/requirements.txt
 COPY --chown=airflow:root dags /opt/airflow/dags
 COPY --chown=airflow:root include /opt/airflow/include
 COPY --chown=airflow:root plugins /opt/airflow/plugins
+COPY --chown=airflow:root config /opt/airflow/config
 RUN pybabel --quiet compile -d /opt/airflow/include/templates/locale -D messages
 ENV PYTHONPATH=/opt/airflow
