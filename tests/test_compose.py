@@ -75,7 +75,7 @@ def test_env_example_lists_every_setting_the_compose_file_reads():
 def test_the_project_is_mounted_and_the_health_checks_are_there(compose, airflow_services):
     for name, service in airflow_services.items():
         mounts = {v.split(":")[1] for v in service["volumes"]}
-        assert {"/opt/airflow/dags", "/opt/airflow/plugins", "/opt/airflow/include"} <= mounts, name
+        assert {"/opt/airflow/dags", "/opt/airflow/plugins", "/opt/airflow/include", "/opt/airflow/config"} <= mounts, name
         if name != "airflow-init":
             assert service["healthcheck"]["test"], name
     for name in ("postgres", "redis", "mailpit"):

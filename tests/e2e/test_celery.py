@@ -79,8 +79,8 @@ def test_a_night_on_celery_workers_survives_a_killed_worker_and_sends_every_docu
         "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port, timeout=30),
         "AIRFLOW_CONN_MAILING_ALERTS": smtp_connection(sink.port, to="ops@fjordlys.example",
                                                        from_email="airflow@fjordlys.example"),
-        "INVOICE_MAILING_MAX_BATCHES": "12",
         "INVOICE_MAILING_SMTP_SESSIONS": str(SMTP_SESSIONS),
+        "INVOICE_MAILING_CONCURRENCY": str(2 * len(WORKERS)),  # a night may use every worker slot: the pool caps
         "INVOICE_MAILING_CLAIM_LEASE_SECONDS": str(LEASE_SECONDS),
         "INVOICE_MAILING_RETRY_DELAY_SECONDS": "2",
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
