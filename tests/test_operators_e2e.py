@@ -22,6 +22,8 @@ from tests.erp import TinyErp
 DAG = "invoice_mailing"
 OPS = "ops@fjordlys.example"
 DEFERRED = "ola@havet.example"
+WATCH = "invoice_mailing_watch"
+LATE_SUBJECT = "Invoice mailing: the night has not finished by its deadline"
 
 
 @pytest.fixture
@@ -46,18 +48,23 @@ def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it
             "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port),
             "AIRFLOW_CONN_MAILING_ALERTS": smtp_connection(sink.port, to=OPS, from_email="airflow@fjordlys.example"),
             "INVOICE_MAILING_RETRIES": "1",
-            "INVOICE_MAILING_RETRY_DELAY_SECONDS": "6",
+            "INVOICE_MAILING_RETRY_DELAY_SECONDS": "20",  # long enough for the watch to see the night running
         }
         with AirflowStack(extra_env=env) as stack:
             api = stack.client()
             api.wait_for_dag(DAG)
+            api.wait_for_dag(WATCH)
             api.unpause(DAG)
+            api.unpause(WATCH)
             run_id = api.trigger(DAG, logical_date="2026-11-24T01:00:00Z")["dag_run_id"]
 
             waiting = api.wait_for_task(DAG, run_id, lambda ti: ti["state"] == "up_for_retry",
                                         "an instance up for retry", timeout=240)
             assert waiting["task_id"] == "mail_customers"
             assert waiting["rendered_map_index"] == "customer 10002"
+            # The morning watch, triggered while the night still runs: it alerts and fails.
+            late = api.trigger(WATCH)["dag_run_id"]
+            assert api.wait_for_run(WATCH, late, {"success", "failed"}, timeout=120)["state"] == "failed"
 
             assert api.wait_for_run(DAG, run_id, {"success", "failed"}, timeout=240)["state"] == "failed"
             assert len(api.runs(DAG)) == 1  # unpausing created no run for a night already past
@@ -74,6 +81,8 @@ def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it
             assert "Step 1 - Fetching" not in log and "fontTools" not in log
 
             alerts = [m for m in sink.received if m.envelope_to == [OPS]]
+            assert [m.message["Subject"] for m in alerts][0] == LATE_SUBJECT  # the watch's alert came first
+            alerts = [m for m in alerts if m.message["Subject"] != LATE_SUBJECT]
             assert len(alerts) == 1
             body = alerts[0].message.get_body(("html",)).get_content()
             assert "10002" in body and "INV010002" in body and "o***@havet.example" in body and "451" in body
@@ -89,6 +98,9 @@ def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it
             api.clear(DAG, run_id, only_failed=False)  # the whole run, everything: sends nothing again
             assert api.wait_for_run(DAG, run_id, {"success", "failed"}, timeout=240)["state"] == "success"
 
+            calm = api.trigger(WATCH)["dag_run_id"]  # no night running now: the watch stays quiet
+            assert api.wait_for_run(WATCH, calm, {"success", "failed"}, timeout=120)["state"] == "success"
+
     with ledger_db.connect() as conn:
         summary = conn.execute(select(ledger.mailing_run.c.summary)
                                .where(ledger.mailing_run.c.run_id == run_id)).scalar_one()
@@ -96,4 +108,5 @@ def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it
     assert summary["by_status"] == {"sent": 3}
     invoices = Counter(m.envelope_to[0] for m in sink.received if m.envelope_to != [OPS])
     assert invoices == {"kari@bolgen.example": 1, DEFERRED: 1, "per@fjell.example": 1}
-    assert len([m for m in sink.received if m.envelope_to == [OPS]]) == 1  # the mended night sent no alert
+    ops = [m.message["Subject"] for m in sink.received if m.envelope_to == [OPS]]
+    assert len(ops) == 2 and ops.count(LATE_SUBJECT) == 1  # the mended night and the calm watch sent none

@@ -21,6 +21,7 @@ from include.invoice_mailing.render import Attachment, Notification, one_line
 log = logging.getLogger(__name__)
 
 DEFAULT_SMTP_CONN_ID = "smtp_default"
+NO_SMTPUTF8 = "the relay does not offer SMTPUTF8, which an address with a non-ASCII local part needs"
 
 
 class SmtpConfigError(Exception):
@@ -81,10 +82,6 @@ class Mailbox:
     @property
     def address(self) -> str:
         return f"{self.local}@{self.domain}"
-
-    @property
-    def needs_smtputf8(self) -> bool:
-        return not self.address.isascii()
 
 
 def smtp_address(address: str) -> str:
@@ -266,8 +263,7 @@ class SmtpSender:
             client = self._session(conn_id)
             client.ehlo_or_helo_if_needed()
             if smtputf8 and not client.has_extn("smtputf8"):
-                result.failure = ("smtputf8_unsupported", "the relay does not offer SMTPUTF8, which an address "
-                                  "with a non-ASCII local part needs")
+                result.failure = ("smtputf8_unsupported", NO_SMTPUTF8)
                 return result
             limit = size_limit(client.esmtp_features.get("size") if client.has_extn("size") else None)
             if limit and len(data) > limit:

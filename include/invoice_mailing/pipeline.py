@@ -18,6 +18,7 @@ from sqlalchemy import Engine, select
 from include.invoice_mailing import archive, ledger, rules, source
 from include.invoice_mailing.deliver import (
     DEFAULT_SMTP_CONN_ID,
+    NO_SMTPUTF8,
     MessageRecipient,
     SmtpSender,
     build_message,
@@ -427,9 +428,9 @@ class _Mailer:
         envelope = {r["id"]: smtp_address(params.redirect_to or r["recipient"]) for r in rows}
         utf8 = [r["id"] for r in rows if not envelope[r["id"]].isascii()]
         if utf8 and self.sender.supports(conn_id, "smtputf8") is False:
-            text = "the relay does not offer SMTPUTF8, which an address with a non-ASCII local part needs"
-            self.finish(utf8, FAILED, reason="smtputf8_unsupported", error=text, detail=f"{text} ({account})")
-            self.not_sending([r for r in rows if r["id"] in utf8], FAILED, "smtputf8_unsupported", text)
+            self.finish(utf8, FAILED, reason="smtputf8_unsupported", error=NO_SMTPUTF8,
+                        detail=f"{NO_SMTPUTF8} ({account})")
+            self.not_sending([r for r in rows if r["id"] in utf8], FAILED, "smtputf8_unsupported", NO_SMTPUTF8)
             rows = [r for r in rows if r["id"] not in utf8]
             if not rows:
                 return

@@ -124,7 +124,6 @@ def mail_batch(batch: dict, *, run_id, logical_date, data_interval_end, params, 
     )
     keep_map_index_label_on_retry()
     if map_index is not None and try_number is not None:  # the audit links deliveries to this try
-        ledger.ensure_schema(engine_for(LEDGER_CONN_ID))
         ledger.record_task(engine_for(LEDGER_CONN_ID), run_id=run_id, map_index=map_index, try_number=try_number,
                            label=batch["label"], customers=batch["customers"])
     with SmtpSender() as sender:
