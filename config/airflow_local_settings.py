@@ -1,10 +1,21 @@
 """Airflow local settings of the invoice mailing project (on the path as ``AIRFLOW_HOME/config`` or PYTHONPATH).
 
-Only one thing: in the processes that fork task processes (the scheduler with its LocalExecutor,
-a Celery worker) import the pipeline and warm its renderer once, so that task processes inherit it.
+- In the processes that fork task processes (the scheduler with its LocalExecutor, a Celery worker)
+  import the pipeline and warm its renderer once, so that task processes inherit it.
+- The cluster policy ``task_instance_mutation_hook``: the scheduler names each ``mail_customers``
+  instance with its batch's label as it creates it (``include/invoice_mailing/labels.py``).
 """
 
-__all__: list[str] = []  # Airflow copies a local settings module's public names into its settings
+__all__ = ["task_instance_mutation_hook"]  # what Airflow takes from this module into its settings
+
+
+def task_instance_mutation_hook(task_instance, dag_run):  # no default: pluggy passes only named arguments
+    try:
+        from include.invoice_mailing.labels import label_mapped_instance
+    except ImportError:  # the project is not on this process's path: nothing to name
+        return
+    label_mapped_instance(task_instance, dag_run)
+
 
 try:
     from include.invoice_mailing import preload as _preload

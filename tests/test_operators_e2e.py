@@ -48,7 +48,8 @@ def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it
             "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port),
             "AIRFLOW_CONN_MAILING_ALERTS": smtp_connection(sink.port, to=OPS, from_email="airflow@fjordlys.example"),
             "INVOICE_MAILING_RETRIES": "1",
-            "INVOICE_MAILING_RETRY_DELAY_SECONDS": "20",  # long enough for the watch to see the night running
+            "INVOICE_MAILING_RETRY_DELAY_SECONDS": "20",
+            "INVOICE_MAILING_CONCURRENCY": "2",  # long enough for the watch to see the night running
         }
         with AirflowStack(extra_env=env) as stack:
             api = stack.client()
@@ -57,6 +58,15 @@ def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it
             api.unpause(DAG)
             api.unpause(WATCH)
             run_id = api.trigger(DAG, logical_date="2026-11-24T01:00:00Z")["dag_run_id"]
+
+            # Named from the moment the scheduler creates them: with two instances at a time (two cores),
+            # the third waits for its first try, and already carries its customer's label.
+            api.wait_for_task(DAG, run_id, lambda ti: ti["task_id"] == "mail_customers" and ti["map_index"] >= 0,
+                              "the mapped instances", timeout=240, interval=0.2)
+            first_seen = api.task_instances(DAG, run_id, "mail_customers")
+            assert sorted(ti["rendered_map_index"] for ti in first_seen) == [
+                "customer 10001", "customer 10002", "customer 10003"], first_seen
+            assert {ti["state"] for ti in first_seen} & {None, "scheduled", "queued"}, first_seen
 
             waiting = api.wait_for_task(DAG, run_id, lambda ti: ti["state"] == "up_for_retry",
                                         "an instance up for retry", timeout=240)
