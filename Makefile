@@ -7,10 +7,10 @@ export PYTHONPATH := $(CURDIR)
 
 .PHONY: venv catalogs demo airflow test e2e-celery lint bench bench-night clean audit-export audit-ui
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
 venv: $(VENV)/.installed
@@ -24,7 +24,7 @@ demo: venv catalogs
 
 # A real Airflow (api-server, scheduler, dag-processor, triggerer; PostgreSQL metadata) with the demo ERP.
 airflow: venv catalogs
-	$(PY) -m tests.airflow_stack
+	$(PY) -m dev.airflow_stack
 
 test: venv catalogs
 	$(PY) -m pytest -q --ignore=tests/e2e/test_celery.py

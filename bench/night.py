@@ -4,7 +4,7 @@
    5,000), every customer with one invoicing contact in To, one to five lines a document.
 2. The baseline: the plain loop (``pipeline.extract`` and one ``pipeline.mail_batch`` in this one
    process) on a 10% sample ERP made the same way, to a local SMTP server: time per document.
-3. The night: the real topology of ``make airflow`` (``tests/airflow_stack.py``: api-server,
+3. The night: the real topology of ``make airflow`` (``dev/airflow_stack.py``: api-server,
    scheduler with the LocalExecutor, dag-processor, triggerer; PostgreSQL metadata, ERP and ledger)
    on free ports; the night is triggered through the REST API and waited for; the SMTP server counts
    what arrives; the task processes' RSS is sampled every half second.
@@ -40,8 +40,8 @@ os.environ.setdefault("AIRFLOW_HOME", str(ROOT / "demo" / "bench-airflow"))  # t
 import psutil  # noqa: E402
 from sqlalchemy import create_engine, insert, text  # noqa: E402
 
+from dev.smtp_sink import SinkHandler, SmtpSink  # noqa: E402
 from include.invoice_mailing import source  # noqa: E402
-from include.invoice_mailing.smtp_sink import SinkHandler, SmtpSink  # noqa: E402
 
 POSTGRES = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 PRODUCTS = ("Kaffebønner, hele 1 kg", "Røkt laks, skivet (kg)", "Tyttebærsyltetøy 3 kg", "Kjølevitrine, leie",
@@ -204,7 +204,7 @@ class RssSampler(threading.Thread):
 
 
 def night(dbs: Databases, documents: int, customers: int, released: datetime, timeout: float) -> dict:
-    from tests.airflow_stack import AirflowStack
+    from dev.airflow_stack import AirflowStack
 
     erp_name, erp = dbs.new("erp")
     ledger_name, _ = dbs.new("ledger")

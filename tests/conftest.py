@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from include.invoice_mailing.smtp_sink import SmtpSink  # noqa: E402
+from dev.smtp_sink import SmtpSink  # noqa: E402
 from tests.erp import TinyErp  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() == "true"

@@ -19,8 +19,8 @@ from queue import Queue
 import pytest
 from sqlalchemy import create_engine
 
+from dev.smtp_sink import SmtpSink
 from include.invoice_mailing import ledger
-from include.invoice_mailing.smtp_sink import SmtpSink
 from tests.conftest import ROOT, postgres_pair, smtp_connection, sqlite_connection
 from tests.erp import TinyErp
 

@@ -117,7 +117,7 @@ def test_451_for_one_recipient_is_sent_to_that_recipient_alone_with_the_same_mes
 
 
 def test_a_message_over_the_servers_size_limit_fails_too_large_before_anything_is_sent(backend, monkeypatch, tmp_path):
-    from include.invoice_mailing.smtp_sink import SmtpSink
+    from dev.smtp_sink import SmtpSink
 
     with SmtpSink(size_limit=2000) as small:
         monkeypatch.setenv("AIRFLOW_CONN_SMTP_DEFAULT", smtp_connection(small.port))

@@ -13,9 +13,9 @@ from collections import Counter
 import pytest
 from sqlalchemy import select
 
+from dev.airflow_stack import AirflowStack
+from dev.smtp_sink import SmtpSink
 from include.invoice_mailing import ledger
-from include.invoice_mailing.smtp_sink import SmtpSink
-from tests.airflow_stack import AirflowStack
 from tests.conftest import smtp_connection, sqlite_connection
 from tests.erp import TinyErp
 

@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import select, update
 
+from dev.smtp_sink import SmtpSink
 from include.invoice_mailing import i18n, ledger, pipeline, source
 from include.invoice_mailing.deliver import SmtpSender
 from include.invoice_mailing.render import Budget, Renderer
-from include.invoice_mailing.smtp_sink import SmtpSink
 from tests.conftest import smtp_connection
 from tests.erp import TinyErp
 

@@ -459,7 +459,7 @@ def seed(engine: Engine, *, as_of: date = AS_OF) -> dict:
 
 def run_demo(folder: Path, as_of: date = AS_OF) -> int:
     """One DAG run with ``airflow dags test`` on the embedded ERP; the mail lands in ``folder/outbox``."""
-    from include.invoice_mailing.smtp_sink import SmtpSink
+    from dev.smtp_sink import SmtpSink
 
     folder = folder.resolve()
     erp_path, ledger_path, outbox = folder / "erp.db", folder / "ledger.db", folder / "outbox"

@@ -1,6 +1,6 @@
 """The auditors' pages in a real Airflow, in headless Chromium: log in, nights, a failed delivery, its try, the CSV.
 
-A real night first: the stack of ``tests/airflow_stack.py`` (api-server with this repository's plugins,
+A real night first: the stack of ``dev/airflow_stack.py`` (api-server with this repository's plugins,
 scheduler, dag-processor, triggerer; PostgreSQL metadata) runs the DAG against an SMTP server that
 refuses one recipient. Then Debian's chromium and chromedriver, through Selenium, do what an auditor
 does. Screenshots go to a temporary folder; ``INVOICE_MAILING_SCREENSHOTS=docs`` writes the README's
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from include.invoice_mailing.smtp_sink import SmtpSink
+from dev.smtp_sink import SmtpSink
 from tests.conftest import IN_CI, ROOT, smtp_connection, sqlite_connection
 from tests.erp import TinyErp
 
@@ -70,8 +70,8 @@ def night(tmp_path, postgres_admin):
     """A real night in a running Airflow: customer 10001 gets its invoice, 10002's recipient is refused (550)."""
     from sqlalchemy import create_engine, select
 
+    from dev.airflow_stack import AirflowStack
     from include.invoice_mailing import ledger
-    from tests.airflow_stack import AirflowStack
 
     erp = TinyErp(create_engine(f"sqlite:///{tmp_path / 'erp.db'}"))
     erp.recipient(erp.setting(class_id="DOMESTIC"), "Invoicing")
@@ -108,12 +108,13 @@ def shoot(driver, name: str) -> None:
     assert driver.save_screenshot(str(screenshot_folder() / f"audit-{name}.png"))
 
 
-def test_an_auditor_finds_the_failed_delivery_follows_it_to_its_try_and_downloads_the_csv(night, browser):
+# `browser` before `night`: a missing browser fails in a second, before an api-server is started.
+def test_an_auditor_finds_the_failed_delivery_follows_it_to_its_try_and_downloads_the_csv(browser, night):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    from tests.airflow_stack import ADMIN
+    from dev.airflow_stack import ADMIN
 
     stack, run_id = night
     wait = WebDriverWait(browser, 30)

@@ -1,6 +1,6 @@
 """One night on the distributed engine: CeleryExecutor, two workers, one of them SIGKILLed mid-send.
 
-The topology of docker-compose.yaml as processes on this machine (tests/airflow_stack.py): api-server,
+The topology of docker-compose.yaml as processes on this machine (dev/airflow_stack.py): api-server,
 scheduler, dag-processor, triggerer and two Celery workers (as root each on its own "host": host name
 and process namespace), PostgreSQL for Airflow's metadata, the ledger and the ERP (48 invoices of 24
 customers, each to a To and a Cc recipient), Redis as the broker, and an aiosmtpd server. The night is triggered through the REST API; when a worker holds a
@@ -21,8 +21,8 @@ import pendulum
 import pytest
 from sqlalchemy import select
 
+from dev.airflow_stack import REDIS_URL, AirflowStack
 from include.invoice_mailing import ledger
-from tests.airflow_stack import REDIS_URL, AirflowStack
 from tests.conftest import _server_missing, postgres_pair, smtp_connection
 from tests.erp import TinyErp
 

@@ -11,7 +11,7 @@ stopped (process groups) and dropped on exit. ``stack.client()`` is a small REST
         run = api.trigger("invoice_mailing", logical_date="2026-11-24T01:00:00Z")
         api.wait_for_run("invoice_mailing", run["dag_run_id"], {"success", "failed"})
 
-``python -m tests.airflow_stack`` (``make airflow``) runs the same topology in the foreground with the
+``python -m dev.airflow_stack`` (``make airflow``) runs the same topology in the foreground with the
 demo ERP and a local SMTP sink, and prints the UI's URL and login.
 
 With ``executor="CeleryExecutor"`` and ``workers=("worker-a", "worker-b")`` it is the topology of
@@ -397,8 +397,8 @@ class StackClient:
 
 def main() -> int:
     """``make airflow``: the topology with the demo ERP and an SMTP sink, in the foreground until Ctrl-C."""
+    from dev.smtp_sink import SmtpSink
     from include.invoice_mailing import demo
-    from include.invoice_mailing.smtp_sink import SmtpSink
 
     folder = ROOT / "demo" / "airflow-stack"
     folder.mkdir(parents=True, exist_ok=True)
