@@ -44,8 +44,9 @@ SMTP_POOL = "invoice_mailing_smtp"
 
 @dag(
     dag_id="invoice_mailing",
-    # No start_date: the first run is the first 02:00 after the DAG is unpaused, never a past night.
-    schedule=CronTriggerTimetable("0 2 * * *", timezone="Europe/Oslo"),
+    # No start_date, and no grace after 02:00 (Airflow's default runs a night unpaused up to 2 h 24 min
+    # late): the first run is the first 02:00 after the DAG is unpaused, whatever the hour, never a past night.
+    schedule=CronTriggerTimetable("0 2 * * *", timezone="Europe/Oslo", run_immediately=timedelta(0)),
     catchup=False,
     max_active_runs=1,
     tags=["finance", "accounts-receivable", "email"],

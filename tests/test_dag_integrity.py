@@ -41,19 +41,25 @@ def test_runs_nightly_at_two_in_oslo_without_catch_up(dag):
     assert dag.catchup is False and dag.max_active_runs == 1
 
 
-def test_a_new_installation_waits_for_the_next_night():
-    """No start_date: unpausing creates no run for a night already past (Airflow's CronTriggerTimetable
-    then waits for the next 02:00; with a start_date it would run the latest past night at once)."""
+@pytest.mark.parametrize("unpaused_at", ["2026-12-01T02:00:01", "2026-12-01T02:30", "2026-12-01T04:00",
+                                         "2026-12-01T23:59", "2026-07-01T02:30"])
+def test_a_new_installation_waits_for_the_next_night_whenever_it_is_unpaused(monkeypatch, unpaused_at):
+    """No start_date and no grace: the first run the scheduler plans is the next 02:00 Oslo, also when the
+    DAG is unpaused shortly after one (Airflow's default would still run that night until 04:24)."""
     import pendulum
-    from airflow.timetables.base import TimeRestriction
-    from airflow.timetables.trigger import CronTriggerTimetable
+    from airflow.serialization.serialized_objects import DagSerialization
+    from airflow.timetables import trigger
 
+    now = pendulum.parse(unpaused_at, tz="Europe/Oslo")
+    monkeypatch.setattr(trigger, "utcnow", lambda: now.in_tz("UTC"))
     dag = load_dag()
     assert dag.start_date is None
-    timetable = CronTriggerTimetable("0 2 * * *", timezone="Europe/Oslo")
-    first = timetable.next_dagrun_info(last_automated_data_interval=None,
-                                       restriction=TimeRestriction(earliest=None, latest=None, catchup=False))
-    assert first.run_after > pendulum.now("UTC")
+    # As the dag-processor stores it and the scheduler reads it back.
+    scheduled = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    first = scheduled.next_dagrun_info(last_automated_run_info=None)
+    next_night = now.add(days=1).replace(hour=2, minute=0, second=0, microsecond=0)
+    assert first.run_after == next_night
+    assert first.run_after.in_tz("Europe/Oslo").hour == 2
 
 
 def test_a_night_not_finished_by_six_in_oslo_alerts():

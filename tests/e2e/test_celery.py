@@ -45,7 +45,7 @@ def redis_broker():
 
 
 def latest_night() -> pendulum.DateTime:
-    """The latest 02:00 in Oslo: the run that unpausing would create, so the trigger takes its place."""
+    """The latest 02:00 in Oslo: tonight's night, triggered by hand (unpausing itself creates no run)."""
     now = pendulum.now("Europe/Oslo")
     night = now.replace(hour=2, minute=0, second=0, microsecond=0)
     return night if night <= now else night.subtract(days=1)
