@@ -112,6 +112,20 @@ mailing_task = Table(
     Column("started_at", DateTime(timezone=True), nullable=False),
 )
 
+# An attempt that found, after the SMTP server took its message, that another attempt had taken over
+# its claim: the message may have arrived twice (migration 0004).
+lost_claim = Table(
+    "lost_claim", ledger,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("delivery_id", Integer, nullable=False),
+    Column("run_id", String(250), nullable=False),
+    Column("claimed_by", String(120), nullable=False),  # the attempt that sent, then found its claim gone
+    Column("held_by", String(120), nullable=True),      # who held the delivery then
+    Column("status", String(10), nullable=False),       # the delivery's status then
+    Column("message_sha256", String(64), nullable=True),  # the bytes this attempt had sent
+    Column("noted_at", DateTime(timezone=True), nullable=False),
+)
+
 PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed", "skipped"
 # The server's verdicts on a recipient or a message: final for their delivery. Every other skipped or
 # failed row (a refusal by the rules, a config error, a relay that refused the sender, the login or
@@ -442,11 +456,34 @@ def finish(engine: Engine, ids: Sequence[int], token: str, status: str, *, reaso
         ).rowcount
 
 
+def note_lost_claims(engine: Engine, ids: Sequence[int], token: str, *, run_id: str,
+                     message_sha256: str | None = None) -> list[dict]:
+    """Of deliveries this attempt has just sent, those whose claim another attempt took over meanwhile
+    (its lease expired during the send): the message may have arrived twice. Each is noted in
+    ``lost_claim`` and returned with the status and claimant the ledger shows now."""
+    if not ids:
+        return []
+    with engine.begin() as conn:
+        lost = [dict(r) for r in conn.execute(
+            select(delivery.c.id, delivery.c.recipient, delivery.c.status, delivery.c.claimed_by)
+            .where(delivery.c.id.in_(list(ids)), or_(delivery.c.claimed_by.is_(None), delivery.c.claimed_by != token))
+            .order_by(delivery.c.id)
+        ).mappings()]
+        if lost:
+            stamp = now()
+            conn.execute(insert(lost_claim), [
+                dict(delivery_id=r["id"], run_id=run_id, claimed_by=token, held_by=r["claimed_by"],
+                     status=r["status"], message_sha256=message_sha256, noted_at=stamp) for r in lost])
+    return lost
+
+
 def record_message_path(engine: Engine, ids: Sequence[int], path: str | None) -> None:
-    """Where the archive keeps the bytes of these sent deliveries' message (status is untouched)."""
+    """Where the archive keeps the bytes of these sent deliveries' message: set once (the trigger of
+    migration 0004 lets nothing else of a sent row change)."""
     if path and ids:
         with engine.begin() as conn:
-            conn.execute(update(delivery).where(delivery.c.id.in_(list(ids)), delivery.c.status == SENT)
+            conn.execute(update(delivery).where(delivery.c.id.in_(list(ids)), delivery.c.status == SENT,
+                                                delivery.c.message_path.is_(None))
                          .values(message_path=path))
 
 
