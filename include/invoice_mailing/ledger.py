@@ -34,6 +34,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Engine,
+    Index,
     Integer,
     MetaData,
     String,
@@ -88,6 +89,7 @@ delivery = Table(
                      name="uq_delivery"),
     CheckConstraint("status IN ('pending', 'sending', 'sent', 'failed', 'skipped')", name="ck_delivery_status"),
     CheckConstraint("mode IN ('live', 'dry_run', 'redirect')", name="ck_delivery_mode"),
+    Index("ix_delivery_status", "status"),  # every night looks for the few rows still open (migration 0004)
 )
 
 mailing_run = Table(
@@ -282,6 +284,21 @@ _REDECIDABLE = and_(delivery.c.status.in_((SKIPPED, FAILED)),
 
 def _redecidable(row) -> bool:
     return row["status"] in (SKIPPED, FAILED) and row["reason"] not in SMTP_FAILURES
+
+
+def open_documents(engine: Engine, mode: str, *, customers: Sequence[str] = (),
+                   documents: Sequence[str] = ()) -> list[tuple[str, str, str]]:
+    """(doc_type, ref_nbr, customer_id) of documents with a delivery of this mode still open (pending,
+    or being sent): whatever the ERP says of them now, a run must decide these rows."""
+    conditions = [delivery.c.status.in_((PENDING, SENDING)), delivery.c.mode == mode]
+    if customers:
+        conditions.append(delivery.c.customer_id.in_(list(customers)))
+    if documents:
+        conditions.append(delivery.c.ref_nbr.in_(list(documents)))
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(
+            select(delivery.c.doc_type, delivery.c.ref_nbr, delivery.c.customer_id).distinct().where(*conditions)
+            .order_by(delivery.c.customer_id, delivery.c.doc_type, delivery.c.ref_nbr))]
 
 
 def documents_with_rows(engine: Engine, keys: Iterable[tuple[str, str]], mode: str) -> set[tuple[str, str]]:

@@ -182,6 +182,16 @@ def extract(erp: Engine, ledger_db: Engine, ctx: RunContext, max_batches: int = 
             chunk = [d for d in chunk if (d.doc_type, d.ref_nbr) not in settled]
         due += chunk
     log.info("%d documents due, %d of them delivered before", len(due) + delivered, delivered)
+    # Deliveries left open (pending, or claimed by an attempt that died) are decided tonight even if
+    # their document is no longer due: the batch retires them with a reason instead of leaving them open.
+    listed = {(d.doc_type, d.ref_nbr) for d in due}
+    owed = [source.DueDocument(*key) for key in ledger.open_documents(
+        ledger_db, ctx.params.mode, customers=ctx.params.customers, documents=ctx.params.documents)
+        if key[:2] not in listed]
+    if owed:
+        log.info("%d documents no longer due in the ERP have deliveries still open: they are decided tonight",
+                 len(owed))
+        due += owed
     batches = group_batches(due, max_batches, batch_documents=batch_documents, max_instances=max_instances,
                             workers=workers)
     log.info("%d documents of %d customers in %d batches", len(due),
@@ -294,13 +304,16 @@ def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, 
     """
     settings = settings or BatchSettings()
     mode = ctx.params.mode
-    data = source.load_batch(erp, [tuple(d) for d in batch["documents"]])
+    keys = {tuple(d) for d in batch["documents"]}
+    data = source.load_batch(erp, keys)
     plans = plan_batch(data, renderer, include_emailed=ctx.params.resend)
     gone = {p.document.key for p in plans if p.refusal and p.refusal.reason == rules.NO_LONGER_DUE}
-    # A document no longer due keeps the rows it has (its pending ones are retired below); one that
+    gone |= keys - {p.document.key for p in plans}  # deleted from the ERP since the extract
+    # A document no longer due keeps the rows it has (its open ones are retired below); one that
     # never had any gets a row that says why it was not mailed.
     recorded = ledger.documents_with_rows(ledger_db, gone, mode) if gone else set()
     planned = {p.document.key: [] if p.document.key in recorded else planned_deliveries(p) for p in plans}
+    planned.update((key, []) for key in gone - planned.keys())
     ledger.record_plan(ledger_db, [row for rows in planned.values() for row in rows],
                        run_id=ctx.run_id, mode=mode, resend=ctx.params.resend)
     refused = [NotSent.of(asdict(row), FAILED, row.reason, row.detail)
@@ -310,22 +323,23 @@ def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, 
 
     by_key = {p.document.key: p for p in plans if p.refusal is None}
     wanted = {row.key for rows in planned.values() for row in rows if row.status == PENDING}
+    # A message's rows are those the ERP still names for it: they are its envelope and its To/Cc.
     messages: dict[str, list[dict]] = defaultdict(list)
-    retired: dict[str, list[int]] = defaultdict(list)
+    retired: dict[str, list[dict]] = defaultdict(list)
     for row in ledger.open_deliveries(ledger_db, planned, mode):
         doc_key = (row["doc_type"], row["ref_nbr"])
         key = (*doc_key, row["mailing_id"], row["recipient_key"], row["format"])
-        if row["status"] == PENDING and key not in wanted:
-            retired["no_longer_due" if doc_key in gone else "no_longer_planned"].append(row["id"])
-        elif doc_key in by_key:
+        if key in wanted and doc_key in by_key:
             messages[row["message_id"]].append(row)
-    for reason, ids in retired.items():
-        detail = ("the document is no longer due in the ERP (voided, marked don't email, or emailed)"
-                  if reason == "no_longer_due" else
-                  "the ERP no longer names this recipient, format or document for mailing")
-        ledger.retire(ledger_db, ids, run_id=ctx.run_id, reason=reason, detail=detail)
+        elif row["status"] in (PENDING, ledger.SENDING):  # a stale claim is re-decided like a pending row
+            retired["no_longer_due" if doc_key in gone else "no_longer_planned"].append(row)
 
     mailer = _Mailer(ctx, data, renderer, sender, ledger_db, settings)
+    for reason, rows in retired.items():
+        detail = ("the document is no longer due in the ERP (voided, marked don't email, emailed, or deleted)"
+                  if reason == "no_longer_due" else
+                  "the ERP no longer names this recipient, format or document for mailing")
+        mailer.settle_unsent(rows, SKIPPED, reason, detail)
     current = None
     for message_id, members in sorted(messages.items(), key=lambda m: (m[1][0]["doc_type"], m[1][0]["ref_nbr"])):
         todo = [r for r in members if r["status"] in (PENDING, ledger.SENDING)]
@@ -439,7 +453,7 @@ class _Mailer:
             sender_address=mailing.account.address, sender_name=mailing.account.display_name,
             recipients=[MessageRecipient(r["recipient"], r["add_to"], _name(plan, r["recipient_key"]))
                         for r in members
-                        if r["id"] not in excluded and (r["status"] != FAILED or r["id"] in claimed)],
+                        if r["id"] not in excluded and (r["status"] not in (FAILED, SKIPPED) or r["id"] in claimed)],
             notification=notification, attachment=attachment, message_id=message_id,
             document_ref=f"{doc.doc_type} {doc.ref_nbr}", redirect_to=params.redirect_to,
         )
@@ -473,15 +487,23 @@ class _Mailer:
         """Deliveries that cannot be sent tonight and are re-decided tomorrow. Pending rows are settled
         directly; a stale ``sending`` row is claimed first (another attempt may still hold it)."""
         self.not_sending(rows, FAILED, reason, detail)
+        self.settle_unsent(rows, FAILED, reason, detail, error=detail)
+
+    def settle_unsent(self, rows: list[dict], status: str, reason: str, detail: str,
+                      error: str | None = None) -> None:
+        """Settle deliveries without sending them. Pending rows are settled directly; a ``sending``
+        row is taken over first when its claim is stale (its attempt died), and left to a live one."""
         pending = [r["id"] for r in rows if r["status"] == PENDING]
-        self.counts[FAILED] += ledger.retire(self.ledger_db, pending, run_id=self.ctx.run_id, reason=reason,
-                                             detail=detail, status=FAILED, error=detail)
+        self.counts[status] += ledger.retire(self.ledger_db, pending, run_id=self.ctx.run_id, reason=reason,
+                                             detail=detail, status=status, error=error)
         stuck = [r["id"] for r in rows if r["status"] == ledger.SENDING]
         if stuck:
             claimed, busy = ledger.claim(self.ledger_db, stuck, self.token, run_id=self.ctx.run_id,
                                          lease=self.settings.lease)
             self.counts["held"] += len(busy)
-            self.finish(claimed, FAILED, reason=reason, error=detail, detail=detail)
+            died = "an earlier attempt died while sending it, so it may have arrived"
+            self.finish(claimed, status, reason=reason, error=error or died,
+                        detail=f"{detail}; {died}" if status == SKIPPED else detail)
 
     def notification(self, plan: rules.DocumentPlan) -> Notification:
         """Rendered once per document, for all its formats; a failure is remembered too."""

@@ -11,8 +11,9 @@ revision, on SQLite and PostgreSQL alike:
   after it so that the window in which a message can arrive twice stays one UPDATE);
 - a delivery is never deleted (nor, on PostgreSQL, the table truncated).
 
-``lost_claim`` is new: each time an attempt found, after the SMTP server had taken its message, that
-another attempt had taken over its claim (a message that may have arrived twice), it says so there.
+``ix_delivery_status`` lets every night find the deliveries still open. ``lost_claim`` is new: each
+time an attempt found, after the SMTP server had taken its message, that another attempt had taken
+over its claim (a message that may have arrived twice), it says so there.
 Existing rows are not rewritten.
 
 Revision ID: 0004
@@ -104,6 +105,7 @@ FOR EACH STATEMENT EXECUTE FUNCTION delivery_forward_only()""",
 def upgrade() -> None:
     for statement in statements(op.get_bind().dialect.name):
         op.execute(statement)
+    op.create_index("ix_delivery_status", "delivery", ["status"])
     op.create_table(
         "lost_claim",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
