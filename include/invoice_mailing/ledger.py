@@ -51,6 +51,8 @@ from sqlalchemy import (
     update,
 )
 
+from include.invoice_mailing.rules import CONFIG_ERROR
+
 ledger = MetaData()
 
 delivery = Table(
@@ -185,12 +187,14 @@ class PlannedDelivery:
 
 def settled_documents(engine: Engine, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
     """Documents that need nothing tonight: delivered live at least once, with no live delivery still
-    open (pending, being sent, or refused by the relay for a reason the relay's owner can mend)."""
+    open (pending, being sent, refused by the relay for a reason the relay's owner can mend, or failed
+    for a configuration error that a later night re-decides once it is mended)."""
     keys = sorted(set(keys))
     settled: set[tuple[str, str]] = set()
     doc = tuple_(delivery.c.doc_type, delivery.c.ref_nbr)
     is_open = or_(delivery.c.status.in_((PENDING, SENDING)),
-                  and_(delivery.c.status == FAILED, delivery.c.reason.in_(RELAY_REFUSALS)))
+                  and_(delivery.c.status == FAILED, delivery.c.reason.in_(RELAY_REFUSALS)),
+                  and_(delivery.c.status == FAILED, delivery.c.reason == CONFIG_ERROR))
     with engine.connect() as conn:
         for start in range(0, len(keys), _CHUNK):
             chunk = keys[start : start + _CHUNK]
@@ -284,6 +288,35 @@ _REDECIDABLE = and_(delivery.c.status.in_((SKIPPED, FAILED)),
 
 def _redecidable(row) -> bool:
     return row["status"] in (SKIPPED, FAILED) and row["reason"] not in SMTP_FAILURES
+
+
+def retire_unplanned_failures(engine: Engine, planned: Iterable[PlannedDelivery], *, run_id: str,
+                              mode: str) -> int:
+    """Failures a later night re-decides (a configuration error, a relay's refusal) of deliveries the
+    rules no longer plan for their document, its recipient, format or whole-document refusal having
+    changed since: skipped as no longer planned. Else such a row would keep its document unsettled,
+    never written back, for good."""
+    keys: dict[tuple[str, str], set[tuple]] = {}
+    for p in planned:
+        keys.setdefault((p.doc_type, p.ref_nbr), set()).add(p.key)
+    docs = sorted(keys)
+    retired = 0
+    with engine.begin() as conn:
+        for start in range(0, len(docs), _CHUNK):
+            rows = conn.execute(
+                select(delivery.c.id, delivery.c.doc_type, delivery.c.ref_nbr, delivery.c.mailing_id,
+                       delivery.c.recipient_key, delivery.c.format)
+                .where(tuple_(delivery.c.doc_type, delivery.c.ref_nbr).in_(docs[start : start + _CHUNK]),
+                       delivery.c.mode == mode, delivery.c.status == FAILED, _REDECIDABLE)
+            ).all()
+            ids = [r.id for r in rows if tuple(r)[1:] not in keys[(r.doc_type, r.ref_nbr)]]
+            if ids:
+                retired += conn.execute(
+                    update(delivery).where(delivery.c.id.in_(ids), delivery.c.status == FAILED, _REDECIDABLE)
+                    .values(status=SKIPPED, reason="no_longer_planned", last_run_id=run_id, updated_at=now(),
+                            detail="the ERP no longer names this recipient, format or refusal for this document")
+                ).rowcount
+    return retired
 
 
 def open_documents(engine: Engine, mode: str, *, customers: Sequence[str] = (),

@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 from email_validator import EmailNotValidError
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from include.invoice_mailing import archive, ledger, rules, source
 from include.invoice_mailing.deliver import (
@@ -156,12 +157,14 @@ def _balanced(customers: list[str], by_customer: dict[str, list], count: int) ->
 
 
 def extract(erp: Engine, ledger_db: Engine, ctx: RunContext, max_batches: int = MAX_BATCHES, *,
-            batch_documents: int = BATCH_DOCUMENTS, max_instances: int = MAX_INSTANCES, workers: int = 1
-            ) -> list[dict]:
+            batch_documents: int = BATCH_DOCUMENTS, max_instances: int = MAX_INSTANCES, workers: int = 1,
+            write_back: bool = False) -> list[dict]:
     """Due documents, less those the ledger shows as delivered, grouped into batches of customers.
 
     The ERP's rows are streamed in chunks and only their keys are kept: the mapped instances get
-    customer numbers and document keys, and load the rest themselves.
+    customer numbers and document keys, and load the rest themselves. With ``write_back``, a live
+    run marks as emailed the documents the ledger shows delivered but the ERP does not (the write-back
+    after their send failed, or was switched on since).
     """
     ledger.ensure_schema(ledger_db)
     ledger.start_run(ledger_db, ctx.run_id, ctx.released_before, ctx.params.mode, asdict(ctx.params))
@@ -174,14 +177,16 @@ def extract(erp: Engine, ledger_db: Engine, ctx: RunContext, max_batches: int = 
         include_emailed=ctx.params.resend,
     )
     due: list[source.DueDocument] = []
-    delivered = 0
+    delivered: set[tuple[str, str]] = set()
     for chunk in chunks:
         if not ctx.params.resend:  # a dry or redirected run previews tonight's live run: delivered is done
             settled = ledger.settled_documents(ledger_db, [(d.doc_type, d.ref_nbr) for d in chunk])
-            delivered += len(settled)
+            delivered |= settled
             chunk = [d for d in chunk if (d.doc_type, d.ref_nbr) not in settled]
         due += chunk
-    log.info("%d documents due, %d of them delivered before", len(due) + delivered, delivered)
+    log.info("%d documents due, %d of them delivered before", len(due) + len(delivered), len(delivered))
+    if write_back and ctx.params.mode == "live" and delivered:
+        _write_back_delivered(erp, delivered)
     # Deliveries left open (pending, or claimed by an attempt that died) are decided tonight even if
     # their document is no longer due: the batch retires them with a reason instead of leaving them open.
     listed = {(d.doc_type, d.ref_nbr) for d in due}
@@ -197,6 +202,16 @@ def extract(erp: Engine, ledger_db: Engine, ctx: RunContext, max_batches: int = 
     log.info("%d documents of %d customers in %d batches", len(due),
              sum(len(b["customers"]) for b in batches), len(batches))
     return batches
+
+
+def _write_back_delivered(erp: Engine, documents: set[tuple[str, str]]) -> None:
+    """Mark as emailed documents delivered before whose flag the ERP still lacks. The night goes on if
+    the ERP refuses: its invoices go out, and the next night tries the write-back again."""
+    try:
+        log.info("Marked %d documents delivered before as emailed in the ERP", source.mark_emailed(erp, documents))
+    except SQLAlchemyError as exc:
+        log.warning("Could not mark %d documents delivered before as emailed in the ERP (the next night tries "
+                    "again): %s", len(documents), exc)
 
 
 # --- 2. Mail one batch --------------------------------------------------------------------------
@@ -314,8 +329,9 @@ def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, 
     recorded = ledger.documents_with_rows(ledger_db, gone, mode) if gone else set()
     planned = {p.document.key: [] if p.document.key in recorded else planned_deliveries(p) for p in plans}
     planned.update((key, []) for key in gone - planned.keys())
-    ledger.record_plan(ledger_db, [row for rows in planned.values() for row in rows],
-                       run_id=ctx.run_id, mode=mode, resend=ctx.params.resend)
+    rows_planned = [row for rows in planned.values() for row in rows]
+    ledger.record_plan(ledger_db, rows_planned, run_id=ctx.run_id, mode=mode, resend=ctx.params.resend)
+    ledger.retire_unplanned_failures(ledger_db, rows_planned, run_id=ctx.run_id, mode=mode)
     refused = [NotSent.of(asdict(row), FAILED, row.reason, row.detail)
                for rows in planned.values() for row in rows if row.status == FAILED]
     for item in refused:
