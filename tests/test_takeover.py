@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import update
@@ -140,3 +140,30 @@ def test_to_and_cc_name_only_the_recipients_of_the_message(night, sink):
     [mail] = sink.received
     assert mail.envelope_to == [TO]
     assert CC not in (mail.message["Cc"] or "") and TO in mail.message["To"]
+
+
+def test_a_claim_lost_during_the_send_is_told_as_a_possible_duplicate(night, sink, monkeypatch, caplog, capsys):
+    batches = night.extract()
+    heir = "worker-7.example:4242:cafe"
+    send = SmtpSender.send
+
+    def outlive_the_lease(self, conn_id, msg, sender, recipients):
+        result = send(self, conn_id, msg, sender, recipients)  # the server takes the message...
+        ids = [r["id"] for r in ledger.all_deliveries(night.ledger_db)]
+        # ...while another attempt, finding this one's lease expired, takes the deliveries over.
+        assert ledger.claim(night.ledger_db, ids, heir, run_id="run-1", lease=timedelta(0))[0] == ids
+        return result
+
+    monkeypatch.setattr(SmtpSender, "send", outlive_the_lease)
+    [summary] = night.mail(batches)
+
+    assert len(sink.received) == 1 and summary.get("sent", 0) == 0 and summary["possible_duplicates"] == 2
+    logged = caplog.text + capsys.readouterr().out  # Airflow's logging may write the task log to stdout
+    duplicates = [line for line in logged.splitlines() if "Possible duplicate" in line]
+    for address in (TO, CC):
+        assert any(address in line and heir in line and "may get it twice" in line for line in duplicates), logged
+    noted = ledger.lost_claims(night.ledger_db, "run-1")
+    assert {(n["held_by"], n["status"]) for n in noted} == {(heir, "sending")}
+    assert all(n["message_sha256"] and n["claimed_by"] != heir for n in noted)
+    assert set(night.rows().values()) == {("sending", None)}  # the heir's to finish
+    assert pipeline.audit(night.ledger_db, "run-1")["possible_duplicates"] == 2

@@ -527,6 +527,13 @@ def note_lost_claims(engine: Engine, ids: Sequence[int], token: str, *, run_id: 
     return lost
 
 
+def lost_claims(engine: Engine, run_id: str) -> list[dict]:
+    """What ``note_lost_claims`` noted during this run."""
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(
+            select(lost_claim).where(lost_claim.c.run_id == run_id).order_by(lost_claim.c.id)).mappings()]
+
+
 def record_message_path(engine: Engine, ids: Sequence[int], path: str | None) -> None:
     """Where the archive keeps the bytes of these sent deliveries' message: set once (the trigger of
     migration 0004 lets nothing else of a sent row change)."""

@@ -413,8 +413,10 @@ class _Mailer:
         self.counts: dict[str, int] = defaultdict(int)
         self.not_sent: list[NotSent] = []
 
-    def finish(self, ids, status: str, count_as: str | None = None, **values) -> None:
-        self.counts[count_as or status] += ledger.finish(self.ledger_db, ids, self.token, status, **values)
+    def finish(self, ids, status: str, count_as: str | None = None, **values) -> int:
+        done = ledger.finish(self.ledger_db, ids, self.token, status, **values)
+        self.counts[count_as or status] += done
+        return done
 
     def forget(self) -> None:
         """Drop the rendered attachments and notification of the document just mailed."""
@@ -480,8 +482,11 @@ class _Mailer:
         crashpoint("before_commit")
 
         sent_ids = [i for a in result.accepted for i in ids_of.get(a, ())]
-        self.finish(sent_ids, SENT, attachment_sha256=attachment.sha256, redirected_to=params.redirect_to,
-                    message_sha256=archive.digest(result.data))
+        digest = archive.digest(result.data)
+        if self.finish(sent_ids, SENT, attachment_sha256=attachment.sha256, redirected_to=params.redirect_to,
+                       message_sha256=digest) < len(sent_ids):
+            lost = self.claims_lost(message_id, sent_ids, digest)
+            sent_ids = [i for i in sent_ids if i not in lost]
         if sent_ids and self.settings.archive:  # after the commit: the duplicate window stays one UPDATE
             ledger.record_message_path(self.ledger_db, sent_ids, self.settings.archive.keep(result.data))
         row_of = {r["id"]: r for r in rows}
@@ -498,6 +503,19 @@ class _Mailer:
             detail = f"{text} ({account})" if reason in ("auth_failed", "sender_rejected", "config_error") else None
             self.finish(rest, FAILED, reason=reason, error=text, detail=detail, attachment_sha256=attachment.sha256)
             self.not_sending([row_of[i] for i in rest], FAILED, reason, detail or text)
+
+    def claims_lost(self, message_id: str, sent_ids: list[int], digest: str | None) -> set[int]:
+        """The server took the message, but another attempt had taken these deliveries over meanwhile
+        (this attempt outlived its lease): the recipient may get the message twice. Say so, in the
+        log and in the ledger's ``lost_claim``; the row stays the other attempt's to finish."""
+        lost = ledger.note_lost_claims(self.ledger_db, sent_ids, self.token, run_id=self.ctx.run_id,
+                                       message_sha256=digest)
+        for row in lost:
+            log.warning("Possible duplicate: the SMTP server took message %s for %s, but another attempt (%s) "
+                        "had taken over this delivery meanwhile (it is now %s); the recipient may get it twice",
+                        message_id, row["recipient"], row["claimed_by"], row["status"])
+        self.counts["possible_duplicates"] += len(lost)
+        return {row["id"] for row in lost}
 
     def refuse(self, rows: list[dict], reason: str, detail: str) -> None:
         """Deliveries that cannot be sent tonight and are re-decided tomorrow. Pending rows are settled
@@ -590,4 +608,9 @@ def audit(ledger_db: Engine, run_id: str) -> dict:
                                  ledger.delivery.c.status.in_((PENDING, ledger.SENDING, FAILED)))
     summary["undelivered"] = [asdict(NotSent.of(r, r["status"], r["reason"] or "deferred", r["last_error"] or r["detail"]))
                               for r in rows]
+    duplicates = ledger.lost_claims(ledger_db, run_id)
+    if duplicates:
+        summary["possible_duplicates"] = len(duplicates)
+        log.warning("%d messages of this run may have arrived twice: an attempt outlived its claim's lease "
+                    "(see the ledger's lost_claim)", len(duplicates))
     return summary
