@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import update
 
-from include.invoice_mailing import ledger, pipeline, source
+from include.invoice_mailing import ledger, pipeline, planning, source
 from include.invoice_mailing.deliver import SmtpSender
 from include.invoice_mailing.render import Renderer
 from tests.conftest import smtp_connection
@@ -80,8 +80,8 @@ def plan_only(night) -> list[dict]:
     batches = night.extract()
     for batch in batches:
         data = source.load_batch(night.erp, [tuple(d) for d in batch["documents"]])
-        plans = pipeline.plan_batch(data, night.renderer)
-        ledger.record_plan(night.ledger_db, [r for p in plans for r in pipeline.planned_deliveries(p)],
+        plans = planning.plan_batch(data, night.renderer)
+        ledger.record_plan(night.ledger_db, [r for p in plans for r in planning.planned_deliveries(p)],
                            run_id="run-1", mode="live", resend=False)
     return batches
 

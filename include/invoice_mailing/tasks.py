@@ -102,7 +102,7 @@ def _context(run_id: str, logical_date: datetime | None, data_interval_end: date
 def open_night(*, run_id, logical_date, data_interval_end, params) -> None:
     """The night's setup: refuse wrong parameters and an unreachable ledger before anything is read."""
     ctx = _context(run_id, logical_date, data_interval_end, params)
-    pipeline.ledger.ensure_schema(engine_for(LEDGER_CONN_ID))
+    ledger.ensure_schema(engine_for(LEDGER_CONN_ID))
     log.info("Night %s: mode %s, parameters %s", ctx.run_date, ctx.params.mode, ctx.params)
 
 
