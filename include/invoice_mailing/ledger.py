@@ -8,9 +8,10 @@ A delivery is (document, mailing, recipient address, format, mode, generation). 
        '--> skipped / failed                   (refused by the rules before any attempt)
 
 A row refused by the rules may be re-decided by a later run (the ERP data was fixed, or broke
-differently); a row the SMTP server refused, and a sent row, are final. The database enforces these
-transitions with a trigger, on SQLite and PostgreSQL alike; the schema changes only through the
-Alembic migrations in ``migrations/``.
+differently); a row the SMTP server refused, and a sent row, are final: never changed again (but for
+the archive's path of a sent message, set once). The database enforces these transitions, and that
+no delivery is deleted, with triggers on SQLite and PostgreSQL alike (migration 0004); the schema
+changes only through the Alembic migrations in ``migrations/``.
 ``sending`` is taken over by another attempt only when its claim is stale: the claimant's process
 is gone (same host, same process namespace) or its lease expired, measured by the database's clock
 so that workers on hosts whose clocks disagree still agree on it. The window in which a message can arrive twice is

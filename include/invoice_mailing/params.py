@@ -11,6 +11,8 @@ from email_validator import EmailNotValidError
 from include.invoice_mailing import rules
 
 TIMEZONE = ZoneInfo("Europe/Oslo")
+
+
 class ParamError(ValueError):
     """An operator's run parameter is wrong: the run stops before anything is read or sent."""
 
