@@ -109,25 +109,28 @@ def test_the_tabs_show_the_night_and_the_batch(client):
 
 
 def test_the_archived_message_is_for_editors_and_its_check_is_shown(client, ids, ledger_db, tmp_path):
-    from sqlalchemy import update
+    from sqlalchemy import insert
 
     from include.invoice_mailing import archive, ledger
+    from tests.audit_seed import NIGHT_1, at, row
 
-    data = b"Subject: Faktura INV000101\r\n\r\nHei\r\n"
+    data = b"Subject: Faktura INV000103\r\n\r\nHei\r\n"
     path = archive.Archive(str(tmp_path / "archive")).keep(data)
-    with ledger_db.begin() as conn:
-        conn.execute(update(ledger.delivery).where(ledger.delivery.c.id == ids["sent"])
-                     .values(message_sha256=archive.digest(data), message_path=path))
-    route = f"/messages/{ids['sent']}.eml"
+    with ledger_db.begin() as conn:  # a sent row is final: its hash is written with it, as the pipeline does
+        sent = conn.execute(insert(ledger.delivery).values(**row(
+            NIGHT_1, "INV000103", "10001", "kari@bolgen.example", "sent", at(23, 1, 4),
+            message_sha256=archive.digest(data)))).inserted_primary_key[0]
+    ledger.record_message_path(ledger_db, [sent], path)  # and the archive's path once, after the commit
+    route = f"/messages/{sent}.eml"
 
     assert client.get(route, headers=token("viewer")).status_code == 403
     answer = client.get(route, headers=token("user"))
     assert answer.status_code == 200 and answer.content == data
     assert answer.headers["x-archive-check"] == "match"
-    assert '<span class="match">match</span>' in client.get("/documents/INV000101", headers=token("user")).text
+    assert '<span class="match">match</span>' in client.get("/documents/INV000103", headers=token("user")).text
     with open(path.removeprefix("file://"), "ab") as stored:
         stored.write(b"tampered")
-    assert '<span class="changed">changed</span>' in client.get("/documents/INV000101", headers=token("viewer")).text
+    assert '<span class="changed">changed</span>' in client.get("/documents/INV000103", headers=token("viewer")).text
     assert client.get(f"/messages/{ids['cc']}.eml", headers=token("user")).status_code == 404
 
 

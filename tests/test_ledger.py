@@ -113,3 +113,18 @@ def test_a_claim_whose_process_this_host_cannot_see_waits_for_its_lease(db, host
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     assert ledger.claim(db, [1], f"{host}:{gone.stdout.strip()}:cafe", run_id="r1") == ([1], [])
     assert ledger.claim(db, [1], ledger.claimant(), run_id="r1") == ([], [1])
+
+
+def test_a_sent_delivery_keeps_what_it_says_it_sent_and_no_delivery_is_deleted(db):
+    row_id = sent_row(db)
+    ledger.record_message_path(db, [row_id], "file:///archive/a.eml")  # the archive's path: once, after the commit
+    ledger.record_message_path(db, [row_id], "file:///archive/b.eml")  # a second path is not written
+    for values in ({"sent_at": datetime(2026, 11, 25, tzinfo=UTC)}, {"message_sha256": "0" * 64},
+                   {"recipient": "someone.else@bolgen.example"}, {"reason": "dry_run"}, {"attempts": 5}):
+        with pytest.raises(DBAPIError, match="final delivery is never changed"), db.begin() as conn:
+            conn.execute(update(delivery).where(delivery.c.id == row_id).values(**values))
+    with pytest.raises(DBAPIError, match="never deleted"), db.begin() as conn:
+        conn.execute(delivery.delete())
+    [row] = ledger.all_deliveries(db)
+    assert (row["status"], row["recipient"], row["message_path"]) == ("sent", "kari@bolgen.example",
+                                                                      "file:///archive/a.eml")

@@ -83,3 +83,44 @@ def test_a_new_ledger_gets_the_schema_the_code_expects(backend):
     with engine.connect() as conn:
         differences = compare_metadata(MigrationContext.configure(conn), ledger.ledger)
     assert differences == []
+
+
+def test_after_the_upgrade_a_release_1_ledgers_final_rows_are_fixed_and_nothing_is_deleted(backend):
+    engine = backend["engines"][1]
+    release_1_ledger(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(delivery), [
+            history_row("recipient_rejected", recipient="a@bolgen.example"),
+            {**history_row(None, status="sent", recipient="c@bolgen.example"), "sent_at": STAMP},
+            history_row(None, status="pending", recipient="d@bolgen.example"),
+        ])
+    migrations.upgrade(engine)
+    ids = {r["recipient"]: r["id"] for r in release_1_rows(engine)}
+    sent, rejected, pending = ids["c@bolgen.example"], ids["a@bolgen.example"], ids["d@bolgen.example"]
+
+    def refused(row_id, match="final delivery is never changed", **values):
+        with pytest.raises(DBAPIError, match=match), engine.begin() as conn:
+            conn.execute(update(delivery).where(delivery.c.id == row_id).values(**values))
+
+    refused(sent, sent_at=datetime(2026, 11, 25, tzinfo=UTC))
+    refused(sent, message_sha256="0" * 64)
+    refused(sent, recipient="someone.else@bolgen.example")
+    refused(sent, reason="recipient_rejected")
+    refused(sent, last_error="rewritten")
+    refused(rejected, reason="config_error")
+    refused(rejected, detail="rewritten", last_run_id="scheduled__2026-11-25")
+    for row_id in (sent, rejected, pending):
+        with pytest.raises(DBAPIError, match="never deleted"), engine.begin() as conn:
+            conn.execute(delivery.delete().where(delivery.c.id == row_id))
+    before = release_1_rows(engine)
+
+    # What the pipeline itself writes still passes: an UPDATE that changes nothing, the archive's
+    # path of a sent message once, and anything of a row that is not final.
+    with engine.begin() as conn:
+        conn.execute(update(delivery).where(delivery.c.id.in_([sent, rejected])).values(mode="live"))
+        conn.execute(update(delivery).where(delivery.c.id == pending).values(add_to="Cc", last_run_id="r2"))
+    ledger.record_message_path(engine, [sent], "file:///archive/c.eml")
+    refused(sent, message_path="file:///archive/elsewhere.eml")
+    after = release_1_rows(engine)
+    assert [r for r in after if r["id"] != pending] == [r for r in before if r["id"] != pending]
+    assert {r["message_path"] for r in ledger.all_deliveries(engine, delivery.c.id == sent)} == {"file:///archive/c.eml"}

@@ -8,9 +8,10 @@ A delivery is (document, mailing, recipient address, format, mode, generation). 
        '--> skipped / failed                   (refused by the rules before any attempt)
 
 A row refused by the rules may be re-decided by a later run (the ERP data was fixed, or broke
-differently); a row the SMTP server refused, and a sent row, are final. The database enforces these
-transitions with a trigger, on SQLite and PostgreSQL alike; the schema changes only through the
-Alembic migrations in ``migrations/``.
+differently); a row the SMTP server refused, and a sent row, are final: never changed again (but for
+the archive's path of a sent message, set once). The database enforces these transitions, and that
+no delivery is deleted, with triggers on SQLite and PostgreSQL alike (migration 0004); the schema
+changes only through the Alembic migrations in ``migrations/``.
 ``sending`` is taken over by another attempt only when its claim is stale: the claimant's process
 is gone (same host, same process namespace) or its lease expired, measured by the database's clock
 so that workers on hosts whose clocks disagree still agree on it. The window in which a message can arrive twice is
@@ -34,6 +35,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Engine,
+    Index,
     Integer,
     MetaData,
     String,
@@ -49,6 +51,8 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+
+from include.invoice_mailing.rules import CONFIG_ERROR
 
 ledger = MetaData()
 
@@ -88,6 +92,7 @@ delivery = Table(
                      name="uq_delivery"),
     CheckConstraint("status IN ('pending', 'sending', 'sent', 'failed', 'skipped')", name="ck_delivery_status"),
     CheckConstraint("mode IN ('live', 'dry_run', 'redirect')", name="ck_delivery_mode"),
+    Index("ix_delivery_status", "status"),  # every night looks for the few rows still open (migration 0004)
 )
 
 mailing_run = Table(
@@ -110,6 +115,20 @@ mailing_task = Table(
     Column("label", String(250), nullable=False),
     Column("customers", JSON, nullable=False),
     Column("started_at", DateTime(timezone=True), nullable=False),
+)
+
+# An attempt that found, after the SMTP server took its message, that another attempt had taken over
+# its claim: the message may have arrived twice (migration 0004).
+lost_claim = Table(
+    "lost_claim", ledger,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("delivery_id", Integer, nullable=False),
+    Column("run_id", String(250), nullable=False),
+    Column("claimed_by", String(120), nullable=False),  # the attempt that sent, then found its claim gone
+    Column("held_by", String(120), nullable=True),      # who held the delivery then
+    Column("status", String(10), nullable=False),       # the delivery's status then
+    Column("message_sha256", String(64), nullable=True),  # the bytes this attempt had sent
+    Column("noted_at", DateTime(timezone=True), nullable=False),
 )
 
 PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed", "skipped"
@@ -169,12 +188,14 @@ class PlannedDelivery:
 
 def settled_documents(engine: Engine, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
     """Documents that need nothing tonight: delivered live at least once, with no live delivery still
-    open (pending, being sent, or refused by the relay for a reason the relay's owner can mend)."""
+    open (pending, being sent, refused by the relay for a reason the relay's owner can mend, or failed
+    for a configuration error that a later night re-decides once it is mended)."""
     keys = sorted(set(keys))
     settled: set[tuple[str, str]] = set()
     doc = tuple_(delivery.c.doc_type, delivery.c.ref_nbr)
     is_open = or_(delivery.c.status.in_((PENDING, SENDING)),
-                  and_(delivery.c.status == FAILED, delivery.c.reason.in_(RELAY_REFUSALS)))
+                  and_(delivery.c.status == FAILED, delivery.c.reason.in_(RELAY_REFUSALS)),
+                  and_(delivery.c.status == FAILED, delivery.c.reason == CONFIG_ERROR))
     with engine.connect() as conn:
         for start in range(0, len(keys), _CHUNK):
             chunk = keys[start : start + _CHUNK]
@@ -268,6 +289,50 @@ _REDECIDABLE = and_(delivery.c.status.in_((SKIPPED, FAILED)),
 
 def _redecidable(row) -> bool:
     return row["status"] in (SKIPPED, FAILED) and row["reason"] not in SMTP_FAILURES
+
+
+def retire_unplanned_failures(engine: Engine, planned: Iterable[PlannedDelivery], *, run_id: str,
+                              mode: str) -> int:
+    """Failures a later night re-decides (a configuration error, a relay's refusal) of deliveries the
+    rules no longer plan for their document, its recipient, format or whole-document refusal having
+    changed since: skipped as no longer planned. Else such a row would keep its document unsettled,
+    never written back, for good."""
+    keys: dict[tuple[str, str], set[tuple]] = {}
+    for p in planned:
+        keys.setdefault((p.doc_type, p.ref_nbr), set()).add(p.key)
+    docs = sorted(keys)
+    retired = 0
+    with engine.begin() as conn:
+        for start in range(0, len(docs), _CHUNK):
+            rows = conn.execute(
+                select(delivery.c.id, delivery.c.doc_type, delivery.c.ref_nbr, delivery.c.mailing_id,
+                       delivery.c.recipient_key, delivery.c.format)
+                .where(tuple_(delivery.c.doc_type, delivery.c.ref_nbr).in_(docs[start : start + _CHUNK]),
+                       delivery.c.mode == mode, delivery.c.status == FAILED, _REDECIDABLE)
+            ).all()
+            ids = [r.id for r in rows if tuple(r)[1:] not in keys[(r.doc_type, r.ref_nbr)]]
+            if ids:
+                retired += conn.execute(
+                    update(delivery).where(delivery.c.id.in_(ids), delivery.c.status == FAILED, _REDECIDABLE)
+                    .values(status=SKIPPED, reason="no_longer_planned", last_run_id=run_id, updated_at=now(),
+                            detail="the ERP no longer names this recipient, format or refusal for this document")
+                ).rowcount
+    return retired
+
+
+def open_documents(engine: Engine, mode: str, *, customers: Sequence[str] = (),
+                   documents: Sequence[str] = ()) -> list[tuple[str, str, str]]:
+    """(doc_type, ref_nbr, customer_id) of documents with a delivery of this mode still open (pending,
+    or being sent): whatever the ERP says of them now, a run must decide these rows."""
+    conditions = [delivery.c.status.in_((PENDING, SENDING)), delivery.c.mode == mode]
+    if customers:
+        conditions.append(delivery.c.customer_id.in_(list(customers)))
+    if documents:
+        conditions.append(delivery.c.ref_nbr.in_(list(documents)))
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(
+            select(delivery.c.doc_type, delivery.c.ref_nbr, delivery.c.customer_id).distinct().where(*conditions)
+            .order_by(delivery.c.customer_id, delivery.c.doc_type, delivery.c.ref_nbr))]
 
 
 def documents_with_rows(engine: Engine, keys: Iterable[tuple[str, str]], mode: str) -> set[tuple[str, str]]:
@@ -442,11 +507,41 @@ def finish(engine: Engine, ids: Sequence[int], token: str, status: str, *, reaso
         ).rowcount
 
 
+def note_lost_claims(engine: Engine, ids: Sequence[int], token: str, *, run_id: str,
+                     message_sha256: str | None = None) -> list[dict]:
+    """Of deliveries this attempt has just sent, those whose claim another attempt took over meanwhile
+    (its lease expired during the send): the message may have arrived twice. Each is noted in
+    ``lost_claim`` and returned with the status and claimant the ledger shows now."""
+    if not ids:
+        return []
+    with engine.begin() as conn:
+        lost = [dict(r) for r in conn.execute(
+            select(delivery.c.id, delivery.c.recipient, delivery.c.status, delivery.c.claimed_by)
+            .where(delivery.c.id.in_(list(ids)), or_(delivery.c.claimed_by.is_(None), delivery.c.claimed_by != token))
+            .order_by(delivery.c.id)
+        ).mappings()]
+        if lost:
+            stamp = now()
+            conn.execute(insert(lost_claim), [
+                dict(delivery_id=r["id"], run_id=run_id, claimed_by=token, held_by=r["claimed_by"],
+                     status=r["status"], message_sha256=message_sha256, noted_at=stamp) for r in lost])
+    return lost
+
+
+def lost_claims(engine: Engine, run_id: str) -> list[dict]:
+    """What ``note_lost_claims`` noted during this run."""
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(
+            select(lost_claim).where(lost_claim.c.run_id == run_id).order_by(lost_claim.c.id)).mappings()]
+
+
 def record_message_path(engine: Engine, ids: Sequence[int], path: str | None) -> None:
-    """Where the archive keeps the bytes of these sent deliveries' message (status is untouched)."""
+    """Where the archive keeps the bytes of these sent deliveries' message: set once (the trigger of
+    migration 0004 lets nothing else of a sent row change)."""
     if path and ids:
         with engine.begin() as conn:
-            conn.execute(update(delivery).where(delivery.c.id.in_(list(ids)), delivery.c.status == SENT)
+            conn.execute(update(delivery).where(delivery.c.id.in_(list(ids)), delivery.c.status == SENT,
+                                                delivery.c.message_path.is_(None))
                          .values(message_path=path))
 
 

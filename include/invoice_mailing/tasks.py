@@ -39,6 +39,11 @@ def concurrency() -> int:
     return int(os.environ.get("INVOICE_MAILING_CONCURRENCY") or os.cpu_count() or 1)
 
 
+def write_back() -> bool:
+    """Whether to set invoice.emailed in the ERP for delivered documents: INVOICE_MAILING_WRITE_BACK (off)."""
+    return os.environ.get("INVOICE_MAILING_WRITE_BACK", "false").lower() in ("1", "true", "yes")
+
+
 def finish_by() -> str:
     """The cron expression of the hour by which a night must have finished: 06:00, or INVOICE_MAILING_FINISH_BY."""
     hour, _, minute = os.environ.get("INVOICE_MAILING_FINISH_BY", "06:00").partition(":")
@@ -97,7 +102,7 @@ def _context(run_id: str, logical_date: datetime | None, data_interval_end: date
 def open_night(*, run_id, logical_date, data_interval_end, params) -> None:
     """The night's setup: refuse wrong parameters and an unreachable ledger before anything is read."""
     ctx = _context(run_id, logical_date, data_interval_end, params)
-    pipeline.ledger.ensure_schema(engine_for(LEDGER_CONN_ID))
+    ledger.ensure_schema(engine_for(LEDGER_CONN_ID))
     log.info("Night %s: mode %s, parameters %s", ctx.run_date, ctx.params.mode, ctx.params)
 
 
@@ -110,14 +115,15 @@ def extract(*, run_id, logical_date, data_interval_end, params) -> list[dict]:
     max_instances = min(int(os.environ.get("INVOICE_MAILING_MAX_INSTANCES", pipeline.MAX_INSTANCES)),
                         conf.getint("core", "max_map_length", fallback=1024))
     return pipeline.extract(engine_for(ERP_CONN_ID), engine_for(LEDGER_CONN_ID), ctx, max_batches,
-                            batch_documents=batch_documents, max_instances=max_instances, workers=concurrency())
+                            batch_documents=batch_documents, max_instances=max_instances, workers=concurrency(),
+                            write_back=write_back())
 
 
 def mail_batch(batch: dict, *, run_id, logical_date, data_interval_end, params, map_index: int | None = None,
                try_number: int | None = None) -> dict:
     ctx = _context(run_id, logical_date, data_interval_end, params)
     settings = pipeline.BatchSettings(
-        write_back=os.environ.get("INVOICE_MAILING_WRITE_BACK", "false").lower() in ("1", "true", "yes"),
+        write_back=write_back(),
         lease=timedelta(seconds=float(os.environ.get("INVOICE_MAILING_CLAIM_LEASE_SECONDS",
                                                      ledger.DEFAULT_LEASE.total_seconds()))),
         archive=Archive.from_env(),
