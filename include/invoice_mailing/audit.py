@@ -14,7 +14,6 @@ import argparse
 import csv
 import io
 import json
-import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -25,6 +24,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Engine, create_engine, func, select
 
 from include.invoice_mailing.ledger import delivery, mailing_run, mailing_task
+from include.invoice_mailing.masking import mask_address, mask_text
 
 TIMEZONE = ZoneInfo("Europe/Oslo")  # the DAG's: a night's date and a date filter's days are Oslo days
 STATUSES = ("pending", "sending", "sent", "failed", "skipped")
@@ -43,22 +43,6 @@ _ROW_COLUMNS = [c for c in delivery.columns if c.name not in ("recipient_key", "
 
 
 # --- Masking ------------------------------------------------------------------------------------
-
-_ADDRESS = re.compile(r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
-
-
-def mask_address(address: str | None) -> str | None:
-    """``kari@bolgen.example`` -> ``k***@bolgen.example``: who, not whom, for readers without edit access."""
-    if not address or "@" not in address:
-        return address
-    local, _, domain = address.rpartition("@")
-    return f"{local[:1]}***@{domain}"
-
-
-def mask_text(text: str | None) -> str | None:
-    """Mask every address inside free text (a server's answer often quotes the recipient)."""
-    return _ADDRESS.sub(lambda m: mask_address(m.group(0)), text) if text else text
-
 
 def mask_rows(rows: Iterable[dict]) -> list[dict]:
     masked = []

@@ -25,6 +25,7 @@ from include.invoice_mailing.deliver import (
     smtp_address,
 )
 from include.invoice_mailing.ledger import FAILED, PENDING, SENT, SKIPPED, PlannedDelivery
+from include.invoice_mailing.masking import mask_address, mask_text
 from include.invoice_mailing.render import Attachment, Notification, Renderer, RenderError
 
 log = logging.getLogger(__name__)
@@ -272,8 +273,8 @@ class NotSent:
     @classmethod
     def of(cls, row: dict, status: str, reason: str, answer: str | None) -> NotSent:
         return cls(customer=row["customer_id"], document=f"{row['doc_type']} {row['ref_nbr']}",
-                   recipient=row["recipient"], format=row["format"], status=status, reason=reason,
-                   answer=" ".join((answer or "").split()))
+                   recipient=mask_address(row["recipient"]), format=row["format"], status=status, reason=reason,
+                   answer=mask_text(" ".join((answer or "").split())))  # logs and alerts are read by viewers
 
 
 class DeliveriesPending(RuntimeError):
