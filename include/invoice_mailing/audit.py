@@ -21,7 +21,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import URL, Engine, create_engine, func, make_url, select
 
 from include.invoice_mailing.ledger import delivery, mailing_run, mailing_task
 from include.invoice_mailing.masking import mask_address, mask_text
@@ -278,11 +278,21 @@ def to_csv(rows: Iterable[Mapping]) -> str:
     return csv_text(export_records(rows), EXPORT_COLUMNS)
 
 
+# A spreadsheet runs a cell that begins with one of these as a formula (OWASP "CSV injection"), and
+# both addresses (``=2+5@bolgen.example`` is a valid one) and run ids (an operator's) can begin so.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value):
+    """A text cell a spreadsheet would run as a formula gets a leading ``'``, which shows it as text."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
 def csv_text(records: Iterable[Mapping], columns: Sequence[str]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\r\n")
     writer.writeheader()
-    writer.writerows(records)
+    writer.writerows({k: _csv_cell(v) for k, v in record.items()} for record in records)
     return out.getvalue()
 
 
@@ -308,15 +318,27 @@ def export_night(engine: Engine, night: date, folder: Path) -> tuple[Path, Path,
     return csv_path, jsonl_path, len(rows)
 
 
-def _ledger_url(given: str | None) -> str:
-    if given:
-        return given
-    try:  # the DAG's own connection, when Airflow can resolve it here
-        from include.invoice_mailing.tasks import LEDGER_CONN_ID, engine_for
+class NoLedger(Exception):
+    """No ledger was named and Airflow has none here: reading the demo's instead would mislead."""
 
-        return engine_for(LEDGER_CONN_ID).url.render_as_string(hide_password=False)
-    except Exception:  # noqa: BLE001 - no Airflow connection here: the demo's ledger
-        return "sqlite:///demo/ledger.db"
+
+def ledger_url(given: str | None) -> URL:
+    """The ledger to read: the one given, else the DAG's ``mailing_ledger`` connection; never a guess."""
+    if not given:
+        try:
+            from include.invoice_mailing.tasks import LEDGER_CONN_ID, engine_for
+
+            return engine_for(LEDGER_CONN_ID).url
+        except Exception as exc:  # noqa: BLE001 - whatever Airflow says, the user must name the ledger
+            raise NoLedger(f"no ledger given, and Airflow has no mailing_ledger connection here ({exc}). Name "
+                           "it: make audit-export DATE=... LEDGER=<SQLAlchemy URL> (the demo's: "
+                           "LEDGER=sqlite:///demo/ledger.db), or set AIRFLOW_CONN_MAILING_LEDGER") from exc
+    url = make_url(given)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(url.database).is_file():
+        raise NoLedger(f"no ledger at {url.database} (SQLite would create an empty one); after `make demo` the "
+                       "demo's is sqlite:///demo/ledger.db")
+    return url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,10 +347,16 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="write one night's deliveries as CSV and JSON Lines")
     export.add_argument("--date", type=date.fromisoformat, required=True, help="the night (YYYY-MM-DD, Oslo)")
-    export.add_argument("--ledger", help="SQLAlchemy URL (default: the mailing_ledger connection, else demo/ledger.db)")
+    export.add_argument("--ledger", help="SQLAlchemy URL (default: the mailing_ledger Airflow connection)")
     export.add_argument("--out", type=Path, default=Path("exports"), help="the folder to write to")
     args = parser.parse_args(argv)
-    engine = create_engine(_ledger_url(args.ledger))
+    try:
+        url = ledger_url(args.ledger)
+    except NoLedger as exc:
+        print(f"Not exported: {exc}", file=sys.stderr)
+        return 2
+    print(f"Ledger: {url.render_as_string(hide_password=True)}")
+    engine = create_engine(url)
     try:
         csv_path, jsonl_path, n = export_night(engine, args.date, args.out)
     finally:
