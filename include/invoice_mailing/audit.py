@@ -296,6 +296,14 @@ def csv_text(records: Iterable[Mapping], columns: Sequence[str]) -> str:
     return out.getvalue()
 
 
+def cut_note(shown: int, total: int) -> str | None:
+    """What a list or download that stops short says about the rows it leaves out (None: it has them all)."""
+    if total <= shown:
+        return None
+    return (f"the newest {shown:,} of {total:,} deliveries; narrow the filter, or have the ledger's owner run "
+            "`make audit-export DATE=YYYY-MM-DD` for every delivery of a night")
+
+
 def to_jsonl(rows: Iterable[Mapping]) -> str:
     return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in export_records(rows))
 
