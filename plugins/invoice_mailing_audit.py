@@ -139,9 +139,11 @@ class Night(BaseModel):
     finished_at: datetime | None
 
 
-def _nights(engine: Engine, who: Reader) -> list[dict]:
-    fields = set(Night.model_fields)
-    return [{k: v for k, v in n.items() if k in fields} for n in who.rows(audit.nights(engine))]
+def _nights(engine: Engine, who: Reader) -> tuple[list[dict], dict[str, str]]:
+    """A download's runs (at most ``MAX_ROWS``) and headers that say how many there are."""
+    runs = audit.nights(engine, limit=audit.MAX_ROWS)
+    total = audit.count_nights(engine) if len(runs) >= audit.MAX_ROWS else len(runs)
+    return who.rows(runs), _count_headers(len(runs), total, "runs")
 
 
 def _deliveries(engine: Engine, who: Reader, flt: DeliveryFilter) -> tuple[list[dict], int, dict[str, str]]:
@@ -149,14 +151,21 @@ def _deliveries(engine: Engine, who: Reader, flt: DeliveryFilter) -> tuple[list[
     rows = audit.deliveries(engine, flt, exact_recipient=not who.can_edit)
     total = (audit.count_deliveries(engine, flt, exact_recipient=not who.can_edit)
              if len(rows) >= audit.MAX_ROWS else len(rows))
-    cut = audit.cut_note(len(rows), total)
-    return who.rows(rows), total, {"X-Total-Count": str(total), **({"X-Export-Cut": cut} if cut else {})}
+    return who.rows(rows), total, _count_headers(len(rows), total, "deliveries")
+
+
+def _count_headers(shown: int, total: int, what: str) -> dict[str, str]:
+    cut = audit.cut_note(shown, total, what)
+    return {"X-Total-Count": str(total), **({"X-Export-Cut": cut} if cut else {})}
 
 
 @app.get("/api/nights", response_model=list[Night], tags=["JSON"])
-def nights_json(engine: LedgerDep, who: ReaderDep):
-    """The runs, newest first."""
-    return _nights(engine, who)
+def nights_json(engine: LedgerDep, who: ReaderDep, response: Response):
+    """The runs, newest first (at most 5,000; ``X-Total-Count`` says how many there are)."""
+    runs, headers = _nights(engine, who)
+    response.headers.update(headers)
+    fields = set(Night.model_fields)
+    return [{k: v for k, v in n.items() if k in fields} for n in runs]
 
 
 @app.get("/api/deliveries", response_model=list[Delivery], tags=["JSON"])
@@ -171,7 +180,8 @@ def deliveries_json(engine: LedgerDep, who: ReaderDep, flt: FilterDep, response:
 
 @app.get("/nights.csv", response_class=PlainTextResponse, tags=["CSV"])
 def nights_csv(engine: LedgerDep, who: ReaderDep):
-    return _csv(audit.csv_text(audit.night_records(who.rows(audit.nights(engine))), audit.NIGHT_COLUMNS), "nights")
+    runs, headers = _nights(engine, who)
+    return _csv(audit.csv_text(audit.night_records(runs), audit.NIGHT_COLUMNS), "nights", headers)
 
 
 @app.get("/deliveries.csv", response_class=PlainTextResponse, tags=["CSV"])
@@ -233,7 +243,7 @@ def _page(request: Request, who: Reader, template: str, title: str, **values) ->
     base = _root(request)
     html = _pages.get_template(template).render(
         base=base, title=title, user_name=who.name, masked=not who.can_edit, can_edit=who.can_edit,
-        grid_url=grid_url, task_url=task_url, **values)
+        grid_url=grid_url, task_url=task_url, max_rows=f"{audit.MAX_ROWS:,}", **values)
     return HTMLResponse(html)
 
 
@@ -251,7 +261,7 @@ def _deliveries_page(request: Request, engine: Engine, who: Reader, flt: Deliver
     return _page(request, who, "deliveries.html.j2", title, rows=who.rows(rows), query=flt.query_values(), total=total,
                  choices={"status": audit.STATUSES, "format": audit.FORMATS, "mode": audit.MODES},
                  csv_url=f"{base}/deliveries.csv{qs}", json_url=f"{base}/api/deliveries{qs}", show_form=show_form,
-                 max_rows=f"{audit.MAX_ROWS:,}", cut=total > audit.MAX_ROWS,
+                 cut=total > audit.MAX_ROWS,
                  nights=who.rows(nights) if nights else None)
 
 
@@ -262,7 +272,8 @@ def home(request: Request):
 
 @app.get("/nights", response_class=HTMLResponse, tags=["Pages"])
 def nights_page(request: Request, engine: LedgerDep, who: ReaderDep):
-    return _page(request, who, "nights.html.j2", "Nights", nights=who.rows(audit.nights(engine)))
+    return _page(request, who, "nights.html.j2", "Nights", nights=who.rows(audit.nights(engine)),
+                 total=audit.count_nights(engine))
 
 
 @app.get("/deliveries", response_class=HTMLResponse, tags=["Pages"])

@@ -6,6 +6,7 @@ import csv
 import importlib
 import io
 import sys
+from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -234,3 +235,21 @@ def test_a_download_that_holds_every_row_says_nothing_of_a_cut(many):
     assert answer.headers["x-total-count"] == "2" and "x-export-cut" not in answer.headers
     assert 'filename="invoice-mailing-deliveries.csv"' in answer.headers["content-disposition"]
     assert 'id="cut"' not in many.get("/deliveries", params={"customer": "10002"}, headers=token("viewer")).text
+
+
+def test_the_nights_page_says_when_it_shows_only_the_newest_100_and_the_downloads_hold_them_all(many, backend):
+    from sqlalchemy import insert
+
+    from include.invoice_mailing import ledger
+    from tests.audit_seed import at
+
+    with backend["engines"][1].begin() as conn:  # 4 runs seeded, and a year of nights before them
+        conn.execute(insert(ledger.mailing_run), [
+            dict(run_id=f"scheduled__2025-{n:03d}", logical_date=at(1, 1), mode="live", params={},
+                 started_at=at(1, 1).replace(year=2025, month=1) + timedelta(days=n)) for n in range(200)])
+
+    page = " ".join(many.get("/nights", headers=token("viewer")).text.split())
+    assert "The newest 100 of 204 runs are shown; the downloads hold them all (up to 5,000)." in page
+    answer = many.get("/nights.csv", headers=token("viewer"))
+    assert len(list(csv.DictReader(io.StringIO(answer.text)))) == 204 and answer.headers["x-total-count"] == "204"
+    assert len(many.get("/api/nights", headers=token("viewer")).json()) == 204

@@ -137,7 +137,10 @@ def night_of(moment: datetime | None) -> date | None:
 
 # --- Queries ------------------------------------------------------------------------------------
 
-def nights(engine: Engine, *, limit: int = 100, run_ids: Sequence[str] | None = None) -> list[dict]:
+NIGHTS_SHOWN = 100  # on the nights page; its downloads hold up to MAX_ROWS
+
+
+def nights(engine: Engine, *, limit: int = NIGHTS_SHOWN, run_ids: Sequence[str] | None = None) -> list[dict]:
     """One row a run, newest first: parameters, and counts by status and reason taken from the deliveries."""
     query = select(mailing_run).order_by(mailing_run.c.started_at.desc()).limit(limit)
     if run_ids is not None:
@@ -159,6 +162,11 @@ def nights(engine: Engine, *, limit: int = 100, run_ids: Sequence[str] | None = 
         for row in run["counts"]:
             run["by_status"][row["status"]] = run["by_status"].get(row["status"], 0) + row["deliveries"]
     return runs
+
+
+def count_nights(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(mailing_run)).scalar_one()
 
 
 def deliveries(engine: Engine, flt: DeliveryFilter = DeliveryFilter(), *, exact_recipient: bool = False,
@@ -296,10 +304,12 @@ def csv_text(records: Iterable[Mapping], columns: Sequence[str]) -> str:
     return out.getvalue()
 
 
-def cut_note(shown: int, total: int) -> str | None:
+def cut_note(shown: int, total: int, what: str = "deliveries") -> str | None:
     """What a list or download that stops short says about the rows it leaves out (None: it has them all)."""
     if total <= shown:
         return None
+    if what != "deliveries":
+        return f"the newest {shown:,} of {total:,} {what}"
     return (f"the newest {shown:,} of {total:,} deliveries; narrow the filter, or have the ledger's owner run "
             "`make audit-export DATE=YYYY-MM-DD` for every delivery of a night")
 
