@@ -34,8 +34,9 @@ test: venv catalogs
 e2e-celery: venv catalogs
 	$(PY) -m pytest -q -s tests/e2e/test_celery.py
 
-# One night's deliveries as CSV and JSON Lines in exports/ (LEDGER: a SQLAlchemy URL; default: the
-# mailing_ledger connection when Airflow has one, else demo/ledger.db).
+# One night's deliveries as CSV and JSON Lines in exports/, from LEDGER (a SQLAlchemy URL; the demo's is
+# sqlite:///demo/ledger.db) or else Airflow's mailing_ledger connection; it names the ledger it read, and
+# refuses when there is neither.
 audit-export: venv
 	@test -n "$(DATE)" || { echo "usage: make audit-export DATE=2026-11-24 [LEDGER=sqlite:///demo/ledger.db]"; exit 2; }
 	$(PY) -m include.invoice_mailing.audit export --date $(DATE) $(if $(LEDGER),--ledger $(LEDGER)) --out exports

@@ -5,8 +5,8 @@ A FastAPI app mounted by Airflow's API server at ``/invoice-mailing``, shown in 
 (the night) and on the task instance page (the batch of customers). Airflow does not authenticate a
 plugin's app, so the app itself depends on Airflow's auth manager: every route needs read access to
 the ``invoice_mailing`` DAG (no token: 401; no access: 403); recipient addresses are masked and the
-archived messages withheld for readers without edit access to it. The app's OpenAPI page is
-``/invoice-mailing/docs``.
+archived messages withheld for readers without edit access to it. The app's OpenAPI pages
+(``/invoice-mailing/docs``, ``/redoc``, ``/openapi.json``) need the same access.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, create_model
 from sqlalchemy import Engine
@@ -72,6 +73,10 @@ ReaderDep = Annotated[Reader, Depends(reader)]
 LedgerDep = Annotated[Engine, Depends(ledger_engine)]
 
 
+def _root(request: Request) -> str:
+    return request.scope.get("root_path", "").rstrip("/")
+
+
 def delivery_filter(request: Request) -> DeliveryFilter:
     try:
         return DeliveryFilter.from_query(request.query_params)
@@ -86,7 +91,25 @@ app = FastAPI(
     description="Read-only views of the invoice mailing ledger. Every route needs read access to the "
                 f"`{DAG_ID}` DAG; recipient addresses are masked without edit access to it.",
     dependencies=[Depends(requires_access_dag("GET", param_dag_id=DAG_ID))],
+    # FastAPI serves its own /docs, /redoc and /openapi.json outside every dependency: they are the
+    # routes below instead, behind the same access check as the rest.
+    docs_url=None, redoc_url=None, openapi_url=None,
 )
+
+
+@app.get("/openapi.json", include_in_schema=False)
+def openapi_json(request: Request) -> JSONResponse:
+    return JSONResponse({**app.openapi(), "servers": [{"url": _root(request) or "/"}]})
+
+
+@app.get("/docs", include_in_schema=False)
+def swagger_page(request: Request) -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url=f"{_root(request)}/openapi.json", title=f"{app.title} - API")
+
+
+@app.get("/redoc", include_in_schema=False)
+def redoc_page(request: Request) -> HTMLResponse:
+    return get_redoc_html(openapi_url=f"{_root(request)}/openapi.json", title=f"{app.title} - ReDoc")
 
 
 # --- JSON ---------------------------------------------------------------------------------------
@@ -116,42 +139,63 @@ class Night(BaseModel):
     finished_at: datetime | None
 
 
-def _nights(engine: Engine, who: Reader) -> list[dict]:
-    fields = set(Night.model_fields)
-    return [{k: v for k, v in n.items() if k in fields} for n in who.rows(audit.nights(engine))]
+def _nights(engine: Engine, who: Reader) -> tuple[list[dict], dict[str, str]]:
+    """A download's runs (at most ``MAX_ROWS``) and headers that say how many there are."""
+    runs = audit.nights(engine, limit=audit.MAX_ROWS)
+    total = audit.count_nights(engine) if len(runs) >= audit.MAX_ROWS else len(runs)
+    return who.rows(runs), _count_headers(len(runs), total, "runs")
 
 
-def _deliveries(engine: Engine, who: Reader, flt: DeliveryFilter) -> list[dict]:
-    return who.rows(audit.deliveries(engine, flt, exact_recipient=not who.can_edit))
+def _deliveries(engine: Engine, who: Reader, flt: DeliveryFilter) -> tuple[list[dict], int, dict[str, str]]:
+    """A download's rows (at most ``MAX_ROWS``), how many the filter selects, and headers that say so."""
+    rows = audit.deliveries(engine, flt, exact_recipient=not who.can_edit)
+    total = (audit.count_deliveries(engine, flt, exact_recipient=not who.can_edit)
+             if len(rows) >= audit.MAX_ROWS else len(rows))
+    return who.rows(rows), total, _count_headers(len(rows), total, "deliveries")
+
+
+def _count_headers(shown: int, total: int, what: str) -> dict[str, str]:
+    cut = audit.cut_note(shown, total, what)
+    return {"X-Total-Count": str(total), **({"X-Export-Cut": cut} if cut else {})}
 
 
 @app.get("/api/nights", response_model=list[Night], tags=["JSON"])
-def nights_json(engine: LedgerDep, who: ReaderDep):
-    """The runs, newest first."""
-    return _nights(engine, who)
+def nights_json(engine: LedgerDep, who: ReaderDep, response: Response):
+    """The runs, newest first (at most 5,000; ``X-Total-Count`` says how many there are)."""
+    runs, headers = _nights(engine, who)
+    response.headers.update(headers)
+    fields = set(Night.model_fields)
+    return [{k: v for k, v in n.items() if k in fields} for n in runs]
 
 
 @app.get("/api/deliveries", response_model=list[Delivery], tags=["JSON"])
-def deliveries_json(engine: LedgerDep, who: ReaderDep, flt: FilterDep):
+def deliveries_json(engine: LedgerDep, who: ReaderDep, flt: FilterDep, response: Response):
     """Deliveries, newest first. Query: customer, document, recipient, status, reason, format, mode,
-    run_id, since, until (YYYY-MM-DD, Oslo days, by sent or last change), customers (comma-separated)."""
-    return audit.export_records(_deliveries(engine, who, flt))
+    run_id, since, until (YYYY-MM-DD, Oslo days, by sent or last change), customers (comma-separated).
+    At most the newest 5,000: ``X-Total-Count`` says how many match, ``X-Export-Cut`` when some are left out."""
+    rows, _, headers = _deliveries(engine, who, flt)
+    response.headers.update(headers)
+    return audit.export_records(rows)
 
 
 @app.get("/nights.csv", response_class=PlainTextResponse, tags=["CSV"])
 def nights_csv(engine: LedgerDep, who: ReaderDep):
-    return _csv(audit.csv_text(audit.night_records(who.rows(audit.nights(engine))), audit.NIGHT_COLUMNS), "nights")
+    runs, headers = _nights(engine, who)
+    return _csv(audit.csv_text(audit.night_records(runs), audit.NIGHT_COLUMNS), "nights", headers)
 
 
 @app.get("/deliveries.csv", response_class=PlainTextResponse, tags=["CSV"])
 def deliveries_csv(engine: LedgerDep, who: ReaderDep, flt: FilterDep):
-    """The same rows and filters as ``/api/deliveries``, with the export's documented columns."""
-    return _csv(audit.to_csv(_deliveries(engine, who, flt)), "deliveries")
+    """The same rows, filters and headers as ``/api/deliveries``, with the export's documented columns; a
+    download cut at 5,000 rows says so in its file name."""
+    rows, total, headers = _deliveries(engine, who, flt)
+    name = f"deliveries-newest-{len(rows)}-of-{total}" if total > len(rows) else "deliveries"
+    return _csv(audit.to_csv(rows), name, headers)
 
 
-def _csv(text: str, name: str) -> Response:
-    return Response(text, media_type="text/csv; charset=utf-8",
-                    headers={"Content-Disposition": f'attachment; filename="invoice-mailing-{name}.csv"'})
+def _csv(text: str, name: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(text, media_type="text/csv; charset=utf-8", headers={
+        "Content-Disposition": f'attachment; filename="invoice-mailing-{name}.csv"', **(headers or {})})
 
 
 @app.get("/messages/{delivery_id}.eml", tags=["Archive"],
@@ -196,10 +240,10 @@ def task_url(row: dict) -> str:
 
 
 def _page(request: Request, who: Reader, template: str, title: str, **values) -> HTMLResponse:
-    base = request.scope.get("root_path", "").rstrip("/")
+    base = _root(request)
     html = _pages.get_template(template).render(
         base=base, title=title, user_name=who.name, masked=not who.can_edit, can_edit=who.can_edit,
-        grid_url=grid_url, task_url=task_url, **values)
+        grid_url=grid_url, task_url=task_url, max_rows=f"{audit.MAX_ROWS:,}", **values)
     return HTMLResponse(html)
 
 
@@ -211,23 +255,25 @@ def _deliveries_page(request: Request, engine: Engine, who: Reader, flt: Deliver
     if verify:
         for row in rows:
             row["archive"] = archive.verify(row["message_path"], row["message_sha256"]) if row["message_path"] else None
-    base = request.scope.get("root_path", "").rstrip("/")
+    base = _root(request)
     qs = "?" + urlencode(flt.query_values()) if flt.query_values() else ""
-    return _page(request, who, "deliveries.html.j2", title, rows=who.rows(rows), query=flt.query_values(),
-                 total=audit.count_deliveries(engine, flt, exact_recipient=not who.can_edit),
+    total = audit.count_deliveries(engine, flt, exact_recipient=not who.can_edit)
+    return _page(request, who, "deliveries.html.j2", title, rows=who.rows(rows), query=flt.query_values(), total=total,
                  choices={"status": audit.STATUSES, "format": audit.FORMATS, "mode": audit.MODES},
                  csv_url=f"{base}/deliveries.csv{qs}", json_url=f"{base}/api/deliveries{qs}", show_form=show_form,
+                 cut=total > audit.MAX_ROWS,
                  nights=who.rows(nights) if nights else None)
 
 
 @app.get("/", include_in_schema=False)
 def home(request: Request):
-    return RedirectResponse(f"{request.scope.get('root_path', '').rstrip('/')}/nights")
+    return RedirectResponse(f"{_root(request)}/nights")
 
 
 @app.get("/nights", response_class=HTMLResponse, tags=["Pages"])
 def nights_page(request: Request, engine: LedgerDep, who: ReaderDep):
-    return _page(request, who, "nights.html.j2", "Nights", nights=who.rows(audit.nights(engine)))
+    return _page(request, who, "nights.html.j2", "Nights", nights=who.rows(audit.nights(engine)),
+                 total=audit.count_nights(engine))
 
 
 @app.get("/deliveries", response_class=HTMLResponse, tags=["Pages"])

@@ -19,21 +19,38 @@ def ids(ledger_db):
     return seed(ledger_db)
 
 
-@pytest.mark.parametrize(("address", "masked"), [
-    ("kari@bolgen.example", "k***@bolgen.example"),
-    ("j@example.com", "j***@example.com"),
-    ("", ""),
-    (None, None),
-])
-def test_mask_address_keeps_the_first_letter_and_the_domain(address, masked):
-    assert audit.mask_address(address) == masked
-
-
 def test_mask_rows_masks_addresses_in_server_answers_too():
     rows = audit.mask_rows([{"recipient": "ola@fjellheimen.example", "redirected_to": None,
                              "last_error": "550 5.1.1 <ola@fjellheimen.example>: user unknown", "detail": None}])
     assert rows == [{"recipient": "o***@fjellheimen.example", "redirected_to": None,
                      "last_error": "550 5.1.1 <o***@fjellheimen.example>: user unknown", "detail": None}]
+
+
+def test_mask_rows_masks_internationalised_and_dotless_addresses_in_server_answers():
+    rows = audit.mask_rows([{"recipient": "åse@bølgen.no", "redirected_to": "ola@intranet",
+                             "last_error": "550 5.1.1 <åse@bølgen.no>: user unknown",
+                             "detail": "451 4.2.0 <ola@intranet>: mailbox busy"}])
+    assert rows == [{"recipient": "å***@bølgen.no", "redirected_to": "o***@intranet",
+                     "last_error": "550 5.1.1 <å***@bølgen.no>: user unknown",
+                     "detail": "451 4.2.0 <o***@intranet>: mailbox busy"}]
+
+
+@pytest.mark.parametrize(("value", "cell"), [
+    ("=2+5@bolgen.example", "'=2+5@bolgen.example"),
+    ("+47 22 00 00 00", "'+47 22 00 00 00"),
+    ("-1+1", "'-1+1"),
+    ("@SUM(A1:A9)", "'@SUM(A1:A9)"),
+    ("\tkari@bolgen.example", "'\tkari@bolgen.example"),
+    ("\r=1", "'\r=1"),
+    ("kari@bolgen.example", "kari@bolgen.example"),
+    ("manual__2026-11-24", "manual__2026-11-24"),
+    (-3, -3),
+    (None, None),
+])
+def test_a_csv_cell_a_spreadsheet_would_run_as_a_formula_is_shown_as_text(value, cell):
+    table = list(csv.DictReader(io.StringIO(audit.to_csv([{"id": 1, "recipient": value, "detail": value}]))))
+    expected = "" if cell is None else str(cell)
+    assert (table[0]["recipient"], table[0]["detail"]) == (expected, expected)
 
 
 def test_nights_counts_each_run_by_status_and_reason_newest_first(ledger_db, ids):
@@ -124,3 +141,66 @@ def test_audit_export_command_writes_both_files(ledger_db, ledger_path, ids, tmp
                        "--out", str(tmp_path / "out")]) == 0
     assert "3 deliveries of the night of 2026-11-23" in capsys.readouterr().out
     assert (tmp_path / "out" / "deliveries-2026-11-23.jsonl").read_text().count("\n") == 3
+
+
+@pytest.fixture
+def any_ledger(backend):
+    """The ledger on SQLite, then on PostgreSQL."""
+    return backend["engines"][1]
+
+
+def test_the_files_show_a_formula_an_operator_or_the_erp_wrote_as_text(any_ledger, tmp_path):
+    from sqlalchemy import insert
+
+    from include.invoice_mailing import ledger
+    from tests.audit_seed import at, row
+
+    seed(any_ledger)
+    run_id = '=HYPERLINK("http://evil.example","night")'  # a run id is an operator's free text
+    with any_ledger.begin() as conn:
+        conn.execute(insert(ledger.mailing_run).values(run_id=run_id, logical_date=at(24, 12), mode="live",
+                                                       params={}, started_at=at(24, 12)))
+        conn.execute(insert(ledger.delivery).values(**row(run_id, "INV000301", "10003", "=2+5@bolgen.example",
+                                                          "sent", at(24, 12, 1))))
+
+    csv_path, _, _ = audit.export_night(any_ledger, date(2026, 11, 24), tmp_path)
+    exported = next(r for r in csv.DictReader(io.StringIO(csv_path.read_text())) if r["ref_nbr"] == "INV000301")
+    assert (exported["recipient"], exported["run_id"]) == ("'=2+5@bolgen.example", f"'{run_id}")
+    nights = audit.csv_text(audit.night_records(audit.nights(any_ledger)), audit.NIGHT_COLUMNS)
+    assert f"'{run_id}" in {r["run_id"] for r in csv.DictReader(io.StringIO(nights))}
+
+
+def test_audit_export_names_the_ledger_it_read_with_its_password_masked(any_ledger, backend, tmp_path, capsys):
+    seed(any_ledger)
+    url = any_ledger.url.set(password="s3cret") if backend["name"] == "postgresql" else any_ledger.url
+
+    assert audit.main(["export", "--date", "2026-11-23", "--ledger", url.render_as_string(hide_password=False),
+                       "--out", str(tmp_path / "out")]) == 0
+
+    out = capsys.readouterr().out
+    assert f"Ledger: {url.render_as_string(hide_password=True)}\n" in out
+    assert "3 deliveries of the night of 2026-11-23" in out and "s3cret" not in out
+    if backend["name"] == "postgresql":
+        assert ":***@" in out
+
+
+def test_audit_export_without_a_ledger_refuses_instead_of_reading_the_demos(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AIRFLOW_CONN_MAILING_LEDGER", raising=False)
+
+    assert audit.main(["export", "--date", "2026-11-23", "--out", "out"]) == 2
+
+    err = capsys.readouterr().err
+    assert "no ledger given, and Airflow has no mailing_ledger connection" in err
+    assert "LEDGER=sqlite:///demo/ledger.db" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "demo").exists()
+
+
+def test_audit_export_refuses_a_sqlite_ledger_that_does_not_exist(tmp_path, capsys):
+    missing = tmp_path / "ledgr.db"
+
+    assert audit.main(["export", "--date", "2026-11-23", "--ledger", f"sqlite:///{missing}",
+                       "--out", str(tmp_path / "out")]) == 2
+
+    assert f"no ledger at {missing}" in capsys.readouterr().err
+    assert not missing.exists()

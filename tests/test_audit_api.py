@@ -6,6 +6,7 @@ import csv
 import importlib
 import io
 import sys
+from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -32,6 +33,10 @@ def ids(ledger_db, ledger_path, monkeypatch):
 
 @pytest.fixture
 def client(airflow_db, plugin, ids):
+    yield from _client(plugin)
+
+
+def _client(plugin):
     from airflow.api_fastapi.app import create_auth_manager
 
     create_auth_manager().init()
@@ -50,7 +55,8 @@ def token(role: str | None) -> dict:
 
 ROUTES = ["/nights", "/deliveries", "/api/nights", "/api/deliveries", "/nights.csv", "/deliveries.csv",
           "/documents/INV000101", "/customers/10001", f"/runs/invoice_mailing/{NIGHT_2}",
-          f"/tasks/invoice_mailing/{NIGHT_2}/mail_customers/0"]
+          f"/tasks/invoice_mailing/{NIGHT_2}/mail_customers/0",
+          "/docs", "/redoc", "/openapi.json"]  # FastAPI serves these three outside the app's dependencies
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -145,3 +151,108 @@ def test_the_plugin_registers_the_app_and_the_views(plugin):
 def test_the_openapi_page_documents_the_json(client):
     spec = client.get("/openapi.json", headers=token("viewer")).json()
     assert {"/api/nights", "/api/deliveries", "/deliveries.csv"} <= set(spec["paths"])
+
+
+def test_the_api_pages_read_the_spec_under_the_plugins_prefix(client):
+    for page in ("/docs", "/redoc"):
+        assert "/invoice-mailing/openapi.json" in client.get(page, headers=token("viewer")).text
+    assert client.get("/openapi.json", headers=token("viewer")).json()["servers"] == [{"url": "/invoice-mailing"}]
+
+
+def test_a_viewer_sees_internationalised_and_dotless_addresses_masked_in_server_answers(client, ids, ledger_db):
+    from sqlalchemy import update
+
+    from include.invoice_mailing import ledger
+
+    answer = "550 5.1.1 <åse@bølgen.no>: user unknown; 550 5.1.1 <ola@intranet>: no such user"
+    with ledger_db.begin() as conn:
+        conn.execute(update(ledger.delivery).where(ledger.delivery.c.id == ids["failed"]).values(last_error=answer))
+
+    masked = "550 5.1.1 <å***@bølgen.no>: user unknown; 550 5.1.1 <o***@intranet>: no such user"
+    viewer = client.get("/api/deliveries", params={"status": "failed"}, headers=token("viewer")).json()
+    assert viewer[0]["last_error"] == masked
+    for route in ("/deliveries?status=failed", "/deliveries.csv?status=failed", "/documents/INV000201"):
+        text = client.get(route, headers=token("viewer")).text
+        assert "å***@bølgen.no" in text and "o***@intranet" in text, route
+        assert "åse@" not in text and "ola@" not in text, route
+    editor = client.get("/api/deliveries", params={"status": "failed"}, headers=token("user")).json()
+    assert editor[0]["last_error"] == answer
+
+
+def test_the_csv_download_shows_a_formula_as_text(client, ids, ledger_db):
+    from sqlalchemy import update
+
+    from include.invoice_mailing import ledger
+
+    with ledger_db.begin() as conn:
+        conn.execute(update(ledger.delivery).where(ledger.delivery.c.id == ids["html"])
+                     .values(recipient="=2+5@bolgen.example", recipient_key="=2+5@bolgen.example"))
+
+    for role, cell in (("user", "'=2+5@bolgen.example"), ("viewer", "'=***@bolgen.example")):
+        rows = csv.DictReader(io.StringIO(client.get("/deliveries.csv", headers=token(role)).text))
+        assert cell in {r["recipient"] for r in rows}, role
+
+
+# --- More than a download holds: on SQLite and on PostgreSQL ------------------------------------------
+
+MANY = 5001
+
+
+@pytest.fixture
+def many(airflow_db, plugin, backend, monkeypatch):
+    """A night of 5,001 deliveries, one more than a download holds, in the ledger the plugin reads."""
+    from sqlalchemy import insert
+
+    from include.invoice_mailing import ledger, tasks
+    from tests.audit_seed import at, row
+
+    engine = backend["engines"][1]
+    seed(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(ledger.delivery), [
+            row(NIGHT_2, f"INV9{n:05d}", "10009", f"kunde{n}@havet.example", "sent", at(24, 2)) for n in range(MANY)])
+    monkeypatch.setenv("AIRFLOW_CONN_MAILING_LEDGER", backend["connections"][1])
+    tasks.engine_for.cache_clear()
+    yield from _client(plugin)
+    tasks.engine_for.cache_clear()
+
+
+def test_a_download_cut_at_5000_rows_says_so_and_where_to_get_them_all(many):
+    query = {"customer": "10009"}
+
+    answer = many.get("/deliveries.csv", params=query, headers=token("viewer"))
+    assert len(list(csv.DictReader(io.StringIO(answer.text)))) == 5000
+    assert answer.headers["x-total-count"] == str(MANY)
+    assert 'filename="invoice-mailing-deliveries-newest-5000-of-5001.csv"' in answer.headers["content-disposition"]
+    assert "the newest 5,000 of 5,001 deliveries" in answer.headers["x-export-cut"]
+    assert "make audit-export" in answer.headers["x-export-cut"]
+    json_answer = many.get("/api/deliveries", params=query, headers=token("viewer"))
+    assert len(json_answer.json()) == 5000 and json_answer.headers["x-export-cut"] == answer.headers["x-export-cut"]
+    page = many.get("/deliveries", params=query, headers=token("viewer")).text
+    assert 'id="cut"' in page and "The downloads stop at the newest 5,000 of these 5,001 deliveries" in page
+    assert "make audit-export DATE=YYYY-MM-DD" in page
+
+
+def test_a_download_that_holds_every_row_says_nothing_of_a_cut(many):
+    answer = many.get("/deliveries.csv", params={"customer": "10002"}, headers=token("viewer"))
+    assert answer.headers["x-total-count"] == "2" and "x-export-cut" not in answer.headers
+    assert 'filename="invoice-mailing-deliveries.csv"' in answer.headers["content-disposition"]
+    assert 'id="cut"' not in many.get("/deliveries", params={"customer": "10002"}, headers=token("viewer")).text
+
+
+def test_the_nights_page_says_when_it_shows_only_the_newest_100_and_the_downloads_hold_them_all(many, backend):
+    from sqlalchemy import insert
+
+    from include.invoice_mailing import ledger
+    from tests.audit_seed import at
+
+    with backend["engines"][1].begin() as conn:  # 4 runs seeded, and a year of nights before them
+        conn.execute(insert(ledger.mailing_run), [
+            dict(run_id=f"scheduled__2025-{n:03d}", logical_date=at(1, 1), mode="live", params={},
+                 started_at=at(1, 1).replace(year=2025, month=1) + timedelta(days=n)) for n in range(200)])
+
+    page = " ".join(many.get("/nights", headers=token("viewer")).text.split())
+    assert "The newest 100 of 204 runs are shown; the downloads hold them all (up to 5,000)." in page
+    answer = many.get("/nights.csv", headers=token("viewer"))
+    assert len(list(csv.DictReader(io.StringIO(answer.text)))) == 204 and answer.headers["x-total-count"] == "204"
+    assert len(many.get("/api/nights", headers=token("viewer")).json()) == 204

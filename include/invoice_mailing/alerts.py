@@ -11,18 +11,12 @@ import html
 import logging
 from urllib.parse import quote
 
+from include.invoice_mailing.masking import mask_address as mask
+
 log = logging.getLogger(__name__)
 
 ALERT_CONN_ID = "mailing_alerts"
 MAPPED_TASK_ID = "mail_customers"
-
-
-def mask(address: str) -> str:
-    """``jane.doe@example.com`` -> ``j***@example.com``: enough to recognise, not enough to leak."""
-    local, at, domain = (address or "").rpartition("@")
-    if not at:
-        return "***" if address else ""
-    return f"{local[:1]}***@{domain}"
 
 
 def task_link(base_url: str, dag_id: str, run_id: str, map_index: int | None) -> str:

@@ -14,7 +14,6 @@ import argparse
 import csv
 import io
 import json
-import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -22,9 +21,10 @@ from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import URL, Engine, create_engine, func, make_url, select
 
 from include.invoice_mailing.ledger import delivery, mailing_run, mailing_task
+from include.invoice_mailing.masking import mask_address, mask_text
 
 TIMEZONE = ZoneInfo("Europe/Oslo")  # the DAG's: a night's date and a date filter's days are Oslo days
 STATUSES = ("pending", "sending", "sent", "failed", "skipped")
@@ -43,22 +43,6 @@ _ROW_COLUMNS = [c for c in delivery.columns if c.name not in ("recipient_key", "
 
 
 # --- Masking ------------------------------------------------------------------------------------
-
-_ADDRESS = re.compile(r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
-
-
-def mask_address(address: str | None) -> str | None:
-    """``kari@bolgen.example`` -> ``k***@bolgen.example``: who, not whom, for readers without edit access."""
-    if not address or "@" not in address:
-        return address
-    local, _, domain = address.rpartition("@")
-    return f"{local[:1]}***@{domain}"
-
-
-def mask_text(text: str | None) -> str | None:
-    """Mask every address inside free text (a server's answer often quotes the recipient)."""
-    return _ADDRESS.sub(lambda m: mask_address(m.group(0)), text) if text else text
-
 
 def mask_rows(rows: Iterable[dict]) -> list[dict]:
     masked = []
@@ -153,7 +137,10 @@ def night_of(moment: datetime | None) -> date | None:
 
 # --- Queries ------------------------------------------------------------------------------------
 
-def nights(engine: Engine, *, limit: int = 100, run_ids: Sequence[str] | None = None) -> list[dict]:
+NIGHTS_SHOWN = 100  # on the nights page; its downloads hold up to MAX_ROWS
+
+
+def nights(engine: Engine, *, limit: int = NIGHTS_SHOWN, run_ids: Sequence[str] | None = None) -> list[dict]:
     """One row a run, newest first: parameters, and counts by status and reason taken from the deliveries."""
     query = select(mailing_run).order_by(mailing_run.c.started_at.desc()).limit(limit)
     if run_ids is not None:
@@ -175,6 +162,11 @@ def nights(engine: Engine, *, limit: int = 100, run_ids: Sequence[str] | None = 
         for row in run["counts"]:
             run["by_status"][row["status"]] = run["by_status"].get(row["status"], 0) + row["deliveries"]
     return runs
+
+
+def count_nights(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(mailing_run)).scalar_one()
 
 
 def deliveries(engine: Engine, flt: DeliveryFilter = DeliveryFilter(), *, exact_recipient: bool = False,
@@ -294,12 +286,32 @@ def to_csv(rows: Iterable[Mapping]) -> str:
     return csv_text(export_records(rows), EXPORT_COLUMNS)
 
 
+# A spreadsheet runs a cell that begins with one of these as a formula (OWASP "CSV injection"), and
+# both addresses (``=2+5@bolgen.example`` is a valid one) and run ids (an operator's) can begin so.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value):
+    """A text cell a spreadsheet would run as a formula gets a leading ``'``, which shows it as text."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
 def csv_text(records: Iterable[Mapping], columns: Sequence[str]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\r\n")
     writer.writeheader()
-    writer.writerows(records)
+    writer.writerows({k: _csv_cell(v) for k, v in record.items()} for record in records)
     return out.getvalue()
+
+
+def cut_note(shown: int, total: int, what: str = "deliveries") -> str | None:
+    """What a list or download that stops short says about the rows it leaves out (None: it has them all)."""
+    if total <= shown:
+        return None
+    if what != "deliveries":
+        return f"the newest {shown:,} of {total:,} {what}"
+    return (f"the newest {shown:,} of {total:,} deliveries; narrow the filter, or have the ledger's owner run "
+            "`make audit-export DATE=YYYY-MM-DD` for every delivery of a night")
 
 
 def to_jsonl(rows: Iterable[Mapping]) -> str:
@@ -324,15 +336,27 @@ def export_night(engine: Engine, night: date, folder: Path) -> tuple[Path, Path,
     return csv_path, jsonl_path, len(rows)
 
 
-def _ledger_url(given: str | None) -> str:
-    if given:
-        return given
-    try:  # the DAG's own connection, when Airflow can resolve it here
-        from include.invoice_mailing.tasks import LEDGER_CONN_ID, engine_for
+class NoLedger(Exception):
+    """No ledger was named and Airflow has none here: reading the demo's instead would mislead."""
 
-        return engine_for(LEDGER_CONN_ID).url.render_as_string(hide_password=False)
-    except Exception:  # noqa: BLE001 - no Airflow connection here: the demo's ledger
-        return "sqlite:///demo/ledger.db"
+
+def ledger_url(given: str | None) -> URL:
+    """The ledger to read: the one given, else the DAG's ``mailing_ledger`` connection; never a guess."""
+    if not given:
+        try:
+            from include.invoice_mailing.tasks import LEDGER_CONN_ID, engine_for
+
+            return engine_for(LEDGER_CONN_ID).url
+        except Exception as exc:  # noqa: BLE001 - whatever Airflow says, the user must name the ledger
+            raise NoLedger(f"no ledger given, and Airflow has no mailing_ledger connection here ({exc}). Name "
+                           "it: make audit-export DATE=... LEDGER=<SQLAlchemy URL> (the demo's: "
+                           "LEDGER=sqlite:///demo/ledger.db), or set AIRFLOW_CONN_MAILING_LEDGER") from exc
+    url = make_url(given)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(url.database).is_file():
+        raise NoLedger(f"no ledger at {url.database} (SQLite would create an empty one); after `make demo` the "
+                       "demo's is sqlite:///demo/ledger.db")
+    return url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,10 +365,16 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="write one night's deliveries as CSV and JSON Lines")
     export.add_argument("--date", type=date.fromisoformat, required=True, help="the night (YYYY-MM-DD, Oslo)")
-    export.add_argument("--ledger", help="SQLAlchemy URL (default: the mailing_ledger connection, else demo/ledger.db)")
+    export.add_argument("--ledger", help="SQLAlchemy URL (default: the mailing_ledger Airflow connection)")
     export.add_argument("--out", type=Path, default=Path("exports"), help="the folder to write to")
     args = parser.parse_args(argv)
-    engine = create_engine(_ledger_url(args.ledger))
+    try:
+        url = ledger_url(args.ledger)
+    except NoLedger as exc:
+        print(f"Not exported: {exc}", file=sys.stderr)
+        return 2
+    print(f"Ledger: {url.render_as_string(hide_password=True)}")
+    engine = create_engine(url)
     try:
         csv_path, jsonl_path, n = export_night(engine, args.date, args.out)
     finally:

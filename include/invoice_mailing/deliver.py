@@ -16,6 +16,7 @@ from html import escape
 from email_validator import EmailNotValidError, validate_email
 
 from include.invoice_mailing.ledger import now
+from include.invoice_mailing.masking import mask_text
 from include.invoice_mailing.render import Attachment, Notification, one_line
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ class SmtpSender:
                 if attempt == self.attempts or getattr(exc, "after_data", False):
                     result.deferred.update({r: str(exc) for r in rcpts})
                     return result
-                log.warning("SMTP %s: %s; retrying in %.1fs (attempt %d of %d)", conn_id, exc,
+                log.warning("SMTP %s: %s; retrying in %.1fs (attempt %d of %d)", conn_id, mask_text(str(exc)),
                             self.backoff * attempt, attempt, self.attempts)
                 time.sleep(self.backoff * attempt)
                 continue

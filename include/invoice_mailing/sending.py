@@ -19,6 +19,7 @@ from include.invoice_mailing.deliver import (
     smtp_address,
 )
 from include.invoice_mailing.ledger import FAILED, PENDING, SENT, SKIPPED
+from include.invoice_mailing.masking import mask_address, mask_text
 from include.invoice_mailing.params import RunContext
 from include.invoice_mailing.planning import plan_batch, planned_deliveries
 from include.invoice_mailing.render import Attachment, Notification, Renderer, RenderError
@@ -51,8 +52,8 @@ class NotSent:
     @classmethod
     def of(cls, row: dict, status: str, reason: str, answer: str | None) -> NotSent:
         return cls(customer=row["customer_id"], document=f"{row['doc_type']} {row['ref_nbr']}",
-                   recipient=row["recipient"], format=row["format"], status=status, reason=reason,
-                   answer=" ".join((answer or "").split()))
+                   recipient=mask_address(row["recipient"]), format=row["format"], status=status, reason=reason,
+                   answer=mask_text(" ".join((answer or "").split())))  # logs and alerts are read by viewers
 
 
 class DeliveriesPending(RuntimeError):
