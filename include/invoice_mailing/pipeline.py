@@ -455,9 +455,14 @@ class _Mailer:
         if sent_ids and self.settings.archive:  # after the commit: the duplicate window stays one UPDATE
             ledger.record_message_path(self.ledger_db, sent_ids, self.settings.archive.keep(result.data))
         row_of = {r["id"]: r for r in rows}
+
+        def naming_the_account(reason: str, text: str) -> str | None:  # the relay's to mend, or the settings'
+            return f"{text} ({account})" if reason in (*ledger.RELAY_REFUSALS, rules.CONFIG_ERROR) else None
+
         for address, (reason, text) in result.rejected.items():
-            self.finish(ids_of.get(address, []), FAILED, reason=reason, error=text)
-            self.not_sending([row_of[i] for i in ids_of.get(address, [])], FAILED, reason, text)
+            detail = naming_the_account(reason, text)
+            self.finish(ids_of.get(address, []), FAILED, reason=reason, error=text, detail=detail)
+            self.not_sending([row_of[i] for i in ids_of.get(address, [])], FAILED, reason, detail or text)
         for address, text in result.deferred.items():
             self.finish(ids_of.get(address, []), PENDING, "deferred", error=text)
             self.not_sending([row_of[i] for i in ids_of.get(address, [])], PENDING, "deferred", text)
@@ -465,7 +470,7 @@ class _Mailer:
             reason, text = result.failure
             answered = {*result.accepted, *result.rejected, *result.deferred}
             rest = [i for a, ids in ids_of.items() if a not in answered for i in ids]
-            detail = f"{text} ({account})" if reason in ("auth_failed", "sender_rejected", "config_error") else None
+            detail = naming_the_account(reason, text)
             self.finish(rest, FAILED, reason=reason, error=text, detail=detail, attachment_sha256=attachment.sha256)
             self.not_sending([row_of[i] for i in rest], FAILED, reason, detail or text)
 
