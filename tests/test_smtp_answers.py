@@ -8,6 +8,8 @@ about a recipient or the message is final.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from sqlalchemy import insert, update
 from sqlalchemy.exc import DBAPIError
@@ -155,6 +157,21 @@ def test_a_relay_without_starttls_when_tls_is_required_is_tls_unavailable_and_re
     night.relay(night.sink.port)  # the operator sets disable_tls for this relay (or the relay gets TLS)
     night.run("scheduled__2026-11-25")
     assert night.arrived() == {("INV000101", "a@bolgen.example"): 1}
+
+
+@pytest.mark.parametrize("tls", ["starttls", "ssl"])
+def test_the_session_is_encrypted_as_the_connection_says_and_then_logs_in(night, monkeypatch, tls):
+    customer_with_template(night, "10001", "a@bolgen.example")
+    night.erp.invoice("INV000101", "10001")
+    with SmtpSink(logins={"faktura": "s3cret"}, tls=tls) as relay:
+        night.sink = relay
+        connection = json.loads(smtp_connection(relay.port, timeout=2, disable_ssl=tls != "ssl",
+                                                disable_tls=tls != "starttls", ssl_context="none"))
+        monkeypatch.setenv("AIRFLOW_CONN_SMTP_DEFAULT", json.dumps({**connection, "login": "faktura",
+                                                                     "password": "s3cret"}))
+        assert night.run() == 1
+        assert night.arrived() == {("INV000101", "a@bolgen.example"): 1}
+        assert night.status() == {("INV000101", "a@bolgen.example"): ("sent", None)}
 
 
 # --- One definition of final and re-decided -----------------------------------------------------
