@@ -195,7 +195,7 @@ def test_the_ledger_its_trigger_and_the_next_night_agree_on_what_is_final(backen
         conn.execute(insert(ledger.delivery), [row, sent])
 
     final = reason in FINAL
-    assert ledger.is_final("failed", reason) is final
+    assert ledger.redecided("failed", reason) is not final
     assert (reason in ledger.RELAY_REFUSALS) is (reason in KEEPS_DUE)
     still_due = not ledger.settled_documents(engine, [("INV", "INV000101")])
     assert still_due is (reason in KEEPS_DUE)

@@ -117,7 +117,8 @@ PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed"
 # Why a delivery was not sent decides what a later run may do with it; this is the one definition
 # (the pipeline, the audit and the trigger's migrations follow it):
 # - FINAL: the server's verdicts on a recipient or a message. Never re-decided; the database refuses
-#   to move them (the trigger of migration 0002, migrations/forward_only.py, lists exactly these).
+#   to move them (the trigger of migration 0002, migrations/forward_only.py, lists exactly these: a
+#   new final reason needs a new migration, a new re-decided one none).
 SMTP_FAILURES = ("recipient_rejected", "message_rejected", "too_large", "smtp_error")
 # - RELAY_REFUSALS: the relay's refusals of the account or the connection (a sender or a relaying
 #   it will not take, a login, TLS, SMTPUTF8), mended on the relay's side. Re-decided, and they keep
@@ -128,9 +129,9 @@ RELAY_REFUSALS = ("sender_rejected", "auth_failed", "tls_unavailable", "smtputf8
 #   by a later run from the ERP data and settings it then finds; it keeps no document due.
 
 
-def is_final(status: str, reason: str | None) -> bool:
-    """Whether a refused delivery stays as it is (a server's verdict), or a later run re-decides it."""
-    return status not in (SKIPPED, FAILED) or reason in SMTP_FAILURES
+def redecided(status: str, reason: str | None) -> bool:
+    """Whether a later run decides this row again: every skipped or failed row but a server's verdict."""
+    return status in (SKIPPED, FAILED) and reason not in SMTP_FAILURES
 
 
 DEFAULT_LEASE = timedelta(minutes=15)
@@ -274,13 +275,13 @@ def _insert_new(conn, values: dict, table: Table = delivery) -> None:
     conn.execute(dialect_insert(table).values(**values).on_conflict_do_nothing())
 
 
-# ``is_final``, as SQL: the condition of the UPDATE that re-decides a row.
+# ``redecided``, as SQL: the condition of the UPDATE that re-decides a row.
 _REDECIDABLE = and_(delivery.c.status.in_((SKIPPED, FAILED)),
                     or_(delivery.c.reason.is_(None), delivery.c.reason.not_in(SMTP_FAILURES)))
 
 
 def _redecidable(row) -> bool:
-    return not is_final(row["status"], row["reason"])
+    return redecided(row["status"], row["reason"])
 
 
 def documents_with_rows(engine: Engine, keys: Iterable[tuple[str, str]], mode: str) -> set[tuple[str, str]]:
