@@ -12,8 +12,11 @@ import os
 import re
 import signal
 import socket
+import ssl
+import tempfile
 import threading
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -143,6 +146,30 @@ class _Authenticator:
         return AuthResult(success=ok, handled=False)
 
 
+def self_signed_tls(host: str = "127.0.0.1") -> ssl.SSLContext:
+    """A server-side TLS context with a fresh self-signed certificate for ``host`` (clients that check
+    certificates refuse it: connect with the connection extra ``ssl_context: none``)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(start)
+            .not_valid_after(start + timedelta(days=1)).sign(key, hashes.SHA256()))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with tempfile.TemporaryDirectory() as folder:
+        cert_path, key_path = Path(folder, "cert.pem"), Path(folder, "key.pem")
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        context.load_cert_chain(cert_path, key_path)
+    return context
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
@@ -154,14 +181,19 @@ class SmtpSink:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, directory: Path | None = None,
                  faults: Faults | None = None, size_limit: int | None = None,
-                 logins: dict[str, str] | None = None):
-        """``logins`` (user -> password): the server offers AUTH and refuses MAIL FROM before a login."""
+                 logins: dict[str, str] | None = None, tls: str | None = None):
+        """``logins`` (user -> password): the server offers AUTH and refuses MAIL FROM before a login.
+        ``tls``: "starttls" offers STARTTLS, "ssl" speaks TLS from the start (a self-signed certificate)."""
         self.handler = SinkHandler(directory, faults)
         kwargs = {"data_size_limit": size_limit} if size_limit else {}
-        if logins:
-            kwargs.update(authenticator=_Authenticator(logins), auth_required=True, auth_require_tls=False)
+        if logins:  # with STARTTLS, AUTH only once the session is encrypted
+            kwargs.update(authenticator=_Authenticator(logins), auth_required=True,
+                          auth_require_tls=tls == "starttls")
+        context = self_signed_tls(host) if tls else None
+        if tls == "starttls":
+            kwargs["tls_context"] = context
         self.controller = Controller(self.handler, hostname=host, port=port or free_port(host),
-                                     server_kwargs=kwargs)
+                                     ssl_context=context if tls == "ssl" else None, server_kwargs=kwargs)
 
     @property
     def received(self) -> list[Received]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import smtplib
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -152,11 +154,61 @@ def _code_text(code: int, text: bytes | str) -> str:
     return f"{code} {one_line(text, 300)}"
 
 
-class SmtpSender:
-    """SMTP sessions per connection id, opened through the SMTP provider's hook and reused for a batch.
+_ENHANCED = re.compile(r"\s*([245])\.(\d{1,3})\.(\d{1,3})(?!\S)")
+AUTH_CODES = (530, 534, 535, 538)  # RFC 4954: log in first, mechanism too weak, refused, needs TLS
+_BY_COMMAND = {"mail": "sender_rejected", "rcpt": "recipient_rejected", "data": "message_rejected"}
 
-    The hook gives the settings, TLS and login; this class owns the sending, the classification of
-    answers and the retries (the hook's own ``send_email_smtp`` would retry after DATA was accepted).
+
+def enhanced_code(text: bytes | str) -> tuple[int, int, int] | None:
+    """The RFC 3463 status code (class.subject.detail) that opens an answer's text, if any."""
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+    found = _ENHANCED.match(text)
+    return tuple(int(n) for n in found.groups()) if found else None
+
+
+def refusal_reason(command: str, code: int, text: bytes | str) -> str | None:
+    """Why a 5xx answer refused a message or a recipient, by its enhanced status code first (RFC 3463),
+    then by its basic code, and by the command only when neither says more. None: a 4xx, try later.
+
+    Postfix reports sender and relaying restrictions at RCPT (``smtpd_delay_reject``), so a 5.7.x
+    to the envelope is the account's refusal, not the recipient's. After DATA a 5.7.x is a policy
+    on the message's content (spam, virus): the message's verdict, final like any other.
+    """
+    if 400 <= code < 500:
+        return None
+    enhanced = enhanced_code(text)
+    if code in AUTH_CODES:
+        return "auth_failed"
+    if enhanced and enhanced[:2] == (5, 7) and command != "data":  # security or policy: the account's
+        return "sender_rejected"
+    if enhanced == (5, 3, 4) or (code == 552 and command in ("mail", "data")):  # to MAIL FROM ... SIZE=
+        return "too_large"
+    return _BY_COMMAND.get(command, "smtp_error")
+
+
+def _tls_context(hook) -> ssl.SSLContext | None:
+    """The connection's ``ssl_context`` extra, as the SMTP provider reads it."""
+    if hook.ssl_context not in (None, "default", "none"):
+        raise SmtpConfigError(f"the SMTP connection {hook.smtp_conn_id!r} has ssl_context {hook.ssl_context!r}; "
+                              "it may be 'default' or 'none'")
+    return None if hook.ssl_context == "none" else ssl.create_default_context()
+
+
+def _refused(exc: smtplib.SMTPException, reason: str, what: str) -> Exception:
+    """A failed STARTTLS or AUTH: a 4xx is transient; anything else is the account's to fix."""
+    code = getattr(exc, "smtp_code", 0)
+    answer = _code_text(code, exc.smtp_error) if code else one_line(str(exc), 300)
+    if 400 <= code < 500:
+        return TransientSmtpError(answer)
+    return SmtpAccountError(reason, f"{what}: {answer}")
+
+
+class SmtpSender:
+    """SMTP sessions per connection id, opened with the SMTP provider hook's settings, reused for a batch.
+
+    The hook reads the connection (host, port, SSL or STARTTLS, login); this class owns the session,
+    the classification of answers and the retries (the hook's own ``send_email_smtp`` would retry
+    after DATA was accepted, and its ``get_conn`` retries connecting on its own).
     """
 
     def __init__(self, *, attempts: int = 3, backoff: float = 2.0):
@@ -166,6 +218,9 @@ class SmtpSender:
 
     @staticmethod
     def _connect(conn_id: str) -> smtplib.SMTP:
+        """A session opened with the settings the SMTP provider's hook reads from the connection: host,
+        port, timeout, SSL or STARTTLS, and the login. The hook's ``get_conn`` is not used: it retries
+        on its own and keeps its client private; the retries here are ``send``'s."""
         from airflow.exceptions import AirflowNotFoundException
         from airflow.providers.smtp.hooks.smtp import SmtpHook
 
@@ -174,17 +229,46 @@ class SmtpSender:
             hook.smtp_connection = hook.get_connection(conn_id)
         except AirflowNotFoundException as exc:
             raise SmtpConfigError(f"the SMTP connection {conn_id!r} does not exist in Airflow") from exc
+        context = _tls_context(hook)
+        if hook.use_ssl:
+            client = smtplib.SMTP_SSL(hook.host, hook.port or 0, timeout=hook.timeout, context=context)
+        else:
+            client = smtplib.SMTP(hook.host, hook.port or 0, timeout=hook.timeout)
         try:
-            hook.get_conn()
-        except (smtplib.SMTPAuthenticationError, smtplib.SMTPNotSupportedError) as exc:
-            if hook._smtp_client is not None:
-                hook._smtp_client.close()
-            code = getattr(exc, "smtp_code", 0)
-            if 400 <= code < 500:
-                raise TransientSmtpError(_code_text(code, exc.smtp_error)) from exc
-            answer = _code_text(code, exc.smtp_error) if code else one_line(str(exc), 300)
-            raise SmtpAccountError("auth_failed", f"login refused: {answer}") from exc
-        return hook._smtp_client  # the hook keeps its client private; it is the session we send on
+            SmtpSender._secure_and_log_in(client, hook, context)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    @staticmethod
+    def _secure_and_log_in(client: smtplib.SMTP, hook, context: ssl.SSLContext | None) -> None:
+        from airflow.providers.smtp.hooks.smtp import build_xoauth2_string
+
+        client.ehlo_or_helo_if_needed()
+        if hook.smtp_starttls and not hook.use_ssl:  # an SSL connection is encrypted already
+            if not client.has_extn("starttls"):
+                raise SmtpAccountError("tls_unavailable", "the relay does not offer STARTTLS and the SMTP "
+                                       "connection requires TLS (its extra has no disable_tls)")
+            try:
+                client.starttls(context=context)
+            except smtplib.SMTPResponseException as exc:
+                raise _refused(exc, "tls_unavailable", "STARTTLS refused") from exc
+            client.ehlo()
+        oauth2 = hook.auth_type == "oauth2"
+        if oauth2 and not ((hook.smtp_user or hook.from_email) and hook.access_token):
+            raise SmtpConfigError(f"the SMTP connection {hook.smtp_conn_id!r} has auth_type oauth2 but no login "
+                                  "(or from_email) and access_token in its extra")
+        try:
+            if oauth2:
+                xoauth2 = build_xoauth2_string(hook.smtp_user or hook.from_email, hook.access_token)
+                client.auth("XOAUTH2", lambda _=None: xoauth2)
+            elif hook.smtp_user and hook.smtp_password:
+                client.login(hook.smtp_user, hook.smtp_password)
+        except smtplib.SMTPServerDisconnected:
+            raise
+        except smtplib.SMTPException as exc:  # refused, no AUTH offered, or no mechanism in common
+            raise _refused(exc, "auth_failed", "login refused") from exc
 
     def _session(self, conn_id: str) -> smtplib.SMTP:
         if conn_id not in self._sessions:
@@ -273,8 +357,8 @@ class SmtpSender:
             options = (["SMTPUTF8"] if smtputf8 else []) + ([f"SIZE={len(data)}"] if client.has_extn("size") else [])
             phase = "mail"
             code, text = client.mail(envelope_from, options)
-            if code != 250:  # 530: log in first; 550/553: this sender may not send here
-                return self._refused_all(conn_id, result, code, text, "auth_failed" if code == 530 else "sender_rejected")
+            if code != 250:
+                return self._refused_all(conn_id, result, code, text)
             phase = "rcpt"
             for address in rcpts:
                 code, text = client.rcpt(address)
@@ -283,7 +367,7 @@ class SmtpSender:
                 elif 400 <= code < 500:
                     result.deferred[address] = _code_text(code, text)
                 else:
-                    result.rejected[address] = ("recipient_rejected", _code_text(code, text))
+                    result.rejected[address] = (refusal_reason("rcpt", code, text), _code_text(code, text))
             if not result.accepted:
                 client.rset()
                 return result
@@ -316,14 +400,15 @@ class SmtpSender:
         if 400 <= code < 500:
             result.deferred.update({a: answer for a in accepted})
         else:
-            result.rejected.update({a: ("message_rejected", answer) for a in accepted})
+            result.rejected.update({a: (refusal_reason("data", code, text), answer) for a in accepted})
         return result
 
-    def _refused_all(self, conn_id: str, result: SendResult, code: int, text, reason: str) -> SendResult:
+    def _refused_all(self, conn_id: str, result: SendResult, code: int, text) -> SendResult:
+        """MAIL FROM refused: the answer is every recipient's."""
         if 400 <= code < 500 or code < 200:
             self._drop(conn_id)
             raise TransientSmtpError(_code_text(code, text))
-        result.failure = (reason, _code_text(code, text))
+        result.failure = (refusal_reason("mail", code, text), _code_text(code, text))
         try:
             self._session(conn_id).rset()
         except Exception:  # noqa: BLE001

@@ -8,9 +8,10 @@ A delivery is (document, mailing, recipient address, format, mode, generation). 
        '--> skipped / failed                   (refused by the rules before any attempt)
 
 A row refused by the rules may be re-decided by a later run (the ERP data was fixed, or broke
-differently); a row the SMTP server refused, and a sent row, are final: never changed again (but for
-the archive's path of a sent message, set once). The database enforces these transitions, and that
-no delivery is deleted, with triggers on SQLite and PostgreSQL alike (migration 0004); the schema
+differently), and so may a relay's refusal of the account; a recipient or a message the SMTP server
+refused, and a sent row, are final (``SMTP_FAILURES`` below): never changed again (but for the
+archive's path of a sent message, set once). The database enforces these transitions, and that no
+delivery is deleted, with triggers on SQLite and PostgreSQL alike (migration 0004); the schema
 changes only through the Alembic migrations in ``migrations/``.
 ``sending`` is taken over by another attempt only when its claim is stale: the claimant's process
 is gone (same host, same process namespace) or its lease expired, measured by the database's clock
@@ -132,14 +133,26 @@ lost_claim = Table(
 )
 
 PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed", "skipped"
-# The server's verdicts on a recipient or a message: final for their delivery. Every other skipped or
-# failed row (a refusal by the rules, a config error, a relay that refused the sender, the login or
-# SMTPUTF8, a dry run) is re-decided by a later run from the ERP data and settings it then finds.
-# The database enforces it with the trigger of migration 0002 (migrations/forward_only.py).
+# Why a delivery was not sent decides what a later run may do with it; this is the one definition
+# (the pipeline, the audit and the trigger's migrations follow it):
+# - FINAL: the server's verdicts on a recipient or a message. Never re-decided; the database refuses
+#   to move them (the trigger of migration 0004 lists exactly these: a
+#   new final reason needs a new migration, a new re-decided one none).
 SMTP_FAILURES = ("recipient_rejected", "message_rejected", "too_large", "smtp_error")
-# The relay's refusals of the account or of SMTPUTF8: mended on the relay's side, so they keep their
-# document due (as a deferred delivery does) until they are sent, within the look-back window.
-RELAY_REFUSALS = ("sender_rejected", "auth_failed", "smtputf8_unsupported")
+# - RELAY_REFUSALS: the relay's refusals of the account or the connection (a sender or a relaying
+#   it will not take, a login, TLS, SMTPUTF8), mended on the relay's side. Re-decided, and they keep
+#   their document due (as a deferred delivery does) until they are sent, within the look-back window;
+#   their ``detail`` names the email account and the SMTP connection.
+RELAY_REFUSALS = ("sender_rejected", "auth_failed", "tls_unavailable", "smtputf8_unsupported")
+# - Every other skipped or failed row (a refusal by the rules, a config error, a dry run) is re-decided
+#   by a later run from the ERP data and settings it then finds; it keeps no document due.
+
+
+def redecided(status: str, reason: str | None) -> bool:
+    """Whether a later run decides this row again: every skipped or failed row but a server's verdict."""
+    return status in (SKIPPED, FAILED) and reason not in SMTP_FAILURES
+
+
 DEFAULT_LEASE = timedelta(minutes=15)
 _CHUNK = 500
 
@@ -283,12 +296,13 @@ def _insert_new(conn, values: dict, table: Table = delivery) -> None:
     conn.execute(dialect_insert(table).values(**values).on_conflict_do_nothing())
 
 
+# ``redecided``, as SQL: the condition of the UPDATE that re-decides a row.
 _REDECIDABLE = and_(delivery.c.status.in_((SKIPPED, FAILED)),
                     or_(delivery.c.reason.is_(None), delivery.c.reason.not_in(SMTP_FAILURES)))
 
 
 def _redecidable(row) -> bool:
-    return row["status"] in (SKIPPED, FAILED) and row["reason"] not in SMTP_FAILURES
+    return redecided(row["status"], row["reason"])
 
 
 def retire_unplanned_failures(engine: Engine, planned: Iterable[PlannedDelivery], *, run_id: str,

@@ -227,9 +227,14 @@ class _Mailer:
         if sent_ids and self.settings.archive:  # after the commit: the duplicate window stays one UPDATE
             ledger.record_message_path(self.ledger_db, sent_ids, self.settings.archive.keep(result.data))
         row_of = {r["id"]: r for r in rows}
+
+        def naming_the_account(reason: str, text: str) -> str | None:  # the relay's to mend, or the settings'
+            return f"{text} ({account})" if reason in (*ledger.RELAY_REFUSALS, rules.CONFIG_ERROR) else None
+
         for address, (reason, text) in result.rejected.items():
-            self.finish(ids_of.get(address, []), FAILED, reason=reason, error=text)
-            self.not_sending([row_of[i] for i in ids_of.get(address, [])], FAILED, reason, text)
+            detail = naming_the_account(reason, text)
+            self.finish(ids_of.get(address, []), FAILED, reason=reason, error=text, detail=detail)
+            self.not_sending([row_of[i] for i in ids_of.get(address, [])], FAILED, reason, detail or text)
         for address, text in result.deferred.items():
             self.finish(ids_of.get(address, []), PENDING, "deferred", error=text)
             self.not_sending([row_of[i] for i in ids_of.get(address, [])], PENDING, "deferred", text)
@@ -237,7 +242,7 @@ class _Mailer:
             reason, text = result.failure
             answered = {*result.accepted, *result.rejected, *result.deferred}
             rest = [i for a, ids in ids_of.items() if a not in answered for i in ids]
-            detail = f"{text} ({account})" if reason in ("auth_failed", "sender_rejected", "config_error") else None
+            detail = naming_the_account(reason, text)
             self.finish(rest, FAILED, reason=reason, error=text, detail=detail, attachment_sha256=attachment.sha256)
             self.not_sending([row_of[i] for i in rest], FAILED, reason, detail or text)
 
@@ -250,7 +255,7 @@ class _Mailer:
         for row in lost:
             log.warning("Possible duplicate: the SMTP server took message %s for %s, but another attempt (%s) "
                         "had taken over this delivery meanwhile (it is now %s); the recipient may get it twice",
-                        message_id, row["recipient"], row["claimed_by"], row["status"])
+                        message_id, mask_address(row["recipient"]), row["claimed_by"], row["status"])
         self.counts["possible_duplicates"] += len(lost)
         return {row["id"] for row in lost}
 
