@@ -162,3 +162,18 @@ def test_a_red_night_is_mailed_once_by_audit_with_its_deliveries(one_invoice, ru
 def test_a_green_night_mails_no_alert(one_invoice, run_dag, alerting):
     assert run_dag().state == "success"
     assert alerting() == []
+
+
+def test_a_failure_with_no_reason_recorded_still_alerts_with_airflows_reason(airflow_db, alerting):
+    """An instance killed before it could record why (or a deadlock, where Airflow blames no instance)."""
+    from types import SimpleNamespace
+
+    from include.invoice_mailing.alerts import NightFailed
+
+    NightFailed()({"dag": SimpleNamespace(dag_id="invoice_mailing"), "run_id": "manual__gone",
+                   "reason": "all_tasks_deadlocked"})
+
+    (alert,) = alerting()
+    assert alert["Subject"] == ("Invoice mailing manual__gone: the night failed: no reason recorded "
+                                "(Airflow says: all_tasks_deadlocked); see the log")
+    assert "/dags/invoice_mailing/runs/manual__gone\"" in body_of(alert)

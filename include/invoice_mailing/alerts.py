@@ -106,14 +106,20 @@ def night_failed(dag_id: str, run_id: str, failures: list[dict], base_url: str) 
     ``failures``: dicts with ``task_id``, ``map_index``, ``label`` and ``reason``.
     """
     first = failures[0]
+    where = f" in {first['task_id']}" if first["task_id"] else ""
     named = f" ({first['label']})" if first["label"] else ""
     reason = " ".join(str(first["reason"]).split())  # one line: a subject is a header
-    subject = f"Invoice mailing {run_id}: the night failed in {first['task_id']}{named}: {reason}"[:250]
+    subject = f"Invoice mailing {run_id}: the night failed{where}{named}: {reason}"[:250]
+
+    def link(f: dict) -> str:
+        if not f["task_id"]:
+            return task_link(base_url, dag_id, run_id, None, "").rsplit("/tasks/", 1)[0]
+        return task_link(base_url, dag_id, run_id, f["map_index"], f["task_id"])
+
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-            f["task_id"], f["label"] or "", f["reason"]))
-        + f"<td><a href=\"{html.escape(task_link(base_url, dag_id, run_id, f['map_index'], f['task_id']))}\">"
-        "task instance and log</a></td></tr>" for f in failures)
+            f["task_id"] or "", f["label"] or "", f["reason"]))
+        + f"<td><a href=\"{html.escape(link(f))}\">task instance and log</a></td></tr>" for f in failures)
     body = (f"<p>The run <b>{html.escape(run_id)}</b> of {html.escape(dag_id)} ended <b>failed</b>. "
             "Fix the cause, then clear the failed task instance (or the run): the night sends only what it "
             "has not sent.</p><table border=\"1\" cellpadding=\"4\"><tr><th>task</th><th>instance</th>"
@@ -156,7 +162,7 @@ class NightFailed(BaseNotifier):
                                  "reason": recorded.get("reason") or "?"})
         if not failures:
             reason = f"no reason recorded (Airflow says: {context.get('reason') or 'failed'}); see the log"
-            failures = [{"task_id": ti.task_id if ti else "?", "map_index": ti.map_index if ti else -1,
+            failures = [{"task_id": ti.task_id if ti else None, "map_index": ti.map_index if ti else -1,
                          "label": None, "reason": reason}]
         subject, body = night_failed(dag_id, run_id, failures, conf.get("api", "base_url",
                                                                         fallback="http://localhost:8080/"))
@@ -179,7 +185,10 @@ def _recorded(context, dag_id: str, run_id: str, task_id: str, map_index: int, k
                 XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.task_id == task_id,
                 XComModel.map_index == map_index, XComModel.key == key)).first()
             return XComModel.deserialize_value(row) if row is not None else None
-    return context["ti"].xcom_pull(task_ids=task_id, dag_id=dag_id, run_id=run_id, key=key, map_indexes=map_index)
+    ti = context.get("ti")
+    if ti is None:  # Airflow found no instance to blame (a deadlock): nothing to read it through
+        return None
+    return ti.xcom_pull(task_ids=task_id, dag_id=dag_id, run_id=run_id, key=key, map_indexes=map_index)
 
 
 def night_not_done(night: str, problem: str) -> tuple[str, str]:
