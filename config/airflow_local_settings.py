@@ -3,7 +3,8 @@
 - In the processes that fork task processes (the scheduler with its LocalExecutor, a Celery worker)
   import the pipeline and warm its renderer once, so that task processes inherit it.
 - The cluster policy ``task_instance_mutation_hook``: the scheduler names each ``mail_customers``
-  instance with its batch's label as it creates it (``include/invoice_mailing/labels.py``).
+  instance with its batch's label as it creates it (``include/invoice_mailing/labels.py``; on the
+  Airflow versions it was tested on, and a database error is the scheduler's to handle).
 """
 
 __all__ = ["task_instance_mutation_hook"]  # what Airflow takes from this module into its settings

@@ -19,6 +19,9 @@ and records every delivery in the mailing ledger.
    `invoice_mailing://ledger/nights` (counts in `extra`). If any delivery is still pending or failed it mails the operators (the
    `mailing_alerts` connection) and fails, so the night is **red**.
 
+Any other failed run (a wrong parameter, the ERP or the ledger unreachable, audit itself failing) is
+mailed through the same connection by the DAG's failure callback, naming the task and why.
+
 **Red night?** The alert and the failed instance's log name the customer, document, recipient and the
 server's answer. Fix the cause, then clear the failed `mail_customers` instance (any clear works: one
 instance or the run, with or without downstream): only what was not sent is sent, and the audit runs again.
@@ -33,24 +36,25 @@ from datetime import timedelta
 
 from airflow.sdk import CronTriggerTimetable, Param, dag, task
 
-from include.invoice_mailing import tasks
+# Only what a parse needs (tests/test_dag_integrity.py checks it): the pipeline is imported in the task bodies.
+from include.invoice_mailing import dag_settings as settings
+from include.invoice_mailing.alerts import NightFailed
 
-NETWORK_RETRIES = {"retries": tasks.retries(), "retry_delay": tasks.retry_delay(), "retry_exponential_backoff": 2.0,
-                   "max_retry_delay": timedelta(minutes=30)}
-# Each mapped instance holds at most one SMTP session per relay connection, so the slots of this pool
-# (INVOICE_MAILING_SMTP_SESSIONS, set by airflow-init) cap the sessions a relay sees at once.
-SMTP_POOL = "invoice_mailing_smtp"
+NETWORK_RETRIES = {"retries": settings.retries(), "retry_delay": settings.retry_delay(),
+                   "retry_exponential_backoff": 2.0, "max_retry_delay": timedelta(minutes=30)}
 
 
 @dag(
-    dag_id="invoice_mailing",
+    dag_id=settings.DAG_ID,
     # No start_date, and no grace after 02:00 (Airflow's default runs a night unpaused up to 2 h 24 min
     # late): the first run is the first 02:00 after the DAG is unpaused, whatever the hour, never a past night.
-    schedule=CronTriggerTimetable("0 2 * * *", timezone="Europe/Oslo", run_immediately=timedelta(0)),
+    schedule=CronTriggerTimetable(settings.NIGHT_CRON, timezone=settings.TIMEZONE, run_immediately=timedelta(0)),
     catchup=False,
     max_active_runs=1,
     tags=["finance", "accounts-receivable", "email"],
     doc_md=__doc__,
+    # A failed run mails the operators through mailing_alerts, unless audit already did (include/invoice_mailing/alerts.py).
+    on_failure_callback=NightFailed(),
     params={
         "dry_run": Param(False, type="boolean", description="Render everything, send nothing."),
         "redirect_to": Param(None, type=["null", "string"], description="Send every message to this test address."),
@@ -62,28 +66,39 @@ SMTP_POOL = "invoice_mailing_smtp"
 )
 def invoice_mailing():
     @task(**NETWORK_RETRIES)
-    def open_night(params=None, run_id=None, logical_date=None, data_interval_end=None) -> None:
-        tasks.open_night(run_id=run_id, logical_date=logical_date, data_interval_end=data_interval_end,
-                         params=params)
+    def open_night(params=None, run_id=None, logical_date=None, data_interval_end=None, ti=None) -> None:
+        from include.invoice_mailing import tasks
 
-    @task(**NETWORK_RETRIES)
-    def extract(params=None, run_id=None, logical_date=None, data_interval_end=None) -> list[dict]:
-        return tasks.extract(run_id=run_id, logical_date=logical_date, data_interval_end=data_interval_end,
+        with tasks.failure_recorded(ti):
+            tasks.open_night(run_id=run_id, logical_date=logical_date, data_interval_end=data_interval_end,
                              params=params)
 
-    @task(map_index_template="{{ task.op_kwargs['batch']['label'] }}", pool=SMTP_POOL,
-          max_active_tis_per_dagrun=tasks.concurrency(),
-          **NETWORK_RETRIES)
+    @task(**NETWORK_RETRIES)
+    def extract(params=None, run_id=None, logical_date=None, data_interval_end=None, ti=None) -> list[dict]:
+        from include.invoice_mailing import tasks
+
+        with tasks.failure_recorded(ti):
+            return tasks.extract(run_id=run_id, logical_date=logical_date, data_interval_end=data_interval_end,
+                                 params=params)
+
+    @task(map_index_template="{{ task.op_kwargs['batch']['label'] }}", pool=settings.SMTP_POOL,
+          max_active_tis_per_dagrun=settings.concurrency(), **NETWORK_RETRIES)
     def mail_customers(batch: dict, params=None, run_id=None, logical_date=None, data_interval_end=None,
                        ti=None) -> dict:
-        return tasks.mail_batch(batch, run_id=run_id, logical_date=logical_date,
-                                data_interval_end=data_interval_end, params=params, map_index=ti.map_index,
-                                try_number=ti.try_number)
+        from include.invoice_mailing import tasks
 
-    @task(retries=2, retry_delay=timedelta(minutes=1), outlets=[tasks.NIGHTS])
+        with tasks.failure_recorded(ti):
+            return tasks.mail_batch(batch, run_id=run_id, logical_date=logical_date,
+                                    data_interval_end=data_interval_end, params=params, map_index=ti.map_index,
+                                    try_number=ti.try_number)
+
+    @task(retries=2, retry_delay=min(settings.retry_delay(), timedelta(minutes=1)), outlets=[settings.NIGHTS])
     def audit(dag_run=None, ti=None, outlet_events=None) -> dict:
-        return tasks.audit(dag_id=dag_run.dag_id, run_id=dag_run.run_id, batches=ti.xcom_pull(task_ids="extract"),
-                           outlet_events=outlet_events)
+        from include.invoice_mailing import tasks
+
+        with tasks.failure_recorded(ti):
+            return tasks.audit(dag_id=dag_run.dag_id, run_id=dag_run.run_id,
+                               batches=ti.xcom_pull(task_ids="extract"), outlet_events=outlet_events, ti=ti)
 
     # audit is the teardown of open_night: Airflow clears it with any cleared instance in between (so
     # the summary and the run's state follow every clear) but never re-runs extract, which could regroup.

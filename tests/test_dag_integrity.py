@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,56 @@ def test_dag_file_imports_with_every_database_and_socket_blocked():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-2:] == ["invoice_mailing", "4"]
+
+
+def parse_in_a_fresh_process(then: str, first: str = "") -> str:
+    """Import Airflow's SDK, run ``first``, parse both DAG files as the dag-processor does, run ``then``;
+    return the last line it printed."""
+    probe = textwrap.dedent(f"""
+        import json, runpy, sys
+        import airflow.sdk
+        sys.path.insert(0, {str(ROOT)!r})
+        {first}
+        before = set(sys.modules)
+        dags = {{}}
+        for name in ("invoice_mailing", "invoice_mailing_watch"):
+            namespace = runpy.run_path({str(ROOT / "dags")!r} + f"/{{name}}.py")
+            dags[name] = namespace[name]()
+        imported = sorted(set(sys.modules) - before)
+        {then}
+    """)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_a_parse_imports_neither_the_pipeline_nor_its_libraries():
+    """The dag-processor parses the files every few seconds: what they import is what each parse costs.
+    The pipeline (SQLAlchemy tables, Jinja templates, WeasyPrint, Babel, smtplib) is imported by the tasks."""
+    imported = set(json.loads(parse_in_a_fresh_process("print(json.dumps(imported))")))
+
+    ours = {m for m in imported if m.startswith("include")}
+    assert ours == {"include", "include.invoice_mailing", "include.invoice_mailing.dag_settings",
+                    "include.invoice_mailing.alerts"}
+    heavy = {"weasyprint", "babel", "smtplib", "email_validator", "pypdf", "fontTools", "psycopg", "psycopg2",
+             "airflow.providers.smtp", "airflow.providers.postgres", "airflow.providers.sqlite"}
+    assert not {m for m in imported if m.split(".")[0] in heavy or m.rsplit(".", 1)[0] in heavy}
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, 4),                                         # the SMTP pool's default slots
+    ({"INVOICE_MAILING_SMTP_SESSIONS": "3"}, 3),     # the pool's slots as airflow-init sets them
+    ({"INVOICE_MAILING_CONCURRENCY": "7"}, 7),       # the operators' setting
+])
+def test_concurrency_is_a_setting_not_the_parsing_hosts_cores(monkeypatch, env, expected):
+    for name in ("INVOICE_MAILING_CONCURRENCY", "INVOICE_MAILING_SMTP_SESSIONS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    printed = parse_in_a_fresh_process(  # a dag-processor on a 64-core host
+        "print(dags['invoice_mailing'].get_task('mail_customers').max_active_tis_per_dagrun)",
+        first="import os; os.cpu_count = lambda: 64")
+    assert int(printed) == expected
 
 
 def test_runs_nightly_at_two_in_oslo_without_catch_up(dag):

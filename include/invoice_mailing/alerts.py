@@ -3,6 +3,17 @@
 The alert goes through the Airflow connection ``mailing_alerts`` (type smtp: the relay's host and
 port; extra ``to``, the operators' address(es), and ``from_email``). Without that connection the
 alert is only logged. The text is built by pure functions; only ``send`` talks to the relay.
+
+Three paths, one mail per red night:
+
+- ``audit`` mails ``red_night`` when deliveries were not sent (it reads them from the ledger) and
+  records that it did (XCom ``alerted``).
+- ``NightFailed``, the DAG's ``on_failure_callback`` (run by the dag-processor, or by ``dag.test()``),
+  mails ``night_failed`` for every other failed run: a task failed and audit sent nothing (a wrong
+  parameter, the ERP or the ledger unreachable, audit itself failing). It needs neither the ledger
+  nor the pipeline: the failing tasks record why in their XCom ``failure``.
+- ``invoice_mailing_watch`` mails ``night_not_done`` when tonight's run is missing, failed, not
+  finished, or the DAG is paused.
 """
 
 from __future__ import annotations
@@ -11,6 +22,9 @@ import html
 import logging
 from urllib.parse import quote
 
+from airflow.sdk import BaseNotifier
+
+from include.invoice_mailing.dag_settings import ALERTED_KEY, FAILURE_KEY
 from include.invoice_mailing.masking import mask_address as mask
 
 log = logging.getLogger(__name__)
@@ -19,10 +33,11 @@ ALERT_CONN_ID = "mailing_alerts"
 MAPPED_TASK_ID = "mail_customers"
 
 
-def task_link(base_url: str, dag_id: str, run_id: str, map_index: int | None) -> str:
-    """The UI page of the mapped instance (Airflow 3's ``/dags/…/runs/…/tasks/…/mapped/N``)."""
-    mapped = f"/mapped/{map_index}" if map_index is not None else ""
-    return f"{base_url.rstrip('/')}/dags/{dag_id}/runs/{quote(run_id, safe='')}/tasks/{MAPPED_TASK_ID}{mapped}"
+def task_link(base_url: str, dag_id: str, run_id: str, map_index: int | None,
+              task_id: str = MAPPED_TASK_ID) -> str:
+    """The UI page of a task instance (Airflow 3's ``/dags/…/runs/…/tasks/…[/mapped/N]``)."""
+    mapped = f"/mapped/{map_index}" if map_index is not None and map_index >= 0 else ""
+    return f"{base_url.rstrip('/')}/dags/{dag_id}/runs/{quote(run_id, safe='')}/tasks/{task_id}{mapped}"
 
 
 def map_indexes(batches: list[dict] | None) -> dict[str, int]:
@@ -32,14 +47,7 @@ def map_indexes(batches: list[dict] | None) -> dict[str, int]:
 
 def red_night(dag_id: str, run_id: str, undelivered: list[dict], batches: list[dict] | None,
               base_url: str) -> tuple[str, str]:
-    """Subject and HTML body of the alert: one line per delivery not sent, grouped by customer."""
-    if batches is None:
-        subject = f"Invoice mailing {run_id}: the night failed before mailing (extract did not finish)"
-        body = (f"<p>The run <b>{html.escape(run_id)}</b> of {html.escape(dag_id)} failed before any customer was "
-                "mailed: the due documents could not be read. See the task <code>extract</code>.</p>"
-                f"<p><a href=\"{html.escape(task_link(base_url, dag_id, run_id, None).rsplit('/', 1)[0])}/extract\">"
-                "extract</a></p>")
-        return subject, body
+    """Subject and HTML body of audit's alert: one line per delivery not sent, grouped by customer."""
     indexes = map_indexes(batches)
     customers = sorted({u["customer"] for u in undelivered})
     subject = (f"Invoice mailing {run_id}: {len(undelivered)} deliveries not sent "
@@ -85,9 +93,102 @@ def send(subject: str, html_content: str) -> bool:
     return True
 
 
-def night_late() -> None:
-    """The night has not finished by the hour operators expect it (06:00 Oslo by default)."""
-    subject = "Invoice mailing: the night has not finished by its deadline"
-    body = ("<p>A run of invoice_mailing is still queued or running past its deadline. Look for instances of "
-            "<code>mail_customers</code> that are up for retry or running, and at the relay.</p>")
-    send(subject, body)
+def night_failed(dag_id: str, run_id: str, failures: list[dict], base_url: str) -> tuple[str, str]:
+    """Subject and HTML body of a failed run's alert: each failed task, why, and a link to its log.
+
+    ``failures``: dicts with ``task_id``, ``map_index``, ``label`` and ``reason``.
+    """
+    first = failures[0]
+    where = f" in {first['task_id']}" if first["task_id"] else ""
+    named = f" ({first['label']})" if first["label"] else ""
+    reason = " ".join(str(first["reason"]).split())  # one line: a subject is a header
+    subject = f"Invoice mailing {run_id}: the night failed{where}{named}: {reason}"[:250]
+
+    def link(f: dict) -> str:
+        if not f["task_id"]:
+            return task_link(base_url, dag_id, run_id, None, "").rsplit("/tasks/", 1)[0]
+        return task_link(base_url, dag_id, run_id, f["map_index"], f["task_id"])
+
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            f["task_id"] or "", f["label"] or "", f["reason"]))
+        + f"<td><a href=\"{html.escape(link(f))}\">task instance and log</a></td></tr>" for f in failures)
+    body = (f"<p>The run <b>{html.escape(run_id)}</b> of {html.escape(dag_id)} ended <b>failed</b>. "
+            "Fix the cause, then clear the failed task instance (or the run): the night sends only what it "
+            "has not sent.</p><table border=\"1\" cellpadding=\"4\"><tr><th>task</th><th>instance</th>"
+            f"<th>why</th><th></th></tr>{rows}</table>")
+    return subject, body
+
+
+class NightFailed(BaseNotifier):
+    """The DAG's ``on_failure_callback``: mail ``night_failed`` unless ``audit`` already mailed this run.
+
+    Airflow runs it once per failed run, in the dag-processor (``dag.test()`` runs it itself). The
+    reasons come from the failing tasks' XCom ``failure`` (see ``tasks.failure_recorded``); an
+    instance killed before it could record one is named with "no reason recorded".
+    """
+
+    def __init__(self, recorded_by: tuple[str, ...] = ("open_night", "extract", "audit")):
+        super().__init__()
+        self.recorded_by = recorded_by  # the unmapped tasks whose failure is looked up besides the failing one
+
+    def render_template_fields(self, context, jinja_env=None) -> None:
+        """Nothing is templated. (``dag.test()`` hands DAG callbacks the serialized DAG, which has no
+        template environment: BaseNotifier's rendering would fail there before ``notify``.)"""
+
+    def notify(self, context) -> None:
+        from airflow.sdk.configuration import conf
+
+        ti, run_id = context.get("ti"), context["run_id"]
+        dag_id = context["dag"].dag_id
+        if _recorded(context, dag_id, run_id, "audit", -1, ALERTED_KEY):
+            log.info("audit already mailed the alert of %s: no second mail", run_id)
+            return
+        failures = []
+        looked_up = [(task_id, -1) for task_id in self.recorded_by]
+        if ti is not None and (ti.task_id, ti.map_index) not in looked_up:
+            looked_up.insert(0, (ti.task_id, ti.map_index))
+        for task_id, map_index in looked_up:
+            recorded = _recorded(context, dag_id, run_id, task_id, map_index, FAILURE_KEY)
+            if recorded:
+                failures.append({"task_id": task_id, "map_index": map_index, "label": recorded.get("label"),
+                                 "reason": recorded.get("reason") or "?"})
+        if not failures:
+            reason = f"no reason recorded (Airflow says: {context.get('reason') or 'failed'}); see the log"
+            failures = [{"task_id": ti.task_id if ti else None, "map_index": ti.map_index if ti else -1,
+                         "label": None, "reason": reason}]
+        subject, body = night_failed(dag_id, run_id, failures, conf.get("api", "base_url",
+                                                                        fallback="http://localhost:8080/"))
+        send(subject, body)
+
+
+def _recorded(context, dag_id: str, run_id: str, task_id: str, map_index: int, key: str):
+    """An XCom of this run, read through the task SDK (the dag-processor runs the callback with it) or,
+    in ``dag.test()``, which runs DAG callbacks in its own process without that channel, from the
+    metadata database it runs on."""
+    try:
+        from airflow.sdk.execution_time.task_runner import SUPERVISOR_COMMS  # noqa: F401
+    except ImportError:
+        from airflow.models.xcom import XComModel
+        from airflow.utils.session import create_session
+        from sqlalchemy import select
+
+        with create_session() as session:
+            row = session.execute(select(XComModel.value).where(
+                XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.task_id == task_id,
+                XComModel.map_index == map_index, XComModel.key == key)).first()
+            return XComModel.deserialize_value(row) if row is not None else None
+    ti = context.get("ti")
+    if ti is None:  # Airflow found no instance to blame (a deadlock): nothing to read it through
+        return None
+    return ti.xcom_pull(task_ids=task_id, dag_id=dag_id, run_id=run_id, key=key, map_indexes=map_index)
+
+
+def night_not_done(night: str, problem: str) -> tuple[str, str]:
+    """The watch's alert: tonight's run (``night``: its date in Oslo) is not a success by the deadline."""
+    subject = f"Invoice mailing {night}: {problem}"
+    body = (f"<p>The night of {html.escape(night)} of invoice_mailing: <b>{html.escape(problem)}</b>.</p>"
+            "<p>A missing night: is the DAG paused, the scheduler down? A run not finished: look for instances of "
+            "<code>mail_customers</code> up for retry or running, and at the relay. A failed run: its own alert "
+            "says why; clear the failed instance once the cause is fixed.</p>")
+    return subject, body

@@ -4,50 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from functools import lru_cache
+from zoneinfo import ZoneInfo
 
-from airflow.sdk import Asset
 from sqlalchemy import Engine, create_engine
 
 from include.invoice_mailing import alerts, ledger, pipeline
 from include.invoice_mailing.archive import Archive
+from include.invoice_mailing.dag_settings import ALERTED_KEY, DAG_ID, FAILURE_KEY, NIGHTS, TIMEZONE, concurrency
 from include.invoice_mailing.deliver import SmtpSender
 from include.invoice_mailing.render import Renderer
 
 ERP_CONN_ID = "erp_db"
 LEDGER_CONN_ID = "mailing_ledger"
-# Updated by every run's audit task with its counts in ``extra``: data teams schedule their DAGs on it.
-NIGHTS = Asset(uri="invoice_mailing://ledger/nights", name="invoice_mailing_nights")
 
 log = logging.getLogger(__name__)
-
-
-def retry_delay() -> timedelta:
-    """Airflow's first retry delay of a step (then doubled): 2 minutes, or INVOICE_MAILING_RETRY_DELAY_SECONDS."""
-    return timedelta(seconds=float(os.environ.get("INVOICE_MAILING_RETRY_DELAY_SECONDS", "120")))
-
-
-def retries() -> int:
-    """How many times Airflow retries a step whose deliveries were deferred: 4, or INVOICE_MAILING_RETRIES."""
-    return int(os.environ.get("INVOICE_MAILING_RETRIES", "4"))
-
-
-def concurrency() -> int:
-    """How many mapped instances of one night run at once: what the workers can run (one per core of
-    this machine), or INVOICE_MAILING_CONCURRENCY. More only makes rendering processes fight for cores."""
-    return int(os.environ.get("INVOICE_MAILING_CONCURRENCY") or os.cpu_count() or 1)
 
 
 def write_back() -> bool:
     """Whether to set invoice.emailed in the ERP for delivered documents: INVOICE_MAILING_WRITE_BACK (off)."""
     return os.environ.get("INVOICE_MAILING_WRITE_BACK", "false").lower() in ("1", "true", "yes")
-
-
-def finish_by() -> str:
-    """The cron expression of the hour by which a night must have finished: 06:00, or INVOICE_MAILING_FINISH_BY."""
-    hour, _, minute = os.environ.get("INVOICE_MAILING_FINISH_BY", "06:00").partition(":")
-    return f"{int(minute or 0)} {int(hour)} * * *"
 
 
 @lru_cache(maxsize=8)
@@ -70,28 +49,21 @@ def renderer() -> Renderer:
     return Renderer()
 
 
-def keep_map_index_label_on_retry() -> None:
-    """Keep a mapped instance's label (``customer 10042``) while it is up for retry.
-
-    Airflow 3.3's task runner sends the retry state without the rendered map index it rendered at
-    the start of the try, and the API server then stores NULL, so the one instance an operator must
-    find shows a bare number until its next try starts. This adds the label to that message; it
-    does nothing if the task runner has changed shape.
-    """
-    from airflow.sdk.execution_time import comms, task_runner
-
-    original = getattr(task_runner, "_finalize_task_failure", None)
-    if original is None or getattr(original, "keeps_label", False):
-        return
-
-    def finalize_keeping_label(ti, *args, **kwargs):
-        msg, state = original(ti, *args, **kwargs)
-        if isinstance(msg, comms.RetryTask) and msg.rendered_map_index is None and ti.rendered_map_index:
-            msg.rendered_map_index = ti.rendered_map_index
-        return msg, state
-
-    finalize_keeping_label.keeps_label = True
-    task_runner._finalize_task_failure = finalize_keeping_label
+@contextmanager
+def failure_recorded(ti) -> Iterator[None]:
+    """Record why this try failed in the instance's XCom ``failure``, for the night's failure alert
+    (``alerts.NightFailed``), which runs where the exception is not at hand. Airflow deletes the
+    XCom when the next try starts, so only a last failed try leaves one."""
+    try:
+        yield
+    except Exception as exc:
+        if ti is not None:
+            reason = f"{type(exc).__name__}: {exc}"[:1000]
+            try:
+                ti.xcom_push(key=FAILURE_KEY, value={"reason": reason, "label": ti.rendered_map_index or None})
+            except Exception:  # noqa: BLE001 - the task's own error is the one to raise
+                log.warning("Could not record the failure for the alert", exc_info=True)
+        raise
 
 
 def _context(run_id: str, logical_date: datetime | None, data_interval_end: datetime | None,
@@ -128,7 +100,6 @@ def mail_batch(batch: dict, *, run_id, logical_date, data_interval_end, params, 
                                                      ledger.DEFAULT_LEASE.total_seconds()))),
         archive=Archive.from_env(),
     )
-    keep_map_index_label_on_retry()
     if map_index is not None and try_number is not None:  # the audit links deliveries to this try
         ledger.record_task(engine_for(LEDGER_CONN_ID), run_id=run_id, map_index=map_index, try_number=try_number,
                            label=batch["label"], customers=batch["customers"])
@@ -144,8 +115,9 @@ def mail_batch(batch: dict, *, run_id, logical_date, data_interval_end, params, 
     return summary
 
 
-def audit(*, dag_id, run_id, batches: list[dict] | None, outlet_events=None) -> dict:
-    """Store the night's summary; a night with deliveries not sent (or no extract) alerts and fails."""
+def audit(*, dag_id, run_id, batches: list[dict] | None, outlet_events=None, ti=None) -> dict:
+    """Store the night's summary. Deliveries not sent: mail the operators (``alerts.red_night``) and fail.
+    No extract: fail without mailing; the DAG's failure alert names extract and why it failed."""
     from airflow.sdk.configuration import conf
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -155,21 +127,55 @@ def audit(*, dag_id, run_id, batches: list[dict] | None, outlet_events=None) -> 
     undelivered = summary["undelivered"]
     if batches is not None and not undelivered:
         return summary
+    if not undelivered:
+        raise AirflowFailException(f"Invoice mailing {run_id}: extract did not finish, nothing was mailed")
     base_url = conf.get("api", "base_url", fallback="http://localhost:8080/")
     subject, body = alerts.red_night(dag_id, run_id, undelivered, batches, base_url)
     try:
-        alerts.send(subject, body)
+        if alerts.send(subject, body) and ti is not None:
+            ti.xcom_push(key=ALERTED_KEY, value=subject)  # the DAG's failure alert then stays silent
     except Exception:  # noqa: BLE001 - the night is red whether or not the alert could be mailed
         log.exception("The alert could not be sent: %s", subject)
     raise AirflowFailException(subject)
 
 
-def check_night_finished(*, ti) -> None:
-    """The watch at 06:00: a night still queued or running alerts the operators, and this check fails."""
+def tonight(watch_date: datetime) -> datetime:
+    """The logical date of the night a watch run looks at: the last 02:00 Oslo at or before it."""
+    local = watch_date.astimezone(ZoneInfo(TIMEZONE))
+    night = local.replace(hour=2, minute=0, second=0, microsecond=0)
+    if night > local:
+        night -= timedelta(days=1)
+    return night.astimezone(ZoneInfo("UTC"))
+
+
+def night_problem(*, paused: bool, count) -> str | None:
+    """What is wrong with tonight's run, from Airflow's answers; None when it succeeded and will go on.
+
+    ``count(states)``: how many runs of tonight are in those states (None: in any state)."""
+    if not count(None):
+        return "no run tonight" + (": the DAG is paused" if paused else " (is the scheduler running?)")
+    if count(["failed"]):
+        return "tonight's run failed"
+    if count(["queued", "running"]):
+        return "tonight's run has not finished" + (" (the DAG is paused)" if paused else "")
+    if paused:
+        return "the DAG is paused: tomorrow's night will not run"
+    return None
+
+
+def check_night(*, ti, logical_date: datetime) -> None:
+    """The morning watch: tonight's run of invoice_mailing must exist and have succeeded, and the DAG
+    must not be paused; anything else alerts the operators, and this check fails. It asks Airflow
+    (the task SDK's view of runs and DAGs), never the ledger."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    unfinished = ti.get_dr_count(dag_id="invoice_mailing", states=["queued", "running"])
-    if unfinished:
-        alerts.night_late()
-        raise AirflowFailException(f"{unfinished} run(s) of invoice_mailing have not finished by now")
-    log.info("No run of invoice_mailing is still running")
+    night = tonight(logical_date)
+    paused = ti.get_dag(DAG_ID).is_paused
+    problem = night_problem(paused=paused, count=lambda states: ti.get_dr_count(
+        dag_id=DAG_ID, logical_dates=[night], states=states))
+    if problem is None:
+        log.info("Tonight's run of %s (%s) succeeded", DAG_ID, night.isoformat())
+        return
+    subject, body = alerts.night_not_done(night.astimezone(ZoneInfo(TIMEZONE)).date().isoformat(), problem)
+    alerts.send(subject, body)
+    raise AirflowFailException(subject)

@@ -1,0 +1,50 @@
+"""What the DAG files need at parse time, and nothing heavier: settings from the environment, names.
+
+The dag-processor imports the DAG files again and again; they import this module and Airflow's SDK
+only. The pipeline (SQLAlchemy models, Jinja, WeasyPrint, Babel, smtplib) is imported inside the task
+bodies, in the worker (``tests/test_dag_integrity.py`` checks the modules a parse imports).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+from airflow.sdk import Asset
+
+DAG_ID, WATCH_DAG_ID = "invoice_mailing", "invoice_mailing_watch"
+TIMEZONE = "Europe/Oslo"
+NIGHT_CRON = "0 2 * * *"
+# Updated by every run's audit task with its counts in ``extra``: data teams schedule their DAGs on it.
+NIGHTS = Asset(uri="invoice_mailing://ledger/nights", name="invoice_mailing_nights")
+# Each mapped instance holds at most one SMTP session per relay connection, so the slots of this pool
+# (INVOICE_MAILING_SMTP_SESSIONS, set by airflow-init) cap the sessions a relay sees at once.
+SMTP_POOL = "invoice_mailing_smtp"
+DEFAULT_SMTP_SESSIONS = 4
+# XCom keys: a task's last failed try records why (for the night's failure alert); audit records
+# that it mailed the red-night alert (so that the failure alert does not mail the operators twice).
+FAILURE_KEY, ALERTED_KEY = "failure", "alerted"
+
+
+def retry_delay() -> timedelta:
+    """Airflow's first retry delay of a step (then doubled): 2 minutes, or INVOICE_MAILING_RETRY_DELAY_SECONDS."""
+    return timedelta(seconds=float(os.environ.get("INVOICE_MAILING_RETRY_DELAY_SECONDS", "120")))
+
+
+def retries() -> int:
+    """How many times Airflow retries a step whose deliveries were deferred: 4, or INVOICE_MAILING_RETRIES."""
+    return int(os.environ.get("INVOICE_MAILING_RETRIES", "4"))
+
+
+def concurrency() -> int:
+    """How many mapped instances of one night run at once: INVOICE_MAILING_CONCURRENCY, by default the
+    slots of the SMTP pool (INVOICE_MAILING_SMTP_SESSIONS, 4). A setting, never the cores of whichever
+    process parses the DAG: the dag-processor's host says nothing about the workers'."""
+    return int(os.environ.get("INVOICE_MAILING_CONCURRENCY")
+               or os.environ.get("INVOICE_MAILING_SMTP_SESSIONS") or DEFAULT_SMTP_SESSIONS)
+
+
+def finish_by() -> str:
+    """The cron expression of the hour by which a night must have finished: 06:00, or INVOICE_MAILING_FINISH_BY."""
+    hour, _, minute = os.environ.get("INVOICE_MAILING_FINISH_BY", "06:00").partition(":")
+    return f"{int(minute or 0)} {int(hour)} * * *"
