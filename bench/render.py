@@ -10,7 +10,8 @@
 - project: ``Renderer.attachment()``, exactly as the DAG calls it (shipped subset font, one
   FontConfiguration and parsed stylesheets per process).
 
-Prints ms per document for each, the PDF sizes, whether HarfBuzz subsetting was available, and as
+Prints CPU ms per document for each (the median; the methods take turns on each document), what the
+templating costs in the sandbox and outside it, the PDF sizes, whether HarfBuzz subsetting was available, and as
 its last line: ``render: baseline X ms, floor F ms, project Y ms, speedup S, overhead O, pdf_kb K``
 (S = X / Y, O = Y / F) for the one-page invoice. Run: ``make bench`` or ``python bench/render.py``.
 """
@@ -30,12 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jinja2 import Environment, FileSystemLoader  # noqa: E402
 from pypdf import PdfReader  # noqa: E402
 from weasyprint import CSS, HTML  # noqa: E402
 from weasyprint.text.fonts import FontConfiguration  # noqa: E402
 
 from include.invoice_mailing.i18n import Formats  # noqa: E402
-from include.invoice_mailing.render import Renderer  # noqa: E402
+from include.invoice_mailing.render import NamedUndefined, Renderer  # noqa: E402
 from include.invoice_mailing.rules import Customer, Document, DocumentLine  # noqa: E402
 
 PRODUCTS = ("Kaffebønner, hele 1 kg", "Røkt laks, skivet (kg)", "Tyttebærsyltetøy 3 kg", "Kjølevitrine, leie",
@@ -59,33 +61,45 @@ def invoice(number: int, lines: int) -> Document:
 CUSTOMER = Customer("10001", "Bølgen Kafé & Bakeri AS", "DOMESTIC", locale="nb_NO")
 
 
-def timed(fn, documents, keep=lambda output: None) -> tuple[float, list]:
-    """Median ms per document (after one warm-up), and what ``keep`` takes of each output: laid-out
-    documents are dropped at once, so that no method pays for the garbage of the one before."""
-    fn(documents[0])
-    times, kept = [], []
+def timed(methods: dict, documents) -> dict[str, tuple[float, list]]:
+    """Per method, the median CPU ms per document and what its ``keep`` takes of each output.
+
+    ``methods`` maps a name to ``(fn, keep)``. Each method is warmed up once, then the methods take
+    turns on each document, so that a change of load on a shared machine falls on all of them alike;
+    CPU time, because waiting for a core is not rendering cost. Laid-out documents are dropped at once,
+    so that no method pays for the garbage of the one before."""
+    for fn, _ in methods.values():
+        fn(documents[0])
+    times: dict[str, list] = {name: [] for name in methods}
+    kept: dict[str, list] = {name: [] for name in methods}
     for doc in documents:
-        gc.collect()
-        start = time.perf_counter()
-        output = fn(doc)
-        times.append((time.perf_counter() - start) * 1000)
-        kept.append(keep(output))
-        del output
-    return statistics.median(times), kept
+        for name, (fn, keep) in methods.items():
+            gc.collect()
+            start = time.process_time()
+            output = fn(doc)
+            times[name].append((time.process_time() - start) * 1000)
+            kept[name].append(keep(output))
+            del output
+    return {name: (statistics.median(times[name]), kept[name]) for name in methods}
 
 
 def measure(renderer: Renderer, documents: list[Document]) -> dict:
     formats = Formats("nb_NO")
 
+    def context_for(doc):
+        return renderer.document_context(doc, CUSTOMER, "Kari Nordmann", formats)
+
     def html_for(doc, for_pdf):
-        context = renderer.document_context(doc, CUSTOMER, "Kari Nordmann", formats)
-        return renderer.report_html("invoice", context, for_pdf=for_pdf, formats=formats)
+        return renderer.report_html("invoice", context_for(doc), for_pdf=for_pdf, formats=formats)
 
     baseline_html = {d.ref_nbr: html_for(d, False) for d in documents}
     project_html = {d.ref_nbr: html_for(d, True) for d in documents}
     sheets = renderer.stylesheets("invoice")
 
     folder = renderer.templates_dir / "reports"
+    # The same template over the same values, outside the sandbox: what the sandbox's checks cost.
+    unsandboxed = Environment(loader=FileSystemLoader(renderer.templates_dir), undefined=NamedUndefined,
+                              autoescape=True, trim_blocks=True, lstrip_blocks=True)
 
     def default_layout(doc):
         font_config = FontConfiguration()
@@ -93,19 +107,27 @@ def measure(renderer: Renderer, documents: list[Document]) -> dict:
         return HTML(string=project_html[doc.ref_nbr], base_url=str(renderer.templates_dir)).render(
             stylesheets=fresh, font_config=font_config)
 
-    baseline, baseline_pdfs = timed(lambda d: HTML(string=baseline_html[d.ref_nbr]).write_pdf(), documents,
-                                    keep=bytes)
-    floor, _ = timed(default_layout, documents)
-    warm, _ = timed(lambda d: HTML(string=project_html[d.ref_nbr], base_url=str(renderer.templates_dir)).render(
-        stylesheets=sheets, font_config=renderer.font_config), documents)
-    project, pdfs = timed(
-        lambda d: renderer.attachment(d, CUSTOMER, "Kari Nordmann", "invoice", "PDF", "nb_NO"), documents,
-        keep=lambda attachment: attachment.content)
+    def nothing(output):
+        return None
+
+    results = timed({
+        "baseline": (lambda d: HTML(string=baseline_html[d.ref_nbr]).write_pdf(), bytes),
+        "floor": (default_layout, nothing),
+        "warm": (lambda d: HTML(string=project_html[d.ref_nbr], base_url=str(renderer.templates_dir)).render(
+            stylesheets=sheets, font_config=renderer.font_config), nothing),
+        "project": (lambda d: renderer.attachment(d, CUSTOMER, "Kari Nordmann", "invoice", "PDF", "nb_NO"),
+                    lambda attachment: attachment.content),
+        "templating": (lambda d: html_for(d, True), nothing),
+        "unsandboxed": (lambda d: unsandboxed.get_template("reports/invoice.html.j2").render(
+            {**context_for(d), "for_pdf": True, "page_label": ("", "", "")}), nothing),
+    }, documents)
+    (baseline, baseline_pdfs), (project, pdfs) = results["baseline"], results["project"]
     for pdf in pdfs + baseline_pdfs:
         text = "".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)
         assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF"), "not a whole PDF"
         assert "Bølgen Kafé" in text and "Kjølevitrine" in text and "Å betale" in text, "text does not extract"
-    return {"baseline": baseline, "floor": floor, "warm": warm, "project": project,
+    return {"baseline": baseline, "floor": results["floor"][0], "warm": results["warm"][0], "project": project,
+            "templating": results["templating"][0], "unsandboxed": results["unsandboxed"][0],
             "pages": len(PdfReader(io.BytesIO(pdfs[0])).pages),
             "pdf_kb": statistics.mean(len(p) for p in pdfs) / 1024,
             "baseline_kb": statistics.mean(len(p) for p in baseline_pdfs) / 1024}
@@ -141,6 +163,8 @@ def main() -> None:
     print(f"one-page invoice ({one['pages']} page, {args.n} documents): PDF {one['pdf_kb']:.1f} kB "
           f"(baseline's {one['baseline_kb']:.1f} kB); warm layout {one['warm']:.0f} ms, so the project's PDF writing "
           f"and templating take {one['project'] - one['warm']:.0f} ms")
+    print(f"templating (values and report HTML): {one['templating']:.2f} ms in the sandbox, "
+          f"{one['unsandboxed']:.2f} ms for the same template outside it")
     print(f"render: baseline {one['baseline']:.0f} ms, floor {one['floor']:.0f} ms, project {one['project']:.0f} ms, "
           f"speedup {one['baseline'] / one['project']:.2f}, overhead {one['project'] / one['floor']:.2f}, "
           f"pdf_kb {one['pdf_kb']:.1f}")
