@@ -160,33 +160,37 @@ def test_the_api_pages_read_the_spec_under_the_plugins_prefix(client):
 
 
 def test_a_viewer_sees_internationalised_and_dotless_addresses_masked_in_server_answers(client, ids, ledger_db):
-    from sqlalchemy import update
+    from sqlalchemy import insert
 
     from include.invoice_mailing import ledger
+    from tests.audit_seed import NIGHT_2, at, row
 
     answer = "550 5.1.1 <åse@bølgen.no>: user unknown; 550 5.1.1 <ola@intranet>: no such user"
-    with ledger_db.begin() as conn:
-        conn.execute(update(ledger.delivery).where(ledger.delivery.c.id == ids["failed"]).values(last_error=answer))
+    with ledger_db.begin() as conn:  # final rows are fixed (migration 0004): the night writes its own
+        conn.execute(insert(ledger.delivery).values(**row(
+            NIGHT_2, "INV000203", "10002", "åse@bølgen.no", "failed", at(24, 1, 4), reason="recipient_rejected",
+            attempts=1, last_error=answer)))
 
     masked = "550 5.1.1 <å***@bølgen.no>: user unknown; 550 5.1.1 <o***@intranet>: no such user"
     viewer = client.get("/api/deliveries", params={"status": "failed"}, headers=token("viewer")).json()
-    assert viewer[0]["last_error"] == masked
-    for route in ("/deliveries?status=failed", "/deliveries.csv?status=failed", "/documents/INV000201"):
+    assert [r["last_error"] for r in viewer if r["ref_nbr"] == "INV000203"] == [masked]
+    for route in ("/deliveries?status=failed", "/deliveries.csv?status=failed", "/documents/INV000203"):
         text = client.get(route, headers=token("viewer")).text
         assert "å***@bølgen.no" in text and "o***@intranet" in text, route
         assert "åse@" not in text and "ola@" not in text, route
     editor = client.get("/api/deliveries", params={"status": "failed"}, headers=token("user")).json()
-    assert editor[0]["last_error"] == answer
+    assert [r["last_error"] for r in editor if r["ref_nbr"] == "INV000203"] == [answer]
 
 
 def test_the_csv_download_shows_a_formula_as_text(client, ids, ledger_db):
-    from sqlalchemy import update
+    from sqlalchemy import insert
 
     from include.invoice_mailing import ledger
+    from tests.audit_seed import NIGHT_2, at, row
 
-    with ledger_db.begin() as conn:
-        conn.execute(update(ledger.delivery).where(ledger.delivery.c.id == ids["html"])
-                     .values(recipient="=2+5@bolgen.example", recipient_key="=2+5@bolgen.example"))
+    with ledger_db.begin() as conn:  # a valid address that a spreadsheet would read as a formula
+        conn.execute(insert(ledger.delivery).values(**row(
+            NIGHT_2, "INV000203", "10002", "=2+5@bolgen.example", "sent", at(24, 1, 3), format="HTML")))
 
     for role, cell in (("user", "'=2+5@bolgen.example"), ("viewer", "'=***@bolgen.example")):
         rows = csv.DictReader(io.StringIO(client.get("/deliveries.csv", headers=token(role)).text))

@@ -64,6 +64,7 @@ def test_a_parse_imports_neither_the_pipeline_nor_its_libraries():
 
     ours = {m for m in imported if m.startswith("include")}
     assert ours == {"include", "include.invoice_mailing", "include.invoice_mailing.dag_settings",
+                    "include.invoice_mailing.clock", "include.invoice_mailing.masking",
                     "include.invoice_mailing.alerts"}
     heavy = {"weasyprint", "babel", "smtplib", "email_validator", "pypdf", "fontTools", "psycopg", "psycopg2",
              "airflow.providers.smtp", "airflow.providers.postgres", "airflow.providers.sqlite"}

@@ -17,16 +17,16 @@ import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import URL, Engine, create_engine, func, make_url, select
 
+from include.invoice_mailing import clock
+from include.invoice_mailing.clock import night_of
 from include.invoice_mailing.ledger import delivery, mailing_run, mailing_task
 from include.invoice_mailing.masking import mask_address, mask_text
 
-TIMEZONE = ZoneInfo("Europe/Oslo")  # the DAG's: a night's date and a date filter's days are Oslo days
 STATUSES = ("pending", "sending", "sent", "failed", "skipped")
 MODES = ("live", "dry_run", "redirect")
 FORMATS = ("PDF", "HTML")
@@ -123,16 +123,8 @@ class DeliveryFilter:
         return out
 
 
-def _day_start(day: date) -> datetime:
-    return datetime.combine(day, time(0), TIMEZONE).astimezone(UTC)
-
-
-def night_of(moment: datetime | None) -> date | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:  # SQLite gives back naive UTC
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(TIMEZONE).date()
+def _day_start(day: date) -> datetime:  # a date filter's days are Oslo days
+    return clock.utc(clock.day_start(day))
 
 
 # --- Queries ------------------------------------------------------------------------------------
@@ -244,8 +236,7 @@ def task_try(row: Mapping, tries: Sequence[Mapping]) -> Mapping | None:
     return max(before or candidates, key=lambda t: _utc(t["started_at"]), default=None)
 
 
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+_utc = clock.utc
 
 
 # --- Files --------------------------------------------------------------------------------------

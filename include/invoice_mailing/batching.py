@@ -12,7 +12,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from include.invoice_mailing import ledger, source
-from include.invoice_mailing.params import RunContext, naive_utc
+from include.invoice_mailing.clock import naive_utc
+from include.invoice_mailing.params import RunContext
 
 log = logging.getLogger(__name__)
 

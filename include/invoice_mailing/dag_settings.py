@@ -12,8 +12,10 @@ from datetime import timedelta
 
 from airflow.sdk import Asset
 
+from include.invoice_mailing.clock import TIMEZONE_NAME
+
 DAG_ID, WATCH_DAG_ID = "invoice_mailing", "invoice_mailing_watch"
-TIMEZONE = "Europe/Oslo"
+TIMEZONE = TIMEZONE_NAME
 NIGHT_CRON = "0 2 * * *"
 # Updated by every run's audit task with its counts in ``extra``: data teams schedule their DAGs on it.
 NIGHTS = Asset(uri="invoice_mailing://ledger/nights", name="invoice_mailing_nights")

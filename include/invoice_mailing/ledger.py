@@ -28,7 +28,7 @@ import socket
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import (
     JSON,
@@ -53,6 +53,7 @@ from sqlalchemy import (
     update,
 )
 
+from include.invoice_mailing import clock
 from include.invoice_mailing.rules import CONFIG_ERROR
 
 ledger = MetaData()
@@ -165,7 +166,7 @@ def ensure_schema(engine: Engine) -> None:
 
 
 def now() -> datetime:
-    return datetime.now(UTC)
+    return clock.now()
 
 
 def message_id_for(doc_type: str, ref_nbr: str, mailing_id: str, fmt: str, mode: str, tag: str,

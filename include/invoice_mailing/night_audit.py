@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import Engine, select
 
 from include.invoice_mailing import ledger
+from include.invoice_mailing.clock import local
 from include.invoice_mailing.ledger import FAILED, PENDING
-from include.invoice_mailing.params import TIMEZONE
 from include.invoice_mailing.sending import NotSent
 
 log = logging.getLogger(__name__)
@@ -31,7 +30,7 @@ def audit(ledger_db: Engine, run_id: str) -> dict:
         started = conn.execute(select(ledger.mailing_run.c.started_at)
                                .where(ledger.mailing_run.c.run_id == run_id)).scalar()
     if started is not None:  # Airflow restarts a run's clock at every clear; the ledger keeps the night's start
-        started = (started if started.tzinfo else started.replace(tzinfo=ZoneInfo("UTC"))).astimezone(TIMEZONE)
+        started = local(started)
         summary["night_started_at"] = started.isoformat()
         log.info("The night started at %s (Europe/Oslo); Airflow's run duration counts from its last clear",
                  started.strftime("%Y-%m-%d %H:%M:%S"))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
-from zoneinfo import ZoneInfo
 
 from email_validator import EmailNotValidError
 
 from include.invoice_mailing import rules
+from include.invoice_mailing.clock import TIMEZONE, naive_utc
 
-TIMEZONE = ZoneInfo("Europe/Oslo")
+__all__ = ["TIMEZONE", "ParamError", "RunContext", "RunParams", "naive_utc"]
 
 
 class ParamError(ValueError):
@@ -80,10 +80,3 @@ class RunContext:
         if self.params.documents:
             return None
         return datetime.combine(self.run_date - timedelta(days=self.params.lookback_days), time(0), TIMEZONE)
-
-
-def naive_utc(moment: datetime | None) -> datetime | None:
-    """ERP timestamps are naive UTC (the contract's TIMESTAMP): compare like with like."""
-    if moment is None or moment.tzinfo is None:
-        return moment
-    return moment.astimezone(ZoneInfo("UTC")).replace(tzinfo=None)

@@ -8,13 +8,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from functools import lru_cache
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import Engine, create_engine
 
-from include.invoice_mailing import alerts, ledger, pipeline
+from include.invoice_mailing import alerts, clock, ledger, pipeline
 from include.invoice_mailing.archive import Archive
-from include.invoice_mailing.dag_settings import ALERTED_KEY, DAG_ID, FAILURE_KEY, NIGHTS, TIMEZONE, concurrency
+from include.invoice_mailing.dag_settings import ALERTED_KEY, DAG_ID, FAILURE_KEY, NIGHTS, concurrency
 from include.invoice_mailing.deliver import SmtpSender
 from include.invoice_mailing.render import Renderer
 
@@ -141,11 +140,7 @@ def audit(*, dag_id, run_id, batches: list[dict] | None, outlet_events=None, ti=
 
 def tonight(watch_date: datetime) -> datetime:
     """The logical date of the night a watch run looks at: the last 02:00 Oslo at or before it."""
-    local = watch_date.astimezone(ZoneInfo(TIMEZONE))
-    night = local.replace(hour=2, minute=0, second=0, microsecond=0)
-    if night > local:
-        night -= timedelta(days=1)
-    return night.astimezone(ZoneInfo("UTC"))
+    return clock.last_night(watch_date, hour=2)
 
 
 def night_problem(*, paused: bool, count) -> str | None:
@@ -176,6 +171,6 @@ def check_night(*, ti, logical_date: datetime) -> None:
     if problem is None:
         log.info("Tonight's run of %s (%s) succeeded", DAG_ID, night.isoformat())
         return
-    subject, body = alerts.night_not_done(night.astimezone(ZoneInfo(TIMEZONE)).date().isoformat(), problem)
+    subject, body = alerts.night_not_done(clock.night_of(night).isoformat(), problem)
     alerts.send(subject, body)
     raise AirflowFailException(subject)
