@@ -159,6 +159,35 @@ def test_a_red_night_is_mailed_once_by_audit_with_its_deliveries(one_invoice, ru
     assert "recipient_rejected" in body_of(alert)
 
 
+def test_a_run_cleared_before_the_failure_callback_runs_is_not_alerted_again(one_invoice, run_dag, alerting, sink):
+    """The dag-processor runs the failure callback seconds after the run failed. An operator who clears the
+    run meanwhile starts audit's next try, which removes its XCom "alerted": the callback must not then
+    mail a second, reasonless alert (seen in the real topology). The new try alerts if it fails again."""
+    from types import SimpleNamespace
+
+    from airflow.models.taskinstance import TaskInstance, clear_task_instances
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import delete, select
+
+    from include.invoice_mailing.alerts import NightFailed
+
+    sink.faults.rcpt_replies["kari@bolgen.example"] = "451 4.7.1 <kari@bolgen.example>: greylisted"
+    run = run_dag()
+    assert run.state == "failed" and len(alerting()) == 1  # audit's list
+    context = {"dag": SimpleNamespace(dag_id=run.dag_id), "run_id": run.run_id, "reason": "task_failure"}
+    with create_session() as session:
+        failed = session.scalars(select(TaskInstance).where(
+            TaskInstance.dag_id == run.dag_id, TaskInstance.run_id == run.run_id,
+            TaskInstance.state.in_(["failed", "upstream_failed"]))).all()
+        clear_task_instances(failed, session)
+        session.execute(delete(XComModel).where(XComModel.run_id == run.run_id, XComModel.task_id == "audit"))
+
+    NightFailed()(context)
+
+    assert len(alerting()) == 1
+
+
 def test_a_green_night_mails_no_alert(one_invoice, run_dag, alerting):
     assert run_dag().state == "success"
     assert alerting() == []

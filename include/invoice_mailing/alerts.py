@@ -141,6 +141,9 @@ class NightFailed(BaseNotifier):
 
         ti, run_id = context.get("ti"), context["run_id"]
         dag_id = context["dag"].dag_id
+        if _cleared_since_it_failed(dag_id, run_id):
+            log.info("%s was cleared since it failed: its new try alerts if it fails again", run_id)
+            return
         if _recorded(context, dag_id, run_id, "audit", -1, ALERTED_KEY):
             log.info("audit already mailed the alert of %s: no second mail", run_id)
             return
@@ -160,6 +163,38 @@ class NightFailed(BaseNotifier):
         subject, body = night_failed(dag_id, run_id, failures, conf.get("api", "base_url",
                                                                         fallback="http://localhost:8080/"))
         send(subject, body)
+
+
+ACTIVE = {"scheduled", "queued", "running", "up_for_retry", "up_for_reschedule", "restarting", "deferred"}
+
+
+def _cleared_since_it_failed(dag_id: str, run_id: str) -> bool:
+    """Whether an operator cleared the run after it failed and before this callback ran (Airflow runs it
+    in the dag-processor, seconds later). A cleared instance's XComs are gone at its next try, so
+    ``audit``'s "alerted" could no longer be read: the run's new try decides, and alerts if it fails again.
+    Cleared: an instance is waiting or running again, or none is failed and some wait to be scheduled."""
+    states = list(_task_states(dag_id, run_id))
+    if any(state in ACTIVE for state in states):
+        return True
+    return not any(state in ("failed", "upstream_failed") for state in states) and None in states
+
+
+def _task_states(dag_id: str, run_id: str):
+    """The states of the run's task instances now, through the task SDK or (``dag.test()``) the database."""
+    try:
+        from airflow.sdk.execution_time.task_runner import SUPERVISOR_COMMS  # noqa: F401
+    except ImportError:
+        from airflow.models.taskinstance import TaskInstance
+        from airflow.utils.session import create_session
+        from sqlalchemy import select
+
+        with create_session() as session:
+            return list(session.scalars(select(TaskInstance.state).where(
+                TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id)))
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    found = RuntimeTaskInstance.get_task_states(dag_id=dag_id, run_ids=[run_id])
+    return [state for by_task in found.values() for state in by_task.values()]
 
 
 def _recorded(context, dag_id: str, run_id: str, task_id: str, map_index: int, key: str):
