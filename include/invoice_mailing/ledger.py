@@ -145,8 +145,11 @@ SMTP_FAILURES = ("recipient_rejected", "message_rejected", "too_large", "smtp_er
 #   their document due (as a deferred delivery does) until they are sent, within the look-back window;
 #   their ``detail`` names the email account and the SMTP connection.
 RELAY_REFUSALS = ("sender_rejected", "auth_failed", "tls_unavailable", "smtputf8_unsupported")
-# - Every other skipped or failed row (a refusal by the rules, a config error, a dry run) is re-decided
-#   by a later run from the ERP data and settings it then finds; it keeps no document due.
+# - A configuration error (a template, a sender, a connection) is re-decided too, and keeps its
+#   document open until it is mended: the document is not settled, so not written back.
+# - Every other skipped or failed row (a refusal by the rules, a dry run) is re-decided by a later run
+#   from the ERP data and settings it then finds; it keeps no document open.
+KEEPS_DOCUMENT_OPEN = (*RELAY_REFUSALS, CONFIG_ERROR)
 
 
 def redecided(status: str, reason: str | None) -> bool:
@@ -208,8 +211,7 @@ def settled_documents(engine: Engine, keys: Iterable[tuple[str, str]]) -> set[tu
     settled: set[tuple[str, str]] = set()
     doc = tuple_(delivery.c.doc_type, delivery.c.ref_nbr)
     is_open = or_(delivery.c.status.in_((PENDING, SENDING)),
-                  and_(delivery.c.status == FAILED, delivery.c.reason.in_(RELAY_REFUSALS)),
-                  and_(delivery.c.status == FAILED, delivery.c.reason == CONFIG_ERROR))
+                  and_(delivery.c.status == FAILED, delivery.c.reason.in_(KEEPS_DOCUMENT_OPEN)))
     with engine.connect() as conn:
         for start in range(0, len(keys), _CHUNK):
             chunk = keys[start : start + _CHUNK]
