@@ -6,6 +6,7 @@ ledger had not yet recorded it), which carry the same Message-ID.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -65,14 +66,43 @@ MESSAGES = 2 + 2 * 2 * 2  # customer 1: one PDF message per document; 2 and 3: a
 
 @pytest.fixture(scope="module")
 def airflow_homes(tmp_path_factory):
-    """One Airflow home per worker process slot, migrated once."""
+    """One Airflow home per worker process slot, migrated once, each with its warm run server
+    (``tests.dag_runner serve``), which forks a child for every run."""
     homes: Queue = Queue()
+    servers = []
     for slot in range(2):
         home = tmp_path_factory.mktemp(f"airflow-{slot}")
         env = _airflow_env(home)
         subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
-        homes.put(home)
-    return homes
+        server = subprocess.Popen([sys.executable, "-m", "tests.dag_runner", "serve"], env=env, cwd=ROOT,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        servers.append(server)
+        homes.put(RunServer(home, server))
+    yield homes
+    for server in servers:
+        server.stdin.close()
+        server.wait(timeout=60)
+
+
+class RunServer:
+    """A warm ``tests.dag_runner serve`` process of one Airflow home: each run is a child it forks."""
+
+    def __init__(self, home: Path, process: subprocess.Popen):
+        self.home, self.process = home, process
+
+    def start(self, env: dict, stderr: Path) -> int:
+        """Fork a run; returns the child's pid."""
+        self.process.stdin.write(json.dumps({"env": env, "stderr": str(stderr), "logical_date": LOGICAL_DATE,
+                                             "run_after": RUN_AFTER}) + "\n")
+        answer = self.process.stdout.readline()
+        assert answer.startswith("pid "), f"the run server answered {answer!r}"
+        return int(answer.split()[1])
+
+    def wait(self) -> int:
+        """The run's exit code (minus the signal's number if a signal ended it)."""
+        answer = self.process.stdout.readline()
+        assert answer.startswith("exit "), f"the run server answered {answer!r}"
+        return int(answer.split()[1])
 
 
 def _airflow_env(home: Path) -> dict:
@@ -90,27 +120,26 @@ def run_trial(trial: int, backend: str, homes: Queue, make_databases) -> dict:
     nth = rng.randint(1, MESSAGES)
     erp_engine, ledger_engine, connections, cleanup = make_databases(trial)
     expected = build_erp(erp_engine)
-    home = homes.get()
+    server = homes.get()
     try:
         with SmtpSink() as sink:
-            env = _airflow_env(home)
-            env.update({"AIRFLOW_CONN_ERP_DB": connections[0], "AIRFLOW_CONN_MAILING_LEDGER": connections[1],
-                        "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port)})
+            env = {"AIRFLOW_CONN_ERP_DB": connections[0], "AIRFLOW_CONN_MAILING_LEDGER": connections[1],
+                   "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port)}
             crash_env = dict(env)
             if step in ("after_claim", "before_commit"):
                 crash_env["INVOICE_MAILING_CRASH_AT"] = f"{step}:{nth}"
-            command = [sys.executable, "-m", "tests.dag_runner", LOGICAL_DATE, RUN_AFTER]
-            first = subprocess.Popen(command, env=crash_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            first_log, rerun_log = (server.home / f"trial-{backend}-{trial}-{n}.log" for n in ("first", "rerun"))
+            first = server.start(crash_env, first_log)
             if step in ("during_smtp", "after_data_accepted"):
-                sink.faults.kill_at_data = (nth, first.pid, step == "after_data_accepted")
-            _, first_err = first.communicate(timeout=300)
-            killed = first.returncode == -signal.SIGKILL
-            rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-            assert rerun.returncode == 0, rerun.stderr[-3000:]
+                sink.faults.kill_at_data = (nth, first, step == "after_data_accepted")
+            killed = server.wait() == -signal.SIGKILL
+            first_err = first_log.read_text(errors="replace")
+            server.start(env, rerun_log)
+            assert server.wait() == 0, rerun_log.read_text(errors="replace")[-3000:]
             received = list(sink.received)
         rows = ledger.all_deliveries(ledger_engine)
     finally:
-        homes.put(home)
+        homes.put(server)
         cleanup()
     by_pair: dict[tuple[str, str], list[str]] = defaultdict(list)
     for mail in received:
@@ -118,7 +147,7 @@ def run_trial(trial: int, backend: str, homes: Queue, make_databases) -> dict:
         for rcpt in mail.envelope_to:
             by_pair[(ref, rcpt)].append(mail.message["Message-ID"])
     return {"trial": trial, "step": step, "nth": nth, "killed": killed, "expected": expected, "by_pair": by_pair,
-            "unsent_rows": [r for r in rows if r["status"] != "sent"], "first_err": first_err.decode()[-500:]}
+            "unsent_rows": [r for r in rows if r["status"] != "sent"], "first_err": first_err[-500:]}
 
 
 @pytest.fixture
