@@ -87,3 +87,26 @@ def test_init_migrates_creates_the_admin_and_sizes_the_smtp_pool(compose):
     assert init["environment"]["_AIRFLOW_DB_MIGRATE"] == "true"
     assert init["environment"]["_AIRFLOW_WWW_USER_CREATE"] == "true"
     assert "pools set invoice_mailing_smtp" in " ".join(init["command"])
+
+
+def settings_the_code_reads() -> set[str]:
+    """Every INVOICE_MAILING_* environment variable the DAGs, the package and the local settings read."""
+    code = "\n".join(p.read_text() for folder in ("include", "dags", "config") for p in (ROOT / folder).rglob("*.py"))
+    budgets = set(re.findall(r'from_env\(\s*"(INVOICE_MAILING_[A-Z_]+)"', code))  # PREFIX_SECONDS, PREFIX_BYTES
+    names = set(re.findall(r'"(INVOICE_MAILING_[A-Z_]+)"', code)) - budgets
+    return names | {f"{prefix}_{part}" for prefix in budgets for part in ("SECONDS", "BYTES")}
+
+
+def test_every_setting_the_code_reads_reaches_every_airflow_component_from_env(airflow_services):
+    """A deployer sets INVOICE_MAILING_* in .env (archive, concurrency, finish-by, retries...): each one
+    reaches the scheduler, the dag-processor and the workers, and .env.example names it with its default."""
+    settings = settings_the_code_reads()
+    assert {"INVOICE_MAILING_ARCHIVE", "INVOICE_MAILING_CONCURRENCY", "INVOICE_MAILING_FINISH_BY",
+            "INVOICE_MAILING_RETRIES", "INVOICE_MAILING_TEMPLATE_BYTES"} <= settings
+    for name, service in airflow_services.items():
+        assert {"path": ".env", "required": False} in service["env_file"], name
+        # an explicit entry would override .env with its own default: the code's default is the one
+        assert not {key for key in service.get("environment", {}) if key.startswith("INVOICE_MAILING_")
+                    and key != "INVOICE_MAILING_SMTP_SESSIONS"}, name
+    example = set(re.findall(r"^(?:# )?(INVOICE_MAILING_[A-Z_]+)=", (ROOT / ".env.example").read_text(), re.M))
+    assert settings - example == set()
