@@ -578,7 +578,7 @@ class Renderer:
         self.templates_dir = Path(templates_dir)
         self.report_budget = report_budget
         # Report templates ship with the project, but see the same frozen values under the same rules:
-        # measured, the sandbox adds well under 0.1 ms to a document's templating (see the README).
+        # measured, the sandbox adds under 1 ms to a document's templating (bench/render.py; the README).
         self.reports = BoundedSandbox(report_budget, loader=FileSystemLoader(self.templates_dir),
                                       autoescape=select_autoescape(("html", "j2", "htm")),
                                       trim_blocks=True, lstrip_blocks=True)
