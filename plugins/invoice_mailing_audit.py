@@ -28,7 +28,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, create_model
 from sqlalchemy import Engine
 
-from include.invoice_mailing import archive, audit
+from include.invoice_mailing import archive, audit, clock
 from include.invoice_mailing.audit import DeliveryFilter, FilterError
 from include.invoice_mailing.ledger import delivery
 
@@ -218,7 +218,7 @@ def message(delivery_id: int, engine: LedgerDep):
 # --- Pages --------------------------------------------------------------------------------------
 
 def _when(moment: datetime | None) -> str:
-    return "" if moment is None else audit._utc(moment).strftime("%Y-%m-%d %H:%M UTC")
+    return "" if moment is None else clock.utc(moment).strftime("%Y-%m-%d %H:%M UTC")
 
 
 _pages = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(default=True),

@@ -179,11 +179,20 @@ def _cleared_since_it_failed(dag_id: str, run_id: str) -> bool:
     return not any(state in ("failed", "upstream_failed") for state in states) and None in states
 
 
-def _task_states(dag_id: str, run_id: str):
-    """The states of the run's task instances now, through the task SDK or (``dag.test()``) the database."""
+def _without_task_sdk_channel() -> bool:
+    """Whether this callback runs without the task SDK's channel to Airflow: in ``dag.test()``, which
+    runs DAG callbacks in its own process (the dag-processor runs them with it). Then it reads the
+    metadata database ``dag.test()`` runs on."""
     try:
         from airflow.sdk.execution_time.task_runner import SUPERVISOR_COMMS  # noqa: F401
     except ImportError:
+        return True
+    return False
+
+
+def _task_states(dag_id: str, run_id: str):
+    """The states of the run's task instances now."""
+    if _without_task_sdk_channel():
         from airflow.models.taskinstance import TaskInstance
         from airflow.utils.session import create_session
         from sqlalchemy import select
@@ -198,12 +207,8 @@ def _task_states(dag_id: str, run_id: str):
 
 
 def _recorded(context, dag_id: str, run_id: str, task_id: str, map_index: int, key: str):
-    """An XCom of this run, read through the task SDK (the dag-processor runs the callback with it) or,
-    in ``dag.test()``, which runs DAG callbacks in its own process without that channel, from the
-    metadata database it runs on."""
-    try:
-        from airflow.sdk.execution_time.task_runner import SUPERVISOR_COMMS  # noqa: F401
-    except ImportError:
+    """An XCom of this run."""
+    if _without_task_sdk_channel():
         from airflow.models.xcom import XComModel
         from airflow.utils.session import create_session
         from sqlalchemy import select

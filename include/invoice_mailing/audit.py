@@ -230,13 +230,10 @@ def _as_datetime(value) -> datetime | None:
 
 def task_try(row: Mapping, tries: Sequence[Mapping]) -> Mapping | None:
     """The try of the row's night that last handled it: its customer's batch, begun before the row last changed."""
-    changed = _utc(row["updated_at"])
+    changed = clock.utc(row["updated_at"])
     candidates = [t for t in tries if t["run_id"] == row["last_run_id"] and row["customer_id"] in t["customers"]]
-    before = [t for t in candidates if _utc(t["started_at"]) <= changed]
-    return max(before or candidates, key=lambda t: _utc(t["started_at"]), default=None)
-
-
-_utc = clock.utc
+    before = [t for t in candidates if clock.utc(t["started_at"]) <= changed]
+    return max(before or candidates, key=lambda t: clock.utc(t["started_at"]), default=None)
 
 
 # --- Files --------------------------------------------------------------------------------------
@@ -262,7 +259,7 @@ def night_records(runs: Iterable[Mapping]) -> list[dict]:
 
 def _cell(value) -> str | int | None:
     if isinstance(value, datetime):
-        return _utc(value).isoformat()
+        return clock.utc(value).isoformat()
     if isinstance(value, date):
         return value.isoformat()
     return value

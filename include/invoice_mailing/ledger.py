@@ -266,14 +266,14 @@ def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: s
             if latest is None:
                 _insert_new(conn, dict(generation=0, **values))
             elif p.status != PENDING:
-                if _redecidable(latest):
+                if redecided(latest["status"], latest["reason"]):
                     conn.execute(
                         update(delivery)
                         .where(delivery.c.id == latest["id"], _REDECIDABLE)
                         .values(status=p.status, reason=p.reason, detail=p.detail, last_run_id=run_id,
                                 updated_at=stamp)
                     )
-            elif _redecidable(latest):
+            elif redecided(latest["status"], latest["reason"]):
                 # Refused before, sendable now (a missing template was added, say): the same row goes ahead.
                 conn.execute(
                     update(delivery)
@@ -302,10 +302,6 @@ def _insert_new(conn, values: dict, table: Table = delivery) -> None:
 # ``redecided``, as SQL: the condition of the UPDATE that re-decides a row.
 _REDECIDABLE = and_(delivery.c.status.in_((SKIPPED, FAILED)),
                     or_(delivery.c.reason.is_(None), delivery.c.reason.not_in(SMTP_FAILURES)))
-
-
-def _redecidable(row) -> bool:
-    return redecided(row["status"], row["reason"])
 
 
 def retire_unplanned_failures(engine: Engine, planned: Iterable[PlannedDelivery], *, run_id: str,

@@ -227,12 +227,8 @@ class _Mailer:
         if sent_ids and self.settings.archive:  # after the commit: the duplicate window stays one UPDATE
             ledger.record_message_path(self.ledger_db, sent_ids, self.settings.archive.keep(result.data))
         row_of = {r["id"]: r for r in rows}
-
-        def naming_the_account(reason: str, text: str) -> str | None:  # the relay's to mend, or the settings'
-            return f"{text} ({account})" if reason in (*ledger.RELAY_REFUSALS, rules.CONFIG_ERROR) else None
-
         for address, (reason, text) in result.rejected.items():
-            detail = naming_the_account(reason, text)
+            detail = naming_the_account(reason, text, account)
             self.finish(ids_of.get(address, []), FAILED, reason=reason, error=text, detail=detail)
             self.not_sending([row_of[i] for i in ids_of.get(address, [])], FAILED, reason, detail or text)
         for address, text in result.deferred.items():
@@ -242,7 +238,7 @@ class _Mailer:
             reason, text = result.failure
             answered = {*result.accepted, *result.rejected, *result.deferred}
             rest = [i for a, ids in ids_of.items() if a not in answered for i in ids]
-            detail = naming_the_account(reason, text)
+            detail = naming_the_account(reason, text, account)
             self.finish(rest, FAILED, reason=reason, error=text, detail=detail, attachment_sha256=attachment.sha256)
             self.not_sending([row_of[i] for i in rest], FAILED, reason, detail or text)
 
@@ -310,6 +306,11 @@ class _Mailer:
             except RenderError as exc:
                 self.attachments[key] = exc
         return _value_or_raise(self.attachments[key])
+
+
+def naming_the_account(reason: str, text: str, account: str) -> str | None:
+    """The ``detail`` of a refusal that the relay's owner or the settings must mend: it names the account."""
+    return f"{text} ({account})" if reason in ledger.KEEPS_DOCUMENT_OPEN else None
 
 
 def _value_or_raise(value):
