@@ -8,13 +8,19 @@ and records every delivery in the mailing ledger.
 1. **open_night** (setup): checks the run's parameters and that the ledger (`mailing_ledger`) is reachable.
 2. **extract**: due documents from the ERP (`erp_db`), less those the ledger shows as delivered, grouped
    into batches of customers (at most a few hundred mapped instances).
-3. **mail_customers** (mapped, one instance per batch, labelled `customer 10042`): resolve recipients and
+3. **approve_night**: the approval brake. A normal night passes at once. A night with more documents, or a
+   larger total in a currency, than `INVOICE_MAILING_BRAKE_FACTOR` (3) times the median of the last 14
+   nights (more than `INVOICE_MAILING_BRAKE_FIRST`, 500, documents with no history), and every live
+   `resend` naming no documents or customers, waits in Browse → Required Actions with its numbers.
+   Approve: it goes on. Reject, or no answer within `INVOICE_MAILING_BRAKE_TIMEOUT` (4 h): nothing is
+   mailed, the ledger records the decision, the night ends red and the alert says why.
+4. **mail_customers** (mapped, one instance per batch, labelled `customer 10042`): resolve recipients and
    formats, render each document once per format, send through the mailing's SMTP connection
    (`smtp_default` unless the email account names another), record each delivery. A delivery the server
    defers stays *pending* and the instance is retried; a refusal by the relay or a configuration error
    fails the instance at once (retrying would not help). The pool `invoice_mailing_smtp` caps how many
    instances (so SMTP sessions per relay) run at once.
-4. **audit** (teardown: runs whatever happened, and again whenever any instance is cleared): the night's
+5. **audit** (teardown: runs whatever happened, and again whenever any instance is cleared): the night's
    counts by status and reason, also published as an event of the asset
    `invoice_mailing://ledger/nights` (counts in `extra`). If any delivery is still pending or failed it mails the operators (the
    `mailing_alerts` connection) and fails, so the night is **red**.
@@ -39,6 +45,7 @@ from airflow.sdk import CronTriggerTimetable, Param, dag, task
 # Only what a parse needs (tests/test_dag_integrity.py checks it): the pipeline is imported in the task bodies.
 from include.invoice_mailing import dag_settings as settings
 from include.invoice_mailing.alerts import NightFailed
+from include.invoice_mailing.approval import NightApproval
 
 NETWORK_RETRIES = {"retries": settings.retries(), "retry_delay": settings.retry_delay(),
                    "retry_exponential_backoff": 2.0, "max_retry_delay": timedelta(minutes=30)}
@@ -104,8 +111,10 @@ def invoice_mailing():
     # the summary and the run's state follow every clear) but never re-runs extract, which could regroup.
     night = open_night()
     batches = extract()
-    night >> batches
-    mail_customers.expand(batch=batches) >> audit().as_teardown(setups=night, on_failure_fail_dagrun=True)
+    approved = NightApproval(task_id="approve_night", **NETWORK_RETRIES)
+    mailed = mail_customers.expand(batch=batches)
+    night >> batches >> approved >> mailed
+    mailed >> audit().as_teardown(setups=night, on_failure_fail_dagrun=True)
 
 
 invoice_mailing()

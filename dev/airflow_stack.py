@@ -382,6 +382,15 @@ class StackClient:
         path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/{map_index}/tries"
         return self.request("GET", path)["task_instances"]
 
+    def hitl_details(self, dag_id: str, run_id: str) -> list[dict]:
+        """The run's Human-in-the-loop requests (Browse → Required Actions), answered or not."""
+        return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/hitlDetails")["hitl_details"]
+
+    def answer(self, dag_id: str, run_id: str, task_id: str, chosen: list[str], map_index: int = -1) -> dict:
+        """Answer a waiting Human-in-the-loop request as the UI's Required Actions does."""
+        return self.request("PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/{map_index}/hitlDetails",
+                            json={"chosen_options": chosen})
+
     def set_pool(self, name: str, slots: int, description: str = "") -> dict:
         """Create or resize a pool, as `airflow pools set` in airflow-init does."""
         if self.http.get(f"/pools/{name}").status_code == 200:

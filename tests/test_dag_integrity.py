@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from datetime import timedelta
 
 import pytest
 
@@ -33,7 +34,7 @@ def test_dag_file_imports_with_every_database_and_socket_blocked():
     """)
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[-2:] == ["invoice_mailing", "4"]
+    assert done.stdout.split()[-2:] == ["invoice_mailing", "5"]
 
 
 def parse_in_a_fresh_process(then: str, first: str = "") -> str:
@@ -65,7 +66,7 @@ def test_a_parse_imports_neither_the_pipeline_nor_its_libraries():
     ours = {m for m in imported if m.startswith("include")}
     assert ours == {"include", "include.invoice_mailing", "include.invoice_mailing.dag_settings",
                     "include.invoice_mailing.clock", "include.invoice_mailing.masking",
-                    "include.invoice_mailing.alerts"}
+                    "include.invoice_mailing.alerts", "include.invoice_mailing.approval"}
     heavy = {"weasyprint", "babel", "smtplib", "email_validator", "pypdf", "fontTools", "psycopg", "psycopg2",
              "airflow.providers.smtp", "airflow.providers.postgres", "airflow.providers.sqlite"}
     assert not {m for m in imported if m.split(".")[0] in heavy or m.rsplit(".", 1)[0] in heavy}
@@ -127,10 +128,15 @@ def test_has_docs_and_tags_for_the_ui(dag):
     assert {"finance", "email"} <= set(dag.tags)
 
 
-def test_shape_is_extract_then_mapped_mailing_then_audit_as_teardown(dag):
+def test_shape_is_extract_then_the_brake_then_mapped_mailing_then_audit_as_teardown(dag):
     night, extract = dag.get_task("open_night"), dag.get_task("extract")
     mail, audit = dag.get_task("mail_customers"), dag.get_task("audit")
-    assert extract.upstream_task_ids == {"open_night"} and mail.upstream_task_ids == {"extract"}
+    brake = dag.get_task("approve_night")
+    assert extract.upstream_task_ids == {"open_night"} and brake.upstream_task_ids == {"extract"}
+    assert mail.upstream_task_ids == {"extract", "approve_night"}  # nothing is mailed before the brake
+    # the wait is the human's response_timeout (not execution_timeout), and no answer means Reject
+    assert brake.response_timeout == timedelta(hours=4) and brake.execution_timeout is None
+    assert brake.defaults == ["Reject"] and brake.options == ["Approve", "Reject"]
     assert audit.upstream_task_ids == {"mail_customers", "open_night"}
     assert mail.map_index_template and "label" in mail.map_index_template
     # audit is open_night's teardown, so clearing any instance also clears audit, and its verdict is the run's

@@ -89,6 +89,8 @@ def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it
             assert [ti["rendered_map_index"] for (task, _), ti in sorted(instances.items()) if task == "mail_customers"] \
                 == ["customer 10001", "customer 10002", "customer 10003"]
             assert instances[("audit", -1)]["state"] == "failed"
+            # a normal night passes the approval brake without asking anyone
+            assert instances[("approve_night", -1)]["state"] == "success" and api.hitl_details(DAG, run_id) == []
 
             log = api.log(DAG, run_id, "mail_customers", failed["try_number"], failed["map_index"])
             assert re.search(r"customer 10002, INV INV010002, to o\*\*\*@havet\.example, PDF: pending deferred: "
@@ -129,9 +131,14 @@ def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it
     assert len(ops) == 2 and ops.count(LATE_SUBJECT) == 1, ops
 
 
-def test_a_night_that_fails_before_mailing_is_mailed_by_the_dag_processor(erp, tmp_path, postgres_databases):
-    """open_night refuses a wrong parameter: audit is upstream_failed and sends nothing; the DAG's failure
-    callback, which the dag-processor runs, mails the operators with the task, the reason and a link."""
+def test_before_anything_is_mailed_a_wrong_parameter_or_the_brake_stops_the_night(erp, tmp_path, postgres_databases):
+    """A wrong parameter: open_night refuses it, audit is upstream_failed and sends nothing; the DAG's failure
+    callback, which the dag-processor runs, mails the operators with the task, the reason and a link.
+
+    The approval brake, answered through the HITL REST API as Browse → Required Actions does: a resend of
+    every document waits; Approve mails them; Reject mails nothing and the night is red with an alert
+    naming who; no answer within INVOICE_MAILING_BRAKE_TIMEOUT is a Reject. The ledger keeps each answer."""
+    ledger_db = postgres_databases["engines"][1]
     with SmtpSink() as sink:
         env = {
             "AIRFLOW_CONN_ERP_DB": sqlite_connection(tmp_path / "erp.db"),
@@ -139,6 +146,8 @@ def test_a_night_that_fails_before_mailing_is_mailed_by_the_dag_processor(erp, t
             "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port),
             "AIRFLOW_CONN_MAILING_ALERTS": smtp_connection(sink.port, to=OPS, from_email="airflow@fjordlys.example"),
             "INVOICE_MAILING_RETRIES": "0",
+            "INVOICE_MAILING_BRAKE_TIMEOUT": "20",
+            "AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "2",  # how often the scheduler ends a wait
         }
         with AirflowStack(extra_env=env) as stack:
             api = stack.client()
@@ -154,4 +163,50 @@ def test_a_night_that_fails_before_mailing_is_mailed_by_the_dag_processor(erp, t
             subject = alert.message["Subject"]
             assert "open_night" in subject and "redirect_to is not a valid address" in subject
             assert "/tasks/open_night" in alert.message.get_body(("html",)).get_content()
+
+            def held(logical_date: str) -> tuple[str, dict]:
+                """A resend of every document: the night waits for an answer, with the numbers."""
+                run_id = api.trigger(DAG, logical_date=logical_date, conf={"resend": True})["dag_run_id"]
+                waiting = stack.wait_until(f"{run_id} to wait for approval", lambda: next(
+                    (d for d in api.hitl_details(DAG, run_id)
+             if not d["response_received"] and d["task_instance"]["state"] == "awaiting_input"), None), 240)
+                assert waiting["task_instance"]["task_id"] == "approve_night"
+                assert "approve mailing 3 documents to 3 customers?" in waiting["subject"]
+                assert "a resend of every due document" in waiting["body"] and "| NOK | 1,376.55 |" in waiting["body"]
+                assert waiting["defaults"] == ["Reject"]
+                assert not [m for m in sink.received if m.envelope_to != [OPS]]  # nothing is sent while it waits
+                return run_id, waiting
+
+            approved, _ = held("2026-11-25T01:00:00Z")
+            api.answer(DAG, approved, "approve_night", ["Approve"])
+            assert api.wait_for_run(DAG, approved, {"success", "failed"}, timeout=240)["state"] == "success"
+            assert sorted(m.envelope_to[0] for m in sink.received if m.envelope_to != [OPS]) == [
+                DEFERRED, "kari@bolgen.example", "per@fjell.example"]
+
+            rejected, _ = held("2026-11-26T01:00:00Z")
+            api.answer(DAG, rejected, "approve_night", ["Reject"])
+            assert api.wait_for_run(DAG, rejected, {"success", "failed"}, timeout=240)["state"] == "failed"
+            states = {ti["task_id"]: ti["state"] for ti in api.task_instances(DAG, rejected)}
+            assert (states["approve_night"], states["mail_customers"]) == ("failed", "upstream_failed")
+            alert = stack.wait_until("the rejection's alert", lambda: next(
+                (m for m in sink.received if m.envelope_to == [OPS] and rejected in m.message["Subject"]), None), 120)
+            assert "approve_night" in alert.message["Subject"] and "Rejected by admin" in alert.message["Subject"]
+
+            timed_out, waiting = held("2026-11-27T01:00:00Z")  # and nobody answers
+            assert api.wait_for_run(DAG, timed_out, {"success", "failed"}, timeout=240)["state"] == "failed"
+            [answer] = api.hitl_details(DAG, timed_out)
+            assert answer["chosen_options"] == ["Reject"] and answer["responded_by_user"] is None
+            alert = stack.wait_until("the timeout's alert", lambda: next(
+                (m for m in sink.received if m.envelope_to == [OPS] and timed_out in m.message["Subject"]), None), 120)
+            assert "No answer within the approval's time" in alert.message["Subject"]
+
+    invoices = [m.envelope_to[0] for m in sink.received if m.envelope_to != [OPS]]
+    assert len(invoices) == 3  # the approved night's only: the rejected and the timed-out nights mailed nothing
     assert len([m for m in sink.received if m.envelope_to == [OPS] and wrong in m.message["Subject"]]) == 1
+    with ledger_db.connect() as conn:
+        decisions = conn.execute(select(ledger.night_approval.c.run_id, ledger.night_approval.c.decision,
+                                        ledger.night_approval.c.decided_by, ledger.night_approval.c.request)
+                                 .order_by(ledger.night_approval.c.id)).all()
+    assert [(r.run_id, r.decision, r.decided_by) for r in decisions] == [
+        (approved, "approved", "admin"), (rejected, "rejected", "admin"), (timed_out, "timed_out", None)]
+    assert all(r.request["documents"] == 3 and r.request["params"]["resend"] is True for r in decisions)

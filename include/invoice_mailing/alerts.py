@@ -128,7 +128,7 @@ class NightFailed(BaseNotifier):
     instance killed before it could record one is named with "no reason recorded".
     """
 
-    def __init__(self, recorded_by: tuple[str, ...] = ("open_night", "extract", "audit")):
+    def __init__(self, recorded_by: tuple[str, ...] = ("open_night", "extract", "approve_night", "audit")):
         super().__init__()
         self.recorded_by = recorded_by  # the unmapped tasks whose failure is looked up besides the failing one
 

@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from include.invoice_mailing import ledger, source
+from include.invoice_mailing.brake import Volume
 from include.invoice_mailing.clock import naive_utc
 from include.invoice_mailing.params import RunContext
 
@@ -105,6 +106,7 @@ def extract(erp: Engine, ledger_db: Engine, ctx: RunContext, max_batches: int = 
         log.info("%d documents no longer due in the ERP have deliveries still open: they are decided tonight",
                  len(owed))
         due += owed
+    ledger.record_volume(ledger_db, ctx.run_id, Volume.of(due).as_json())  # for the approval brake
     batches = group_batches(due, max_batches, batch_documents=batch_documents, max_instances=max_instances,
                             workers=workers)
     log.info("%d documents of %d customers in %d batches", len(due),

@@ -46,6 +46,12 @@ def concurrency() -> int:
                or os.environ.get("INVOICE_MAILING_SMTP_SESSIONS") or DEFAULT_SMTP_SESSIONS)
 
 
+def brake_timeout() -> timedelta:
+    """How long a night held by the approval brake waits for an answer before it is rejected:
+    INVOICE_MAILING_BRAKE_TIMEOUT in seconds, 4 hours by default (the approval's response_timeout)."""
+    return timedelta(seconds=float(os.environ.get("INVOICE_MAILING_BRAKE_TIMEOUT", str(4 * 3600))))
+
+
 def finish_by() -> str:
     """The cron expression of the hour by which a night must have finished: 06:00, or INVOICE_MAILING_FINISH_BY."""
     hour, _, minute = os.environ.get("INVOICE_MAILING_FINISH_BY", "06:00").partition(":")

@@ -106,7 +106,23 @@ mailing_run = Table(
     Column("summary", JSON, nullable=True),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("volume", JSON, nullable=True),  # what extract found due (migration 0005): the brake's history
 )
+
+# Each time the brake held a night for a person: the numbers shown, and the answer (migration 0005).
+night_approval = Table(
+    "night_approval", ledger,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(250), nullable=False, index=True),
+    Column("asked_at", DateTime(timezone=True), nullable=False),
+    Column("request", JSON, nullable=False),
+    Column("decision", String(20), nullable=True),  # approved | rejected | timed_out
+    Column("decided_by", String(250), nullable=True),
+    Column("decided_at", DateTime(timezone=True), nullable=True),
+    CheckConstraint("decision IS NULL OR decision IN ('approved', 'rejected', 'timed_out')",
+                    name="ck_night_approval_decision"),
+)
+APPROVED, REJECTED, TIMED_OUT = "approved", "rejected", "timed_out"
 
 # Each try of a mail_customers instance: links a delivery to the task instance and try that handled it.
 mailing_task = Table(
@@ -566,6 +582,66 @@ def start_run(engine: Engine, run_id: str, logical_date: datetime | None, mode: 
         if found is None:
             conn.execute(insert(mailing_run).values(run_id=run_id, logical_date=logical_date, mode=mode,
                                                     params=params, started_at=now()))
+
+
+def record_volume(engine: Engine, run_id: str, volume: dict) -> None:
+    """What tonight's extract found due (``brake.Volume.as_json``), on the run's row; again on a rerun."""
+    with engine.begin() as conn:
+        conn.execute(update(mailing_run).where(mailing_run.c.run_id == run_id).values(volume=volume))
+
+
+def night_volume(engine: Engine, run_id: str) -> dict | None:
+    with engine.connect() as conn:
+        return conn.execute(select(mailing_run.c.volume).where(mailing_run.c.run_id == run_id)).scalar_one_or_none()
+
+
+def night_history(engine: Engine, run_id: str, limit: int = 60) -> list[dict]:
+    """The volumes of the live nights before ``run_id``, newest first: runs that named no documents or
+    customers, and that no person held back (rejected, timed out or still waiting). A night from before
+    migration 0005 has no recorded volume: its documents are those its deliveries sent."""
+    held = select(night_approval.c.run_id).where(or_(night_approval.c.decision.is_(None),
+                                                     night_approval.c.decision != APPROVED))
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(mailing_run.c.run_id, mailing_run.c.params, mailing_run.c.volume)
+            .where(mailing_run.c.mode == "live", mailing_run.c.run_id != run_id, mailing_run.c.run_id.not_in(held))
+            .order_by(mailing_run.c.started_at.desc()).limit(limit * 2)
+        ).all()
+        nights = [(r.run_id, r.volume) for r in rows
+                  if not (r.params or {}).get("documents") and not (r.params or {}).get("customers")][:limit]
+        older = [run for run, volume in nights if volume is None]
+        sent = dict(conn.execute(
+            select(delivery.c.run_id, func.count(func.distinct(delivery.c.doc_type + ":" + delivery.c.ref_nbr)))
+            .where(delivery.c.run_id.in_(older), delivery.c.status == SENT).group_by(delivery.c.run_id)
+        ).all()) if older else {}
+    return [volume if volume is not None else {"documents": sent.get(run, 0), "customers": 0, "totals": {}}
+            for run, volume in nights]
+
+
+def ask_approval(engine: Engine, run_id: str, request: dict) -> None:
+    with engine.begin() as conn:
+        conn.execute(insert(night_approval).values(run_id=run_id, asked_at=now(), request=request))
+
+
+def decide_approval(engine: Engine, run_id: str, decision: str, decided_by: str | None,
+                    decided_at: datetime | None) -> dict | None:
+    """Write the answer on the run's open request, once; the request as it was asked (None: none open)."""
+    with engine.begin() as conn:
+        row = conn.execute(select(night_approval.c.id, night_approval.c.request)
+                           .where(night_approval.c.run_id == run_id, night_approval.c.decision.is_(None))
+                           .order_by(night_approval.c.id.desc()).limit(1)).first()
+        if row is None:
+            return None
+        conn.execute(update(night_approval).where(night_approval.c.id == row.id, night_approval.c.decision.is_(None))
+                     .values(decision=decision, decided_by=decided_by, decided_at=decided_at or now()))
+    return row.request
+
+
+def approvals(engine: Engine, run_id: str) -> list[dict]:
+    """Every approval asked for a run, oldest first, with its answer."""
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(
+            select(night_approval).where(night_approval.c.run_id == run_id).order_by(night_approval.c.id))]
 
 
 def record_task(engine: Engine, *, run_id: str, map_index: int, try_number: int, label: str,

@@ -163,11 +163,14 @@ def _strip_comments(sql: str) -> str:
 
 @dataclass(frozen=True)
 class DueDocument:
-    """A document the extract step found due: just enough to route it to a batch."""
+    """A document the extract step found due: just enough to route it to a batch, and its total for the
+    night's volume (the approval brake). A document only the ledger still owes has no total here."""
 
     doc_type: str
     ref_nbr: str
     customer_id: str
+    currency: str = ""
+    amount: Decimal = Decimal(0)
 
 
 def due_documents(
@@ -201,7 +204,7 @@ def due_documents(
     if documents:
         conditions.append(invoice.c.ref_nbr.in_(list(documents)))
     query = (
-        select(invoice.c.doc_type, invoice.c.ref_nbr, invoice.c.customer_id)
+        select(invoice.c.doc_type, invoice.c.ref_nbr, invoice.c.customer_id, invoice.c.currency, invoice.c.amount)
         .where(and_(*conditions))
         .order_by(invoice.c.customer_id, invoice.c.doc_type, invoice.c.ref_nbr)
     )

@@ -174,3 +174,45 @@ def check_night(*, ti, logical_date: datetime) -> None:
     subject, body = alerts.night_not_done(clock.night_of(night).isoformat(), problem)
     alerts.send(subject, body)
     raise AirflowFailException(subject)
+
+
+def hold_night(*, run_id, logical_date, data_interval_end, params) -> tuple[str, str] | None:
+    """The approval brake's question for tonight: None when the night goes on without one (logged with
+    the numbers), else the subject and body of the approval request, recorded in the ledger."""
+    from include.invoice_mailing import brake
+
+    ctx = _context(run_id, logical_date, data_interval_end, params)
+    engine = engine_for(LEDGER_CONN_ID)
+    settings = brake.BrakeSettings.from_env()
+    volume = brake.Volume.from_json(ledger.night_volume(engine, run_id) or {})
+    history = [brake.Volume.from_json(v) for v in ledger.night_history(engine, run_id)]
+    comparison = brake.compare(volume, history, mode=ctx.params.mode, resend=ctx.params.resend,
+                               scoped=bool(ctx.params.documents or ctx.params.customers), settings=settings)
+    median = "no earlier night" if comparison.median_documents is None else \
+        f"median {comparison.median_documents:g} documents of the last {comparison.nights} nights"
+    if not comparison.braked:
+        log.info("No approval needed: %d documents to %d customers (%s), mode %s", volume.documents,
+                 volume.customers, median, ctx.params.mode)
+        return None
+    shown = {k: v for k, v in dict(params or {}).items()}
+    ledger.ask_approval(engine, run_id, {**comparison.as_json(), "params": shown})
+    log.warning("Held for approval: %s", "; ".join(comparison.reasons))
+    return brake.request_text(run_id, comparison, shown, settings)
+
+
+def night_decided(*, run_id, approved: bool, timed_out: bool, responded_by: dict | None, responded_at) -> str:
+    """Record a person's answer (or the timeout's) in the ledger; what the log and the alert say of it."""
+    from include.invoice_mailing import brake
+
+    decision = ledger.APPROVED if approved else ledger.TIMED_OUT if timed_out else ledger.REJECTED
+    who = None if responded_by is None else (responded_by.get("name") or responded_by.get("id"))
+    request = ledger.decide_approval(engine_for(LEDGER_CONN_ID), run_id, decision, who, responded_at)
+    numbers = brake.Volume.from_json(request or {})
+    what = (f"{numbers.documents} documents to {numbers.customers} customers"
+            + "".join(f", {c} {t:,.2f}" for c, t in numbers.totals.items()))
+    when = clock.local(responded_at).strftime("%Y-%m-%d %H:%M %Z") if responded_at else "?"
+    if approved:
+        return f"Approved by {who} at {when}: mailing {what}"
+    if timed_out:
+        return f"No answer within the approval's time (until {when}): rejected, nothing was mailed ({what})"
+    return f"Rejected by {who} at {when}: nothing was mailed ({what})"
