@@ -21,9 +21,12 @@ and records every delivery in the mailing ledger.
    fails the instance at once (retrying would not help). The pool `invoice_mailing_smtp` caps how many
    instances (so SMTP sessions per relay) run at once.
 5. **audit** (teardown: runs whatever happened, and again whenever any instance is cleared): the night's
-   counts by status and reason, also published as an event of the asset
-   `invoice_mailing://ledger/nights` (counts in `extra`). If any delivery is still pending or failed it mails the operators (the
-   `mailing_alerts` connection) and fails, so the night is **red**.
+   counts by status and reason, and its status: `green`, `red` (a delivery still pending or failed, or no
+   extract) or `rejected` (the brake). Green: published as an event of the asset
+   `invoice_mailing://ledger/nights` (status and counts in `extra`). Otherwise it fails, so the night is
+   **red**, after mailing the operators (the `mailing_alerts` connection) the deliveries not sent.
+6. **publish_red** (teardown): publishes a night audit did not publish, with its status, so that data
+   teams' DAGs see every night that opened; a mended night is published again, green, by audit.
 
 Any other failed run (a wrong parameter, the ERP or the ledger unreachable, audit itself failing) is
 mailed through the same connection by the DAG's failure callback, naming the task and why.
@@ -107,6 +110,12 @@ def invoice_mailing():
             return tasks.audit(dag_id=dag_run.dag_id, run_id=dag_run.run_id,
                                batches=ti.xcom_pull(task_ids="extract"), outlet_events=outlet_events, ti=ti)
 
+    @task(outlets=[settings.NIGHTS])
+    def publish_red(run_id=None, ti=None, outlet_events=None) -> None:
+        from include.invoice_mailing import tasks
+
+        tasks.publish_red(run_id=run_id, ti=ti, outlet_events=outlet_events)
+
     # audit is the teardown of open_night: Airflow clears it with any cleared instance in between (so
     # the summary and the run's state follow every clear) but never re-runs extract, which could regroup.
     night = open_night()
@@ -114,7 +123,9 @@ def invoice_mailing():
     approved = NightApproval(task_id="approve_night", **NETWORK_RETRIES)
     mailed = mail_customers.expand(batch=batches)
     night >> batches >> approved >> mailed
-    mailed >> audit().as_teardown(setups=night, on_failure_fail_dagrun=True)
+    # publish_red is a teardown that does not fail the run: audit stays the run's verdict (its only leaf).
+    audited = audit().as_teardown(setups=night, on_failure_fail_dagrun=True)
+    mailed >> audited >> publish_red().as_teardown(setups=night)
 
 
 invoice_mailing()

@@ -165,6 +165,20 @@ def run_dag(airflow_db, connections):
     return run
 
 
+def night_events(run_id: str) -> list[dict]:
+    """The extras of the events of the asset invoice_mailing://ledger/nights that a run published, in order."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    from include.invoice_mailing.dag_settings import NIGHTS
+
+    with create_session() as session:
+        return [e.extra for e in session.scalars(
+            select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .where(AssetModel.uri == NIGHTS.uri, AssetEvent.source_run_id == run_id).order_by(AssetEvent.id))]
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def backend(request, tmp_path):
     """ERP and ledger engines on SQLite files, then on the PostgreSQL server: the same tests on both."""

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from include.invoice_mailing import tasks
-from tests.conftest import smtp_connection, sqlite_connection
+from tests.conftest import night_events, smtp_connection, sqlite_connection
 
 OPS = "ops@fjordlys.example"
 
@@ -95,6 +95,9 @@ def test_an_unreachable_erp_fails_extract_and_the_alert_names_extract_and_why(ru
     body = body_of(alert)
     assert "unable to open database file" in body and "/tasks/extract\"" in body
     assert "extract did not finish" in body  # and audit's own failure, on its row
+    # data teams see the red night too: publish_red published what audit found
+    [event] = night_events(run.run_id)
+    assert (event["status"], event["why"]) == ("red", "extract did not finish, nothing was mailed")
 
 
 @pytest.fixture
@@ -146,6 +149,8 @@ def test_a_ledger_down_at_audit_still_alerts(ledger_goes_down_at_audit, alerting
     assert "audit" in alert["Subject"]
     body = body_of(alert)
     assert "/tasks/audit\"" in body and ("OperationalError" in body or "ProgrammingError" in body)
+    [event] = night_events(run.run_id)  # audit could not count: the night is still published, red
+    assert event["status"] == "red" and "audit could not read the ledger" in event["why"]
 
 
 def test_a_red_night_is_mailed_once_by_audit_with_its_deliveries(one_invoice, run_dag, alerting, sink):
@@ -157,6 +162,21 @@ def test_a_red_night_is_mailed_once_by_audit_with_its_deliveries(one_invoice, ru
     (alert,) = alerting()  # audit's list; the failure callback sees audit mailed and stays silent
     assert "1 deliveries not sent" in alert["Subject"]
     assert "recipient_rejected" in body_of(alert)
+    [event] = night_events(run.run_id)  # published red, counted, without the customer's address
+    assert (event["status"], event["undelivered"], event["by_status"]) == ("red", 1, {"failed": 1})
+    assert "bolgen" not in json.dumps(event)
+
+
+def test_a_red_night_is_published_red_and_again_green_once_mended(one_invoice, run_dag, alerting, sink):
+    sink.faults.rcpt_replies["kari@bolgen.example"] = "451 4.7.1 <kari@bolgen.example>: greylisted"
+    run = run_dag()
+    assert run.state == "failed"
+
+    sink.faults.rcpt_replies.clear()  # the relay recovered; the operator clears the run
+    assert run_dag(rerun=run).state == "success"
+
+    assert [(e["status"], e["by_status"]) for e in night_events(run.run_id)] == [
+        ("red", {"pending": 1}), ("green", {"sent": 1})]
 
 
 def test_a_run_cleared_before_the_failure_callback_runs_is_not_alerted_again(one_invoice, run_dag, alerting, sink):
@@ -188,9 +208,11 @@ def test_a_run_cleared_before_the_failure_callback_runs_is_not_alerted_again(one
     assert len(alerting()) == 1
 
 
-def test_a_green_night_mails_no_alert(one_invoice, run_dag, alerting):
-    assert run_dag().state == "success"
+def test_a_green_night_mails_no_alert_and_is_published_once(one_invoice, run_dag, alerting):
+    run = run_dag()
+    assert run.state == "success"
     assert alerting() == []
+    assert [e["status"] for e in night_events(run.run_id)] == ["green"]
 
 
 def test_a_failure_with_no_reason_recorded_still_alerts_with_airflows_reason(airflow_db, alerting):

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 
 from include.invoice_mailing import archive, ledger
-from include.invoice_mailing.tasks import NIGHTS
+from tests.conftest import night_events
 
 MESSAGE = b"From: faktura@fjordlys.example\r\nSubject: Faktura INV000101\r\n\r\nHei\r\n"
 
@@ -64,16 +64,6 @@ def test_the_dag_archives_the_exact_bytes_the_server_received_and_publishes_the_
         tries = conn.execute(ledger.mailing_task.select()).mappings().all()
     assert [(t["run_id"], t["map_index"], t["try_number"], t["customers"]) for t in tries] == [
         (run.run_id, 0, 1, ["10001"])]
-    event = _asset_events(run.run_id)[-1]
+    event = night_events(run.run_id)[-1]
     assert event["run_id"] == run.run_id and event["by_status"] == {"sent": 2}
 
-
-def _asset_events(run_id: str) -> list[dict]:
-    from airflow.models.asset import AssetEvent, AssetModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        return [e.extra for e in session.scalars(
-            select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
-            .where(AssetModel.uri == NIGHTS.uri, AssetEvent.source_run_id == run_id).order_by(AssetEvent.id))]

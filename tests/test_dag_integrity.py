@@ -34,7 +34,7 @@ def test_dag_file_imports_with_every_database_and_socket_blocked():
     """)
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[-2:] == ["invoice_mailing", "5"]
+    assert done.stdout.split()[-2:] == ["invoice_mailing", "6"]
 
 
 def parse_in_a_fresh_process(then: str, first: str = "") -> str:
@@ -141,6 +141,10 @@ def test_shape_is_extract_then_the_brake_then_mapped_mailing_then_audit_as_teard
     assert mail.map_index_template and "label" in mail.map_index_template
     # audit is open_night's teardown, so clearing any instance also clears audit, and its verdict is the run's
     assert night.is_setup and audit.is_teardown and audit.on_failure_fail_dagrun
+    # publish_red follows audit, a teardown too, that never decides the run's state
+    publish = dag.get_task("publish_red")
+    assert publish.upstream_task_ids == {"audit", "open_night"} and publish.is_teardown
+    assert not publish.on_failure_fail_dagrun and publish.outlets == audit.outlets
     assert not extract.is_setup  # a clear of one instance must not re-run extract (it could regroup batches)
     assert extract.retries >= 3 and mail.retries >= 3
     for task in (extract, mail):

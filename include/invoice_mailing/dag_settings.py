@@ -17,15 +17,17 @@ from include.invoice_mailing.clock import TIMEZONE_NAME
 DAG_ID, WATCH_DAG_ID = "invoice_mailing", "invoice_mailing_watch"
 TIMEZONE = TIMEZONE_NAME
 NIGHT_CRON = "0 2 * * *"
-# Updated by every run's audit task with its counts in ``extra``: data teams schedule their DAGs on it.
+# Updated once by every night that opened, green or red, with its status and counts in ``extra`` (by
+# audit, or by publish_red when audit failed); again when a red night is mended: data teams schedule on it.
 NIGHTS = Asset(uri="invoice_mailing://ledger/nights", name="invoice_mailing_nights")
 # Each mapped instance holds at most one SMTP session per relay connection, so the slots of this pool
 # (INVOICE_MAILING_SMTP_SESSIONS, set by airflow-init) cap the sessions a relay sees at once.
 SMTP_POOL = "invoice_mailing_smtp"
 DEFAULT_SMTP_SESSIONS = 4
 # XCom keys: a task's last failed try records why (for the night's failure alert); audit records
-# that it mailed the red-night alert (so that the failure alert does not mail the operators twice).
-FAILURE_KEY, ALERTED_KEY = "failure", "alerted"
+# that it mailed the red-night alert (so that the failure alert does not mail the operators twice), and
+# the night's summary before it fails (for publish_red's asset event).
+FAILURE_KEY, ALERTED_KEY, SUMMARY_KEY = "failure", "alerted", "summary"
 
 
 def retry_delay() -> timedelta:

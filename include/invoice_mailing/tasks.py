@@ -13,7 +13,7 @@ from sqlalchemy import Engine, create_engine
 
 from include.invoice_mailing import alerts, clock, ledger, pipeline
 from include.invoice_mailing.archive import Archive
-from include.invoice_mailing.dag_settings import ALERTED_KEY, DAG_ID, FAILURE_KEY, NIGHTS, concurrency
+from include.invoice_mailing.dag_settings import ALERTED_KEY, DAG_ID, FAILURE_KEY, NIGHTS, SUMMARY_KEY, concurrency
 from include.invoice_mailing.deliver import SmtpSender
 from include.invoice_mailing.render import Renderer
 
@@ -115,27 +115,66 @@ def mail_batch(batch: dict, *, run_id, logical_date, data_interval_end, params, 
 
 
 def audit(*, dag_id, run_id, batches: list[dict] | None, outlet_events=None, ti=None) -> dict:
-    """Store the night's summary. Deliveries not sent: mail the operators (``alerts.red_night``) and fail.
-    No extract: fail without mailing; the DAG's failure alert names extract and why it failed."""
+    """Store the night's summary and its status: ``green``, ``red`` (deliveries not sent, or no extract) or
+    ``rejected`` (the approval brake). Green: publish it as the event of the asset NIGHTS and succeed. Else
+    fail, so that the run is red and a clear runs audit again: deliveries not sent are mailed to the
+    operators first (``alerts.red_night``); a night without extract or rejected is mailed by the DAG's
+    failure alert, which names the task and why. ``publish_red`` then publishes the red night."""
     from airflow.sdk.configuration import conf
     from airflow.sdk.exceptions import AirflowFailException
 
-    summary = pipeline.audit(engine_for(LEDGER_CONN_ID), run_id)
-    if outlet_events is not None:  # emitted when audit succeeds: a green night, or a red one once mended
-        outlet_events[NIGHTS].extra = {"run_id": run_id, **summary}
-    undelivered = summary["undelivered"]
-    if batches is not None and not undelivered:
+    engine = engine_for(LEDGER_CONN_ID)
+    summary = pipeline.audit(engine, run_id)
+    summary["status"], summary["why"] = night_status(engine, run_id, summary["undelivered"], batches)
+    if summary["status"] == "green":
+        if outlet_events is not None:
+            outlet_events[NIGHTS].extra = published(run_id, summary)
         return summary
-    if not undelivered:
-        raise AirflowFailException(f"Invoice mailing {run_id}: extract did not finish, nothing was mailed")
+    if ti is not None:
+        ti.xcom_push(key=SUMMARY_KEY, value=summary)
+    if not summary["undelivered"]:
+        raise AirflowFailException(f"Invoice mailing {run_id}: {summary['why']}")
     base_url = conf.get("api", "base_url", fallback="http://localhost:8080/")
-    subject, body = alerts.red_night(dag_id, run_id, undelivered, batches, base_url)
+    subject, body = alerts.red_night(dag_id, run_id, summary["undelivered"], batches, base_url)
     try:
         if alerts.send(subject, body) and ti is not None:
             ti.xcom_push(key=ALERTED_KEY, value=subject)  # the DAG's failure alert then stays silent
     except Exception:  # noqa: BLE001 - the night is red whether or not the alert could be mailed
         log.exception("The alert could not be sent: %s", subject)
     raise AirflowFailException(subject)
+
+
+def night_status(engine: Engine, run_id: str, undelivered: list[dict], batches: list[dict] | None) -> tuple[str, str]:
+    """(status, why) of a night from the ledger: the brake's last answer, deliveries not sent, extract."""
+    asked = ledger.approvals(engine, run_id)
+    if asked and asked[-1]["decision"] in (ledger.REJECTED, ledger.TIMED_OUT):
+        by = asked[-1]["decided_by"]
+        why = f"rejected by {by}" if asked[-1]["decision"] == ledger.REJECTED else "no answer in time"
+        return "rejected", f"the approval brake held the night ({why}): nothing was mailed"
+    if undelivered:
+        return "red", f"{len(undelivered)} deliveries not sent"
+    if batches is None:
+        return "red", "extract did not finish, nothing was mailed"
+    return "green", "every delivery decided"
+
+
+def published(run_id: str, summary: dict) -> dict:
+    """The asset event's extra: the night's status and counts, never an address (the undelivered are counted)."""
+    return {"run_id": run_id, **{k: v for k, v in summary.items() if k != "undelivered"},
+            "undelivered": len(summary.get("undelivered") or [])}
+
+
+def publish_red(*, run_id, ti, outlet_events) -> None:
+    """After audit: a night audit did not publish (it failed) is published red, with the summary audit left,
+    so that downstream DAGs see every night. A green night was published by audit: nothing to do."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    if ti.xcom_pull(task_ids="audit") is not None:
+        raise AirflowSkipException("audit published this night (green)")
+    summary = ti.xcom_pull(task_ids="audit", key=SUMMARY_KEY) or {
+        "status": "red", "why": "audit could not read the ledger (see its log)"}
+    outlet_events[NIGHTS].extra = published(run_id, summary)
+    log.info("Published night %s as %s: %s", run_id, summary["status"], summary["why"])
 
 
 def tonight(watch_date: datetime) -> datetime:
