@@ -1,5 +1,6 @@
 """What an operator sees in a running Airflow: a deferred customer turns the night red, is named, and one clear mends it;
-a night that fails before mailing (a wrong parameter) is mailed by the DAG's failure callback in the dag-processor.
+a night that fails before mailing (a wrong parameter) is mailed by the DAG's failure callback in the dag-processor;
+a new installation unpaused at 02:30 Oslo mails nothing before the next night.
 
 The real topology (api-server, scheduler, dag-processor, triggerer; LocalExecutor; PostgreSQL metadata
 and ledger), a real SMTP server that defers one customer's recipient, and nothing but the REST API.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import select
@@ -17,6 +19,7 @@ from sqlalchemy import select
 from dev.airflow_stack import AirflowStack
 from dev.smtp_sink import SmtpSink
 from include.invoice_mailing import ledger
+from include.invoice_mailing.clock import TIMEZONE
 from tests.conftest import smtp_connection, sqlite_connection
 from tests.erp import TinyErp
 
@@ -41,15 +44,22 @@ def erp(tmp_path):
     return erp
 
 
+def airflow_connections(tmp_path, sink: SmtpSink, ledger_connection: str) -> dict[str, str]:
+    """The DAG's connections for the stack: the erp fixture's ERP, the ledger, the sink as relay and for alerts."""
+    return {
+        "AIRFLOW_CONN_ERP_DB": sqlite_connection(tmp_path / "erp.db"),
+        "AIRFLOW_CONN_MAILING_LEDGER": ledger_connection,
+        "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port),
+        "AIRFLOW_CONN_MAILING_ALERTS": smtp_connection(sink.port, to=OPS, from_email="airflow@fjordlys.example"),
+    }
+
+
 def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it(erp, tmp_path, postgres_databases):
     ledger_db, ledger_connection = postgres_databases["engines"][1], postgres_databases["connections"][1]
     with SmtpSink() as sink:
         sink.faults.rcpt_replies[DEFERRED] = "451 4.7.1 Greylisted, try again later"
         env = {
-            "AIRFLOW_CONN_ERP_DB": sqlite_connection(tmp_path / "erp.db"),
-            "AIRFLOW_CONN_MAILING_LEDGER": ledger_connection,
-            "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port),
-            "AIRFLOW_CONN_MAILING_ALERTS": smtp_connection(sink.port, to=OPS, from_email="airflow@fjordlys.example"),
+            **airflow_connections(tmp_path, sink, ledger_connection),
             "INVOICE_MAILING_RETRIES": "1",
             "INVOICE_MAILING_RETRY_DELAY_SECONDS": "20",
             "INVOICE_MAILING_CONCURRENCY": "2",  # long enough for the watch to see the night running
@@ -133,13 +143,8 @@ def test_a_night_that_fails_before_mailing_is_mailed_by_the_dag_processor(erp, t
     """open_night refuses a wrong parameter: audit is upstream_failed and sends nothing; the DAG's failure
     callback, which the dag-processor runs, mails the operators with the task, the reason and a link."""
     with SmtpSink() as sink:
-        env = {
-            "AIRFLOW_CONN_ERP_DB": sqlite_connection(tmp_path / "erp.db"),
-            "AIRFLOW_CONN_MAILING_LEDGER": postgres_databases["connections"][1],
-            "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port),
-            "AIRFLOW_CONN_MAILING_ALERTS": smtp_connection(sink.port, to=OPS, from_email="airflow@fjordlys.example"),
-            "INVOICE_MAILING_RETRIES": "0",
-        }
+        env = {**airflow_connections(tmp_path, sink, postgres_databases["connections"][1]),
+               "INVOICE_MAILING_RETRIES": "0"}
         with AirflowStack(extra_env=env) as stack:
             api = stack.client()
             api.wait_for_dag(DAG)
@@ -155,3 +160,37 @@ def test_a_night_that_fails_before_mailing_is_mailed_by_the_dag_processor(erp, t
             assert "open_night" in subject and "redirect_to is not a valid address" in subject
             assert "/tasks/open_night" in alert.message.get_body(("html",)).get_content()
     assert len([m for m in sink.received if m.envelope_to == [OPS] and wrong in m.message["Subject"]]) == 1
+
+
+def test_a_new_installation_unpaused_at_half_past_two_mails_nothing_before_the_next_night(erp, tmp_path,
+                                                                                         postgres_databases):
+    """The operator unpauses the DAG at 02:30 Oslo with invoices due: Airflow's default timetable would still run
+    that morning's 02:00 night (until 04:24); ours waits for the next 02:00. The components' clocks (and the
+    metadata database's now(), which decides when the scheduler creates a run) read 02:30 on 2026-11-24."""
+    unpaused_at = datetime(2026, 11, 24, 2, 30, tzinfo=TIMEZONE)
+    with SmtpSink() as sink:
+        env = airflow_connections(tmp_path, sink, postgres_databases["connections"][1])
+        with AirflowStack(extra_env=env, components=("api-server", "scheduler", "dag-processor"),
+                          fake_time=unpaused_at) as stack:
+            api = stack.client()
+            api.wait_for_dag(DAG)
+            stack.wait_until("the dag-processor's next run", lambda: api.request("GET", f"/dags/{DAG}")
+                             ["next_dagrun_run_after"], timeout=60)
+            api.unpause(DAG)
+
+            def heartbeat() -> datetime:
+                return datetime.fromisoformat(api.request("GET", "/monitor/health")["scheduler"]
+                                              ["latest_scheduler_heartbeat"])
+
+            # The scheduler creates a due run in the loop after the unpause; its heartbeat (every 2 s, on the
+            # faked clock) moving on by 6 s means several loops have run since.
+            unpaused_beat = heartbeat()
+            stack.wait_until("three scheduler heartbeats after the unpause",
+                             lambda: heartbeat() >= unpaused_beat + timedelta(seconds=6), timeout=90)
+            assert unpaused_at <= unpaused_beat < unpaused_at + timedelta(minutes=10)  # the faked clock
+            dag = api.request("GET", f"/dags/{DAG}")
+            runs = api.runs(DAG)
+    assert runs == []
+    assert not dag["is_paused"]
+    assert datetime.fromisoformat(dag["next_dagrun_run_after"]) == datetime(2026, 11, 25, 2, 0, tzinfo=TIMEZONE)
+    assert sink.received == []
