@@ -30,6 +30,19 @@ WATCH = "invoice_mailing_watch"
 LATE_SUBJECT = "Invoice mailing 2026-11-24: tonight's run has not finished"
 # The watch runs of the night of 2026-11-24 (06:00 Oslo is 05:00 UTC); Airflow keys runs by logical date.
 WATCH_LATE, WATCH_CALM = "2026-11-24T05:00:00Z", "2026-11-24T05:30:00Z"
+# The clocks of the stacks that run the night of 2026-11-24: midday after it, so that no 02:00 or 06:00 Oslo
+# passes while a test runs (it would create a scheduled night or watch run), whatever the hour of the real clock.
+MIDDAY = datetime(2026, 11, 24, 12, 0, tzinfo=TIMEZONE)
+
+
+@pytest.fixture
+def faked_clock():
+    """The stacks here run on a faked clock (libfaketime): skips without it, fails under CI=true."""
+    if not FAKETIME_LIBRARY.exists():
+        message = f"libfaketime ({FAKETIME_LIBRARY}) is not installed: dev/system-packages install"
+        if IN_CI:
+            pytest.fail(f"{message}. Under CI=true a missing package is a failure.")
+        pytest.skip(message)
 
 
 @pytest.fixture
@@ -54,7 +67,8 @@ def airflow_connections(tmp_path, sink: SmtpSink, ledger_connection: str) -> dic
     }
 
 
-def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it(erp, tmp_path, postgres_databases):
+def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it(erp, tmp_path, postgres_databases,
+                                                                                  faked_clock):
     ledger_db, ledger_connection = postgres_databases["engines"][1], postgres_databases["connections"][1]
     with SmtpSink() as sink:
         sink.faults.rcpt_replies[DEFERRED] = "451 4.7.1 Greylisted, try again later"
@@ -64,7 +78,7 @@ def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it
             "INVOICE_MAILING_RETRY_DELAY_SECONDS": "20",
             "INVOICE_MAILING_CONCURRENCY": "2",  # long enough for the watch to see the night running
         }
-        with AirflowStack(extra_env=env) as stack:
+        with AirflowStack(extra_env=env, fake_time=MIDDAY) as stack:
             api = stack.client()
             api.wait_for_dag(DAG)
             api.wait_for_dag(WATCH)
@@ -139,13 +153,14 @@ def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it
     assert len(ops) == 2 and ops.count(LATE_SUBJECT) == 1, ops
 
 
-def test_a_night_that_fails_before_mailing_is_mailed_by_the_dag_processor(erp, tmp_path, postgres_databases):
+def test_a_night_that_fails_before_mailing_is_mailed_by_the_dag_processor(erp, tmp_path, postgres_databases,
+                                                                           faked_clock):
     """open_night refuses a wrong parameter: audit is upstream_failed and sends nothing; the DAG's failure
     callback, which the dag-processor runs, mails the operators with the task, the reason and a link."""
     with SmtpSink() as sink:
         env = {**airflow_connections(tmp_path, sink, postgres_databases["connections"][1]),
                "INVOICE_MAILING_RETRIES": "0"}
-        with AirflowStack(extra_env=env) as stack:
+        with AirflowStack(extra_env=env, fake_time=MIDDAY) as stack:
             api = stack.client()
             api.wait_for_dag(DAG)
             api.unpause(DAG)
@@ -163,15 +178,11 @@ def test_a_night_that_fails_before_mailing_is_mailed_by_the_dag_processor(erp, t
 
 
 def test_a_new_installation_unpaused_at_half_past_two_mails_nothing_before_the_next_night(erp, tmp_path,
-                                                                                         postgres_databases):
+                                                                                         postgres_databases,
+                                                                                         faked_clock):
     """The operator unpauses the DAG at 02:30 Oslo with invoices due: Airflow's default timetable would still run
     that morning's 02:00 night (until 04:24); ours waits for the next 02:00. The components' clocks (and the
     metadata database's now(), which decides when the scheduler creates a run) read 02:30 on 2026-11-24."""
-    if not FAKETIME_LIBRARY.exists():
-        message = f"libfaketime ({FAKETIME_LIBRARY}) is not installed: dev/system-packages install"
-        if IN_CI:
-            pytest.fail(f"{message}. Under CI=true a missing package is a failure.")
-        pytest.skip(message)
     unpaused_at = datetime(2026, 11, 24, 2, 30, tzinfo=TIMEZONE)
     with SmtpSink() as sink:
         env = airflow_connections(tmp_path, sink, postgres_databases["connections"][1])
