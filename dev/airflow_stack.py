@@ -19,6 +19,12 @@ docker-compose.yaml: Redis (``TEST_REDIS_URL``, database 5, a queue of the stack
 PostgreSQL for the Celery results, and Celery workers. As root each worker runs on its own "host": its
 own host name and process namespace (``unshare``), as a worker on another machine looks to Airflow and
 to the ledger. ``kill_worker`` SIGKILLs one with everything it started.
+
+With ``fake_time=`` every component lives at that instant, and its clock ticks on from there: Debian's
+libfaketime (LD_PRELOAD, FAKETIME as a fixed offset, so all processes agree) fakes Python's clock, and the
+stack's database answers ``now()`` with the same offset. Both are needed: the timetable picks the next run
+with Python's clock, but the scheduler creates it once ``next_dagrun_create_after <= now()`` in PostgreSQL.
+The test process keeps the real clock.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +53,8 @@ POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg2://
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 ADMIN = "admin"
+# Debian's libfaketime (dev/system-packages); the thread-safe build, as the components run threads.
+FAKETIME_LIBRARY = Path(f"/usr/lib/{os.uname().machine}-linux-gnu/faketime/libfaketimeMT.so.1")
 SMTP_POOL = "invoice_mailing_smtp"
 
 
@@ -74,8 +83,10 @@ class AirflowStack:
                  components: Iterable[str] = COMPONENTS, postgres_admin_url: str = POSTGRES_ADMIN_URL,
                  home: Path | None = None, port: int | None = None, parallelism: int = 4,
                  keep_home: bool = False, startup_timeout: float = 180, workers: Iterable[str] = (),
-                 worker_concurrency: int = 2, broker_url: str = REDIS_URL):
+                 worker_concurrency: int = 2, broker_url: str = REDIS_URL, fake_time: datetime | None = None):
         self.executor = executor
+        self.fake_time = fake_time
+        self.clock_offset_seconds = 0  # set by start() when fake_time is given
         self.workers = tuple(workers)
         self.worker_concurrency = worker_concurrency
         self.broker_url = broker_url
@@ -117,6 +128,10 @@ class AirflowStack:
         self.home = self.home or Path(tempfile.mkdtemp(prefix="airflow-stack-"))
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
+        if self.fake_time is not None:
+            if not FAKETIME_LIBRARY.exists():
+                raise StackError(f"fake_time needs libfaketime ({FAKETIME_LIBRARY}): dev/system-packages install")
+            self.clock_offset_seconds = round((self.fake_time - datetime.now(UTC)).total_seconds())
         self._create_database()
         if self.workers:
             self._redis_keys_before = set(self._redis().keys("*"))
@@ -140,6 +155,23 @@ class AirflowStack:
         self.database = f"airflow_stack_{uuid.uuid4().hex[:10]}"
         with self._admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{self.database}"'))
+        if self.clock_offset_seconds:
+            self._fake_database_clock()
+
+    def _fake_database_clock(self) -> None:
+        """``now()`` in the stack's database runs ``clock_offset_seconds`` off, as the components' clocks do.
+
+        pg_catalog is searched first unless the search path names it: placed last, ``public.now()`` wins
+        for every connection to this database (SQLAlchemy's ``func.now()`` is an unqualified ``now()``)."""
+        database_url = self._admin.url.set(database=self.database)
+        engine = create_engine(database_url, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(f"CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE sql STABLE AS "
+                                  f"$$ SELECT pg_catalog.now() + interval '{self.clock_offset_seconds} seconds' $$"))
+                conn.execute(text(f'ALTER DATABASE "{self.database}" SET search_path TO "$user", public, pg_catalog'))
+        finally:
+            engine.dispose()
 
     def _environment(self) -> dict[str, str]:
         base = self.postgres_admin_url.rsplit("/", 1)[0]
@@ -179,6 +211,10 @@ class AirflowStack:
                 "AIRFLOW__OPERATORS__DEFAULT_QUEUE": self.queue,
                 "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.worker_concurrency),
             })
+        if self.clock_offset_seconds:
+            # The monotonic clocks move by the same offset (libfaketime's default): with
+            # FAKETIME_DONT_FAKE_MONOTONIC=1, libfaketime 0.9.10 makes Python's time.sleep fail with EINVAL.
+            env.update({"LD_PRELOAD": str(FAKETIME_LIBRARY), "FAKETIME": f"{self.clock_offset_seconds:+d}"})
         env.update(self.extra_env)
         return env
 

@@ -1,5 +1,7 @@
 """What an operator sees in a running Airflow: a deferred customer turns the night red, is named, and one clear mends it;
-a night that fails before mailing (a wrong parameter) is mailed by the DAG's failure callback in the dag-processor.
+a night that fails before mailing (a wrong parameter) is mailed by the DAG's failure callback in the dag-processor;
+the approval brake holds a resend of everything until a person answers (Approve, Reject, or no answer in time);
+a new installation unpaused at 02:30 Oslo mails nothing before the next night.
 
 The real topology (api-server, scheduler, dag-processor, triggerer; LocalExecutor; PostgreSQL metadata
 and ledger), a real SMTP server that defers one customer's recipient, and nothing but the REST API.
@@ -10,14 +12,16 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import select
 
-from dev.airflow_stack import AirflowStack
+from dev.airflow_stack import FAKETIME_LIBRARY, AirflowStack
 from dev.smtp_sink import SmtpSink
 from include.invoice_mailing import ledger
-from tests.conftest import smtp_connection, sqlite_connection
+from include.invoice_mailing.clock import TIMEZONE
+from tests.conftest import IN_CI, smtp_connection, sqlite_connection
 from tests.erp import TinyErp
 
 DAG = "invoice_mailing"
@@ -27,6 +31,19 @@ WATCH = "invoice_mailing_watch"
 LATE_SUBJECT = "Invoice mailing 2026-11-24: tonight's run has not finished"
 # The watch runs of the night of 2026-11-24 (06:00 Oslo is 05:00 UTC); Airflow keys runs by logical date.
 WATCH_LATE, WATCH_CALM = "2026-11-24T05:00:00Z", "2026-11-24T05:30:00Z"
+# The clocks of the stacks that run the night of 2026-11-24: midday after it, so that no 02:00 or 06:00 Oslo
+# passes while a test runs (it would create a scheduled night or watch run), whatever the hour of the real clock.
+MIDDAY = datetime(2026, 11, 24, 12, 0, tzinfo=TIMEZONE)
+
+
+@pytest.fixture
+def faked_clock():
+    """The stacks here run on a faked clock (libfaketime): skips without it, fails under CI=true."""
+    if not FAKETIME_LIBRARY.exists():
+        message = f"libfaketime ({FAKETIME_LIBRARY}) is not installed: dev/system-packages install"
+        if IN_CI:
+            pytest.fail(f"{message}. Under CI=true a missing package is a failure.")
+        pytest.skip(message)
 
 
 @pytest.fixture
@@ -41,20 +58,28 @@ def erp(tmp_path):
     return erp
 
 
-def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it(erp, tmp_path, postgres_databases):
+def airflow_connections(tmp_path, sink: SmtpSink, ledger_connection: str) -> dict[str, str]:
+    """The DAG's connections for the stack: the erp fixture's ERP, the ledger, the sink as relay and for alerts."""
+    return {
+        "AIRFLOW_CONN_ERP_DB": sqlite_connection(tmp_path / "erp.db"),
+        "AIRFLOW_CONN_MAILING_LEDGER": ledger_connection,
+        "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port),
+        "AIRFLOW_CONN_MAILING_ALERTS": smtp_connection(sink.port, to=OPS, from_email="airflow@fjordlys.example"),
+    }
+
+
+def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it(erp, tmp_path, postgres_databases,
+                                                                                  faked_clock):
     ledger_db, ledger_connection = postgres_databases["engines"][1], postgres_databases["connections"][1]
     with SmtpSink() as sink:
         sink.faults.rcpt_replies[DEFERRED] = "451 4.7.1 Greylisted, try again later"
         env = {
-            "AIRFLOW_CONN_ERP_DB": sqlite_connection(tmp_path / "erp.db"),
-            "AIRFLOW_CONN_MAILING_LEDGER": ledger_connection,
-            "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port),
-            "AIRFLOW_CONN_MAILING_ALERTS": smtp_connection(sink.port, to=OPS, from_email="airflow@fjordlys.example"),
+            **airflow_connections(tmp_path, sink, ledger_connection),
             "INVOICE_MAILING_RETRIES": "1",
             "INVOICE_MAILING_RETRY_DELAY_SECONDS": "20",
             "INVOICE_MAILING_CONCURRENCY": "2",  # long enough for the watch to see the night running
         }
-        with AirflowStack(extra_env=env) as stack:
+        with AirflowStack(extra_env=env, fake_time=MIDDAY) as stack:
             api = stack.client()
             api.wait_for_dag(DAG)
             api.wait_for_dag(WATCH)
@@ -136,7 +161,8 @@ def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it
     assert len(ops) == 2 and ops.count(LATE_SUBJECT) == 1, ops
 
 
-def test_before_anything_is_mailed_a_wrong_parameter_or_the_brake_stops_the_night(erp, tmp_path, postgres_databases):
+def test_before_anything_is_mailed_a_wrong_parameter_or_the_brake_stops_the_night(erp, tmp_path, postgres_databases,
+                                                                                  faked_clock):
     """A wrong parameter: open_night refuses it, audit is upstream_failed and sends nothing; the DAG's failure
     callback, which the dag-processor runs, mails the operators with the task, the reason and a link.
 
@@ -145,16 +171,11 @@ def test_before_anything_is_mailed_a_wrong_parameter_or_the_brake_stops_the_nigh
     naming who; no answer within INVOICE_MAILING_BRAKE_TIMEOUT is a Reject. The ledger keeps each answer."""
     ledger_db = postgres_databases["engines"][1]
     with SmtpSink() as sink:
-        env = {
-            "AIRFLOW_CONN_ERP_DB": sqlite_connection(tmp_path / "erp.db"),
-            "AIRFLOW_CONN_MAILING_LEDGER": postgres_databases["connections"][1],
-            "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port),
-            "AIRFLOW_CONN_MAILING_ALERTS": smtp_connection(sink.port, to=OPS, from_email="airflow@fjordlys.example"),
-            "INVOICE_MAILING_RETRIES": "0",
-            "INVOICE_MAILING_BRAKE_TIMEOUT": "20",
-            "AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "2",  # how often the scheduler ends a wait
-        }
-        with AirflowStack(extra_env=env) as stack:
+        env = {**airflow_connections(tmp_path, sink, postgres_databases["connections"][1]),
+               "INVOICE_MAILING_RETRIES": "0",
+               "INVOICE_MAILING_BRAKE_TIMEOUT": "20",
+               "AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "2"}  # how often the scheduler ends a wait
+        with AirflowStack(extra_env=env, fake_time=MIDDAY) as stack:
             api = stack.client()
             api.wait_for_dag(DAG)
             api.unpause(DAG)
@@ -169,9 +190,9 @@ def test_before_anything_is_mailed_a_wrong_parameter_or_the_brake_stops_the_nigh
             assert "open_night" in subject and "redirect_to is not a valid address" in subject
             assert "/tasks/open_night" in alert.message.get_body(("html",)).get_content()
 
-            def held(logical_date: str) -> tuple[str, dict]:
-                """A resend of every document: the night waits for an answer, with the numbers."""
-                run_id = api.trigger(DAG, logical_date=logical_date, conf={"resend": True})["dag_run_id"]
+            def held() -> tuple[str, dict]:
+                """A resend of every document, triggered now: it waits for an answer, with the numbers."""
+                run_id = api.trigger(DAG, logical_date=None, conf={"resend": True})["dag_run_id"]
                 waiting = stack.wait_until(f"{run_id} to wait for approval", lambda: next(
                     (d for d in api.hitl_details(DAG, run_id)
              if not d["response_received"] and d["task_instance"]["state"] == "awaiting_input"), None), 240)
@@ -189,13 +210,13 @@ def test_before_anything_is_mailed_a_wrong_parameter_or_the_brake_stops_the_nigh
                     if "TaskInstance Finished" in line), 60)
                 return run_id, waiting
 
-            approved, _ = held("2026-11-25T01:00:00Z")
+            approved, _ = held()
             api.answer(DAG, approved, "approve_night", ["Approve"])
             assert api.wait_for_run(DAG, approved, {"success", "failed"}, timeout=240)["state"] == "success"
             assert sorted(m.envelope_to[0] for m in sink.received if m.envelope_to != [OPS]) == [
                 "kari@bolgen.example", DEFERRED, "per@fjell.example"]
 
-            rejected, _ = held("2026-11-26T01:00:00Z")
+            rejected, _ = held()
             api.answer(DAG, rejected, "approve_night", ["Reject"])
             assert api.wait_for_run(DAG, rejected, {"success", "failed"}, timeout=240)["state"] == "failed"
             states = {ti["task_id"]: ti["state"] for ti in api.task_instances(DAG, rejected)}
@@ -204,7 +225,7 @@ def test_before_anything_is_mailed_a_wrong_parameter_or_the_brake_stops_the_nigh
                 (m for m in sink.received if m.envelope_to == [OPS] and rejected in m.message["Subject"]), None), 120)
             assert "approve_night" in alert.message["Subject"] and "Rejected by admin" in alert.message["Subject"]
 
-            timed_out, waiting = held("2026-11-27T01:00:00Z")  # and nobody answers
+            timed_out, _ = held()  # and nobody answers
             assert api.wait_for_run(DAG, timed_out, {"success", "failed"}, timeout=240)["state"] == "failed"
             [answer] = api.hitl_details(DAG, timed_out)
             assert answer["chosen_options"] == ["Reject"] and answer["responded_by_user"] is None
@@ -222,3 +243,38 @@ def test_before_anything_is_mailed_a_wrong_parameter_or_the_brake_stops_the_nigh
     assert [(r.run_id, r.decision, r.decided_by) for r in decisions] == [
         (approved, "approved", "admin"), (rejected, "rejected", "admin"), (timed_out, "timed_out", None)]
     assert all(r.request["documents"] == 3 and r.request["params"]["resend"] is True for r in decisions)
+
+
+def test_a_new_installation_unpaused_at_half_past_two_mails_nothing_before_the_next_night(erp, tmp_path,
+                                                                                         postgres_databases,
+                                                                                         faked_clock):
+    """The operator unpauses the DAG at 02:30 Oslo with invoices due: Airflow's default timetable would still run
+    that morning's 02:00 night (until 04:24); ours waits for the next 02:00. The components' clocks (and the
+    metadata database's now(), which decides when the scheduler creates a run) read 02:30 on 2026-11-24."""
+    unpaused_at = datetime(2026, 11, 24, 2, 30, tzinfo=TIMEZONE)
+    with SmtpSink() as sink:
+        env = airflow_connections(tmp_path, sink, postgres_databases["connections"][1])
+        with AirflowStack(extra_env=env, components=("api-server", "scheduler", "dag-processor"),
+                          fake_time=unpaused_at) as stack:
+            api = stack.client()
+            api.wait_for_dag(DAG)
+            stack.wait_until("the dag-processor's next run", lambda: api.request("GET", f"/dags/{DAG}")
+                             ["next_dagrun_run_after"], timeout=60)
+            api.unpause(DAG)
+
+            def heartbeat() -> datetime:
+                return datetime.fromisoformat(api.request("GET", "/monitor/health")["scheduler"]
+                                              ["latest_scheduler_heartbeat"])
+
+            # The scheduler creates a due run in the loop after the unpause; its heartbeat (every 2 s, on the
+            # faked clock) moving on by 6 s means several loops have run since.
+            unpaused_beat = heartbeat()
+            stack.wait_until("three scheduler heartbeats after the unpause",
+                             lambda: heartbeat() >= unpaused_beat + timedelta(seconds=6), timeout=90)
+            assert unpaused_at <= unpaused_beat < unpaused_at + timedelta(minutes=10)  # the faked clock
+            dag = api.request("GET", f"/dags/{DAG}")
+            runs = api.runs(DAG)
+    assert runs == []
+    assert not dag["is_paused"]
+    assert datetime.fromisoformat(dag["next_dagrun_run_after"]) == datetime(2026, 11, 25, 2, 0, tzinfo=TIMEZONE)
+    assert sink.received == []
