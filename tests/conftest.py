@@ -119,6 +119,18 @@ def postgres_pair(admin) -> dict:
 
 
 @pytest.fixture
+def faked_clock():
+    """A stack on a faked clock (AirflowStack(fake_time=...), libfaketime): skips without it, fails under CI=true."""
+    from dev.airflow_stack import FAKETIME_LIBRARY
+
+    if not FAKETIME_LIBRARY.exists():
+        message = f"libfaketime ({FAKETIME_LIBRARY}) is not installed: dev/system-packages install"
+        if IN_CI:
+            pytest.fail(f"{message}. Under CI=true a missing package is a failure.")
+        pytest.skip(message)
+
+
+@pytest.fixture
 def postgres_admin():
     """An autocommit engine on the local PostgreSQL server; skips (fails under CI) when there is none."""
     admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")

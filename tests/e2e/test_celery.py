@@ -44,11 +44,10 @@ def redis_broker():
         _server_missing(f"Redis at {REDIS_URL}", exc)
 
 
-def latest_night() -> pendulum.DateTime:
-    """The latest 02:00 in Oslo: tonight's night, triggered by hand (unpausing itself creates no run)."""
-    now = pendulum.now("Europe/Oslo")
-    night = now.replace(hour=2, minute=0, second=0, microsecond=0)
-    return night if night <= now else night.subtract(days=1)
+# The night of 2026-11-24, triggered by hand in a stack whose clock reads midday after it (libfaketime): no
+# 02:00 or 06:00 Oslo passes while the test runs, whatever the hour of the real clock (unpausing creates no run).
+NIGHT = pendulum.datetime(2026, 11, 24, 2, 0, tz="Europe/Oslo")
+MIDDAY = NIGHT.replace(hour=12)
 
 
 def seed_erp(engine, night: pendulum.DateTime) -> None:
@@ -67,10 +66,10 @@ def seed_erp(engine, night: pendulum.DateTime) -> None:
 
 
 def test_a_night_on_celery_workers_survives_a_killed_worker_and_sends_every_document_once(
-        postgres_admin, redis_broker, sink):
+        postgres_admin, redis_broker, sink, faked_clock):
     databases = postgres_pair(postgres_admin)
     erp_engine, ledger_db = databases["engines"]
-    night = latest_night()
+    night = NIGHT
     seed_erp(erp_engine, night)
     sink.faults.data_delay = 0.5  # a relay that takes its time: the kill lands while a message is in flight
     env = {
@@ -88,7 +87,7 @@ def test_a_night_on_celery_workers_survives_a_killed_worker_and_sends_every_docu
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "120",
     }
     try:
-        with AirflowStack(executor="CeleryExecutor", workers=WORKERS, extra_env=env) as stack:
+        with AirflowStack(executor="CeleryExecutor", workers=WORKERS, extra_env=env, fake_time=MIDDAY) as stack:
             client = stack.client()
             client.wait_for_dag(DAG_ID)
             started = time.monotonic()
