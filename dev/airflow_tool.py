@@ -169,28 +169,18 @@ def start(home: Path, port: int, smtp_port: int, database: str, postgres_url: st
     if not erp_path.exists():
         demo.main(["seed", "--erp", str(erp_path)])
 
-    with (logs / "smtp-sink.log").open("ab") as log:
-        sink = subprocess.Popen([sys.executable, "-m", "dev.smtp_sink", "--port", str(smtp_port), "--dir", str(outbox)],
-                                env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    smtp = {"conn_type": "smtp", "host": "127.0.0.1", "port": smtp_port,
-            "extra": {"disable_ssl": True, "disable_tls": True, "retry_limit": 0, "timeout": 10}}
-    alerts = {**smtp, "extra": {**smtp["extra"], "to": "operators@fjordlys.example",
-                                "from_email": "invoice-mailing@fjordlys.example"}}
+    sink = start_sink(smtp_port, outbox, logs / "smtp-sink.log")
     stack = AirflowStack(home=home, port=port, database=database, stack_secrets=kept, logs=logs,
-                         postgres_admin_url=postgres_url, extra_env={
-                             "AIRFLOW_CONN_ERP_DB": json.dumps({"conn_type": "sqlite", "host": str(erp_path)}),
-                             "AIRFLOW_CONN_MAILING_LEDGER": json.dumps({"conn_type": "sqlite", "host": str(ledger_path)}),
-                             "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(smtp),
-                             "AIRFLOW_CONN_MAILING_ALERTS": json.dumps(alerts),
-                         })
+                         postgres_admin_url=postgres_url, extra_env=demo_connections(erp_path, ledger_path, smtp_port))
     print(f"Starting Airflow (metadata database {database}, logs in {shown(logs)})...", flush=True)
     try:
         wait_for_sink(sink, smtp_port)
         stack.start()
-    except (StackError, Refusal, SQLAlchemyError) as error:
+    except BaseException as error:  # Ctrl-C too: nothing may run unrecorded, where stop could not find it
         stack.stop()  # a named database and a given home are kept
         end([psutil.Process(sink.pid)] if sink.poll() is None else [])
+        if not isinstance(error, StackError | Refusal | SQLAlchemyError):
+            raise
         raise Refusal(f"Airflow did not come up: {str(error).splitlines()[0]} (the logs: {shown(logs)})") from None
     record(home / "running.json", stack.url,
            {"smtp-sink": sink.pid, **{name: process.pid for name, process in stack.processes.items()}})
@@ -202,6 +192,28 @@ def start(home: Path, port: int, smtp_port: int, database: str, postgres_url: st
           f"  demo night: in the UI open invoice_mailing, Trigger, logical date {demo.AS_OF} 01:00 UTC "
           f"(the demo ERP's invoices are due that night)\n"
           f"`make airflow-stop` ends it; `make airflow` again brings it back with the same login and history.")
+
+
+def start_sink(port: int, outbox: Path, log_path: Path) -> subprocess.Popen:
+    """dev/smtp_sink.py as a process of its own, so that mail keeps landing after the command returned."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "dev.smtp_sink", "--port", str(port), "--dir", str(outbox)],
+                                env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def demo_connections(erp_path: Path, ledger_path: Path, smtp_port: int) -> dict[str, str]:
+    """The DAG's connections as environment variables: the demo ERP, its ledger, the sink for mail and alerts."""
+    smtp = {"conn_type": "smtp", "host": "127.0.0.1", "port": smtp_port,
+            "extra": {"disable_ssl": True, "disable_tls": True, "retry_limit": 0, "timeout": 10}}
+    alerts = {**smtp, "extra": {**smtp["extra"], "to": "operators@fjordlys.example",
+                                "from_email": "invoice-mailing@fjordlys.example"}}
+    return {
+        "AIRFLOW_CONN_ERP_DB": json.dumps({"conn_type": "sqlite", "host": str(erp_path)}),
+        "AIRFLOW_CONN_MAILING_LEDGER": json.dumps({"conn_type": "sqlite", "host": str(ledger_path)}),
+        "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(smtp),
+        "AIRFLOW_CONN_MAILING_ALERTS": json.dumps(alerts),
+    }
 
 
 def wait_for_sink(sink: subprocess.Popen, port: int, timeout: float = 30) -> None:
@@ -236,6 +248,8 @@ def status(home: Path) -> None:
     recorded, alive = running(home)
     if not recorded:
         print("Airflow is not running.")
+    elif not alive:
+        print(f"Airflow is not running (its processes at {recorded['url']} have ended).")
     elif len(alive) == len(recorded["processes"]):
         print(f"Airflow is running at {recorded['url']}: {', '.join(alive)}.")
     else:
