@@ -189,8 +189,8 @@ def start(home: Path, port: int, smtp_port: int, database: str, postgres_url: st
           f"  logs:   {shown(logs)}: api-server.log, scheduler.log, dag-processor.log, triggerer.log, "
           f"smtp-sink.log, and the task logs (dag_id=...)\n"
           f"  kept:   metadata database {database} on PostgreSQL, ERP {shown(erp_path)}, ledger {shown(ledger_path)}\n"
-          f"  demo night: in the UI open invoice_mailing, Trigger, logical date {demo.AS_OF} 01:00 UTC "
-          f"(the demo ERP's invoices are due that night)\n"
+          f"  demo night: in the UI open invoice_mailing, Trigger (and unpause it on trigger), logical date "
+          f"{demo.AS_OF} 01:00 UTC (the demo ERP's invoices are due that night)\n"
           f"`make airflow-stop` ends it; `make airflow` again brings it back with the same login and history.")
 
 
