@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv catalogs demo airflow test e2e-celery lint bench bench-night clean audit-export audit-ui
+.PHONY: venv catalogs demo airflow airflow-stop test e2e-celery lint bench bench-night clean audit-export audit-ui
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,9 +22,13 @@ catalogs: venv
 demo: venv catalogs
 	$(PY) -m include.invoice_mailing.demo run
 
-# A real Airflow (api-server, scheduler, dag-processor, triggerer; PostgreSQL metadata) with the demo ERP.
+# A real Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecutor, PostgreSQL metadata) with the
+# demo ERP and an SMTP sink, detached; kept in demo/airflow/ between starts. `make airflow-stop` ends it.
 airflow: venv catalogs
-	$(PY) -m dev.airflow_stack
+	$(PY) -m dev.airflow_tool start
+
+airflow-stop: venv
+	$(PY) -m dev.airflow_tool stop
 
 test: venv catalogs
 	$(PY) -m pytest -q --ignore=tests/e2e/test_celery.py

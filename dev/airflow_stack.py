@@ -11,8 +11,8 @@ stopped (process groups) and dropped on exit. ``stack.client()`` is a small REST
         run = api.trigger("invoice_mailing", logical_date="2026-11-24T01:00:00Z")
         api.wait_for_run("invoice_mailing", run["dag_run_id"], {"success", "failed"})
 
-``python -m dev.airflow_stack`` (``make airflow``) runs the same topology in the foreground with the
-demo ERP and a local SMTP sink, and prints the UI's URL and login.
+``make airflow`` (dev/airflow_tool.py) starts the same topology detached, for people: a kept metadata
+database (``database=``), kept secrets (``stack_secrets=``) and its logs in a folder of their own (``logs=``).
 
 With ``executor="CeleryExecutor"`` and ``workers=("worker-a", "worker-b")`` it is the topology of
 docker-compose.yaml: Redis (``TEST_REDIS_URL``, database 5, a queue of the stack's own) as the broker,
@@ -41,6 +41,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,35 @@ def can_be_another_host() -> bool:
     return probe.returncode == 0
 
 
+@dataclass(frozen=True)
+class StackSecrets:
+    """The admin's password and the keys every component must share: fresh for a test, kept by make airflow
+    so that a login, the UI's sessions and the connections saved in the UI survive a restart."""
+
+    password: str
+    secret_key: str
+    jwt_secret: str
+    fernet_key: str
+
+    @classmethod
+    def generate(cls) -> StackSecrets:
+        from cryptography.fernet import Fernet
+
+        return cls(password=secrets.token_urlsafe(12), secret_key=secrets.token_hex(16),
+                   jwt_secret=secrets.token_hex(32), fernet_key=Fernet.generate_key().decode())
+
+    @classmethod
+    def kept_in(cls, path: Path) -> StackSecrets:
+        """The secrets in ``path``, generated and written there (readable by its owner only) the first time."""
+        if path.exists():
+            return cls(**json.loads(path.read_text()))
+        kept = cls.generate()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            json.dump(asdict(kept), file, indent=2)
+        return kept
+
+
 class StackError(RuntimeError):
     """The stack did not come up, or a wait ran out; the message ends with the components' log tails."""
 
@@ -83,7 +113,12 @@ class AirflowStack:
                  components: Iterable[str] = COMPONENTS, postgres_admin_url: str = POSTGRES_ADMIN_URL,
                  home: Path | None = None, port: int | None = None, parallelism: int = 4,
                  keep_home: bool = False, startup_timeout: float = 180, workers: Iterable[str] = (),
-                 worker_concurrency: int = 2, broker_url: str = REDIS_URL, fake_time: datetime | None = None):
+                 worker_concurrency: int = 2, broker_url: str = REDIS_URL, database: str | None = None,
+                 stack_secrets: StackSecrets | None = None, logs: Path | None = None,
+                 fake_time: datetime | None = None):
+        """``database``: a metadata database of this name, created when missing and kept on exit (else a
+        fresh one, dropped on exit); ``stack_secrets``: kept ones (else fresh); ``logs``: the folder of the
+        components' own logs (else the home); ``fake_time``: the instant the components' clocks start at."""
         self.executor = executor
         self.fake_time = fake_time
         self.clock_offset_seconds = 0  # set by start() when fake_time is given
@@ -102,9 +137,12 @@ class AirflowStack:
         self.parallelism = parallelism
         self.keep_home = keep_home or home is not None
         self.startup_timeout = startup_timeout
-        self.password = secrets.token_urlsafe(12)
+        self.secrets = stack_secrets or StackSecrets.generate()
+        self.password = self.secrets.password
+        self.logs = Path(logs) if logs else None
         self.processes: dict[str, subprocess.Popen] = {}
-        self.database: str | None = None
+        self.keep_database = database is not None
+        self.database: str | None = database
         self._admin = None
 
     # --- set-up and tear-down -------------------------------------------------------------------
@@ -127,6 +165,8 @@ class AirflowStack:
     def start(self) -> None:
         self.home = self.home or Path(tempfile.mkdtemp(prefix="airflow-stack-"))
         self.home.mkdir(parents=True, exist_ok=True)
+        self.logs = self.logs or self.home
+        self.logs.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         if self.fake_time is not None:
             if not FAKETIME_LIBRARY.exists():
@@ -135,7 +175,9 @@ class AirflowStack:
         self._create_database()
         if self.workers:
             self._redis_keys_before = set(self._redis().keys("*"))
-        (self.home / "passwords.json").write_text(json.dumps({ADMIN: self.password}))
+        passwords = self.home / "passwords.json"
+        passwords.write_text(json.dumps({ADMIN: self.password}))
+        passwords.chmod(0o600)
         self.env = self._environment()
         migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=self.env,
                                  capture_output=True, text=True, timeout=300)
@@ -152,9 +194,12 @@ class AirflowStack:
 
     def _create_database(self) -> None:
         self._admin = create_engine(self.postgres_admin_url, isolation_level="AUTOCOMMIT")
-        self.database = f"airflow_stack_{uuid.uuid4().hex[:10]}"
+        self.database = self.database or f"airflow_stack_{uuid.uuid4().hex[:10]}"
         with self._admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{self.database}"'))
+            exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :name"),
+                                  {"name": self.database}).first()
+            if not exists:
+                conn.execute(text(f'CREATE DATABASE "{self.database}"'))
         if self.clock_offset_seconds:
             self._fake_database_clock()
 
@@ -167,7 +212,7 @@ class AirflowStack:
         engine = create_engine(database_url, isolation_level="AUTOCOMMIT")
         try:
             with engine.connect() as conn:
-                conn.execute(text(f"CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE sql STABLE AS "
+                conn.execute(text(f"CREATE OR REPLACE FUNCTION public.now() RETURNS timestamptz LANGUAGE sql STABLE AS "
                                   f"$$ SELECT pg_catalog.now() + interval '{self.clock_offset_seconds} seconds' $$"))
                 conn.execute(text(f'ALTER DATABASE "{self.database}" SET search_path TO "$user", public, pg_catalog'))
         finally:
@@ -193,8 +238,9 @@ class AirflowStack:
             "AIRFLOW__API__BASE_URL": f"{self.url}/",
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__WORKERS": "1",
-            "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+            "AIRFLOW__API__SECRET_KEY": self.secrets.secret_key,
+            "AIRFLOW__API_AUTH__JWT_SECRET": self.secrets.jwt_secret,
+            "AIRFLOW__CORE__FERNET_KEY": self.secrets.fernet_key,
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.home / "logs"),
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
             "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "2",
@@ -222,9 +268,10 @@ class AirflowStack:
         command = [sys.executable, "-m", "airflow", component]
         if component == "api-server":
             command += ["--port", str(self.port), "--host", "127.0.0.1"]
-        log = (self.home / f"{component}.log").open("ab")
-        self.processes[component] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                                     start_new_session=True, cwd=self.home)
+        log = (self.logs / f"{component}.log").open("ab")
+        # No terminal: make airflow leaves them running after it returns.
+        self.processes[component] = subprocess.Popen(command, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=self.home)
         log.close()
 
     def start_worker(self, name: str) -> None:
@@ -235,7 +282,7 @@ class AirflowStack:
             command = ["unshare", "--uts", "--pid", "--fork", "--mount-proc", "--",
                        "/bin/sh", "-c", 'hostname "$0" && exec "$@"', name, *command]
         env = {**self.env, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())}
-        log = (self.home / f"worker {name}.log").open("ab")
+        log = (self.logs / f"worker {name}.log").open("ab")
         self.processes[f"worker {name}"] = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                                             start_new_session=True, cwd=self.home)
         log.close()
@@ -285,11 +332,13 @@ class AirflowStack:
             except Exception:  # noqa: BLE001 - Redis gone: nothing of ours is left there either
                 pass
             self._redis_keys_before = None
-        if self._admin is not None and self.database:
+        if self._admin is not None and self.database and not self.keep_database:
             with self._admin.connect() as conn:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
+            self.database = None
+        if self._admin is not None:
             self._admin.dispose()
-            self._admin = self.database = None
+            self._admin = None
         if self.home and not self.keep_home:
             shutil.rmtree(self.home, ignore_errors=True)
 
@@ -298,7 +347,7 @@ class AirflowStack:
     def logs_tail(self, lines: int = 25) -> str:
         out = []
         for component in self.processes:
-            path = self.home / f"{component}.log"
+            path = self.logs / f"{component}.log"
             tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
             out.append(f"--- {component} ({path}) ---\n" + "\n".join(tail))
         return "\n".join(out)
@@ -429,8 +478,10 @@ class StackClient:
 
     def set_pool(self, name: str, slots: int, description: str = "") -> dict:
         """Create or resize a pool, as `airflow pools set` in airflow-init does."""
-        if self.http.get(f"/pools/{name}").status_code == 200:
-            return self.request("PATCH", f"/pools/{name}", json={"slots": slots})
+        current = self.http.get(f"/pools/{name}")
+        if current.status_code == 200:  # Airflow 3.3 validates a pool's patch as a whole pool
+            return self.request("PATCH", f"/pools/{name}", json={
+                "pool": name, "slots": slots, "include_deferred": current.json()["include_deferred"]})
         return self.request("POST", "/pools", json={"name": name, "slots": slots, "description": description})
 
     def clear(self, dag_id: str, run_id: str, task_ids: list | None = None, **body) -> list[dict]:
@@ -439,42 +490,3 @@ class StackClient:
         payload = {"dry_run": False, "dag_run_id": run_id, **({"task_ids": task_ids} if task_ids else {}), **body}
         return self.request("POST", f"/dags/{dag_id}/clearTaskInstances", json=payload)["task_instances"]
 
-
-def main() -> int:
-    """``make airflow``: the topology with the demo ERP and an SMTP sink, in the foreground until Ctrl-C."""
-    from dev.smtp_sink import SmtpSink
-    from include.invoice_mailing import demo
-
-    folder = ROOT / "demo" / "airflow-stack"
-    folder.mkdir(parents=True, exist_ok=True)
-    erp_path, ledger_path = folder / "erp.db", folder / "ledger.db"
-    if not erp_path.exists():
-        demo.main(["seed", "--erp", str(erp_path)])
-    with SmtpSink(directory=folder / "outbox") as sink:
-        smtp = {"conn_type": "smtp", "host": "127.0.0.1", "port": sink.port,
-                "extra": {"disable_ssl": True, "disable_tls": True, "retry_limit": 0, "timeout": 10}}
-        alerts = {**smtp, "extra": {**smtp["extra"], "to": "operators@fjordlys.example",
-                                    "from_email": "invoice-mailing@fjordlys.example"}}
-        env = {
-            "AIRFLOW_CONN_ERP_DB": json.dumps({"conn_type": "sqlite", "host": str(erp_path)}),
-            "AIRFLOW_CONN_MAILING_LEDGER": json.dumps({"conn_type": "sqlite", "host": str(ledger_path)}),
-            "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(smtp),
-            "AIRFLOW_CONN_MAILING_ALERTS": json.dumps(alerts),
-        }
-        port = int(os.environ.get("AIRFLOW_PORT", "8080"))
-        with AirflowStack(extra_env=env, home=folder / "home", port=port) as stack:
-            print(f"Airflow is up: {stack.url}  (login {ADMIN} / {stack.password})")
-            print(f"SMTP sink on 127.0.0.1:{sink.port}, mail in {folder / 'outbox'}; component logs in {stack.home}")
-            print("The demo ERP's invoices are due on 2026-11-24: trigger a run with logical date 2026-11-24T01:00Z.")
-            print("Ctrl-C stops everything.", flush=True)
-            try:
-                while True:
-                    stack._check_alive()
-                    time.sleep(2)
-            except KeyboardInterrupt:
-                print("Stopping...")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

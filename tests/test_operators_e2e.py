@@ -200,7 +200,7 @@ def test_before_anything_is_mailed_a_wrong_parameter_or_the_brake_stops_the_nigh
                 # queued try): answer once the scheduler logged it, as any person would be slower than that.
                 stack.wait_until("the scheduler to see the parked try end", lambda: any(
                     "task_id=approve_night" in line and run_id in line and "state=awaiting_input" in line
-                    for line in (stack.home / "scheduler.log").read_text(errors="replace").splitlines()
+                    for line in (stack.logs / "scheduler.log").read_text(errors="replace").splitlines()
                     if "TaskInstance Finished" in line), 60)
                 return run_id, waiting
 

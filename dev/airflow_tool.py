@@ -1,0 +1,285 @@
+"""`make airflow` and `make airflow-stop`: a real Airflow with the demo ERP that keeps running, and its history.
+
+``python -m dev.airflow_tool start`` starts the topology of ``AirflowStack`` (api-server, scheduler,
+dag-processor, triggerer; LocalExecutor, so no Redis) detached, with an SMTP sink as a process of its
+own, returns once the api-server reports every component healthy, and prints where everything is.
+What a developer builds up is kept between starts: the metadata database ``invoice_mailing_airflow``
+on the local PostgreSQL (created when missing, never dropped), the secrets (so the login, the UI's
+sessions and connections saved in the UI stay valid), the demo ERP, its ledger and the mail.
+``stop`` ends exactly the processes that ``start`` recorded in ``running.json``; ``status`` says
+whether they run.
+
+Everything lives in ``demo/airflow/`` (git-ignored), beside what ``make demo`` and ``make audit-ui``
+keep there (their SQLite ``airflow.db``, ``simple_auth_manager_passwords.json.generated``):
+
+    secrets.json    the admin's password and the components' shared keys (mode 0600)
+    passwords.json  the admin's password as Airflow's simple auth manager reads it
+    running.json    the processes of the running instance (removed by stop)
+    logs/           each component's log (api-server.log, ...), smtp-sink.log, and the task logs
+    erp.db, ledger.db, outbox/   the demo ERP, the delivery ledger, each mail that arrived as .eml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from dev.airflow_stack import ADMIN, POSTGRES_ADMIN_URL, ROOT, AirflowStack, StackError, StackSecrets
+
+HOME = ROOT / "demo" / "airflow"
+DATABASE = "invoice_mailing_airflow"
+GRACE_SECONDS = 30  # between SIGTERM and SIGKILL: a task in flight gets to finish its SMTP session
+START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+
+
+class Refusal(Exception):
+    """What keeps the tool from doing what was asked, in one line for the developer (no traceback)."""
+
+
+def shown(path: Path) -> str:
+    """A path as the developer typed the command: relative to the current folder when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+# --- what must be there before anything starts --------------------------------------------------
+
+def check_postgres(url: str) -> None:
+    address = make_url(url)
+    host, port = address.host or "127.0.0.1", address.port or 5432
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError:
+        raise Refusal(f"PostgreSQL is not answering at {host}:{port}: start it with `{START_POSTGRES}`") from None
+    engine = create_engine(url, connect_args={"connect_timeout": 5})
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+    except SQLAlchemyError as error:
+        detail = str(getattr(error, "orig", error)).strip().splitlines()[0]
+        raise Refusal(f"PostgreSQL at {host}:{port} refused the connection: {detail}") from None
+    finally:
+        engine.dispose()
+
+
+def check_port_free(port: int, what: str, setting: str) -> None:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a just-stopped instance's TIME_WAIT is fine
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise Refusal(f"port {port} ({what}) is in use by another program: stop it, or choose another "
+                          f"port with {setting}=<port> make airflow") from None
+
+
+# --- the processes of a running instance --------------------------------------------------------
+
+def record(path: Path, url: str, processes: dict[str, int]) -> None:
+    entries = {name: {"pid": pid, "created": psutil.Process(pid).create_time()} for name, pid in processes.items()}
+    path.write_text(json.dumps({"url": url, "processes": entries}, indent=2))
+
+
+def still_ours(entry: dict) -> psutil.Process | None:
+    """The recorded process if it still runs; None once it ended, or when its pid now names another one."""
+    try:
+        process = psutil.Process(entry["pid"])
+        return process if process.create_time() == entry["created"] and process.is_running() else None
+    except psutil.NoSuchProcess:
+        return None
+
+
+def end(leaders: list[psutil.Process]) -> None:
+    """SIGTERM each leader's process group and every descendant (a task process may have a session of its own),
+    then SIGKILL whatever is left after GRACE_SECONDS."""
+    members = []
+    for leader in leaders:
+        try:
+            members += [leader, *leader.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    signal_groups(leaders, signal.SIGTERM)
+    for member in members:
+        try:
+            member.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, left = psutil.wait_procs(members, timeout=GRACE_SECONDS)
+    for member in left:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    signal_groups(leaders, signal.SIGKILL)
+
+
+def signal_groups(leaders: list[psutil.Process], signal_number: int) -> None:
+    for leader in leaders:
+        try:
+            os.killpg(leader.pid, signal_number)
+        except ProcessLookupError:
+            pass
+
+
+def running(home: Path) -> tuple[dict, dict[str, psutil.Process]]:
+    """The record of the instance in ``home`` (empty when none) and its processes that still run."""
+    path = home / "running.json"
+    if not path.exists():
+        return {}, {}
+    recorded = json.loads(path.read_text())
+    alive = {name: process for name, entry in recorded["processes"].items() if (process := still_ours(entry))}
+    return recorded, alive
+
+
+# --- the commands ---------------------------------------------------------------------------------
+
+def start(home: Path, port: int, smtp_port: int, database: str, postgres_url: str) -> None:
+    from include.invoice_mailing import demo
+
+    recorded, alive = running(home)
+    if recorded and len(alive) == len(recorded["processes"]):
+        print(f"Airflow is already running at {recorded['url']} (login {ADMIN}, password in "
+              f"{shown(home / 'secrets.json')}); `make airflow-stop` ends it.")
+        return
+    if alive:
+        gone = sorted(set(recorded["processes"]) - set(alive))
+        raise Refusal(f"Airflow at {recorded['url']} is only partly running ({', '.join(gone)} ended; see "
+                      f"{shown(home / 'logs')}): run `make airflow-stop`, then `make airflow`.")
+    check_postgres(postgres_url)
+    check_port_free(port, "the api-server", "AIRFLOW_PORT")
+    check_port_free(smtp_port, "the SMTP sink", "SMTP_SINK_PORT")
+
+    logs, outbox = home / "logs", home / "outbox"
+    logs.mkdir(parents=True, exist_ok=True)
+    kept = StackSecrets.kept_in(home / "secrets.json")
+    erp_path, ledger_path = home / "erp.db", home / "ledger.db"
+    if not erp_path.exists():
+        demo.main(["seed", "--erp", str(erp_path)])
+
+    sink = start_sink(smtp_port, outbox, logs / "smtp-sink.log")
+    stack = AirflowStack(home=home, port=port, database=database, stack_secrets=kept, logs=logs,
+                         postgres_admin_url=postgres_url, extra_env=demo_connections(erp_path, ledger_path, smtp_port))
+    print(f"Starting Airflow (metadata database {database}, logs in {shown(logs)})...", flush=True)
+    try:
+        wait_for_sink(sink, smtp_port)
+        stack.start()
+    except BaseException as error:  # Ctrl-C too: nothing may run unrecorded, where stop could not find it
+        stack.stop()  # a named database and a given home are kept
+        end([psutil.Process(sink.pid)] if sink.poll() is None else [])
+        if not isinstance(error, StackError | Refusal | SQLAlchemyError):
+            raise
+        raise Refusal(f"Airflow did not come up: {str(error).splitlines()[0]} (the logs: {shown(logs)})") from None
+    record(home / "running.json", stack.url,
+           {"smtp-sink": sink.pid, **{name: process.pid for name, process in stack.processes.items()}})
+    print(f"Airflow is up at {stack.url}  (login {ADMIN} / {kept.password}; kept in {shown(home / 'secrets.json')})\n"
+          f"  mail:   an SMTP sink on 127.0.0.1:{smtp_port}; each message lands in {shown(outbox)} as .eml\n"
+          f"  logs:   {shown(logs)}: api-server.log, scheduler.log, dag-processor.log, triggerer.log, "
+          f"smtp-sink.log, and the task logs (dag_id=...)\n"
+          f"  kept:   metadata database {database} on PostgreSQL, ERP {shown(erp_path)}, ledger {shown(ledger_path)}\n"
+          f"  demo night: in the UI open invoice_mailing, Trigger (and unpause it on trigger), logical date "
+          f"{demo.AS_OF} 01:00 UTC (the demo ERP's invoices are due that night)\n"
+          f"`make airflow-stop` ends it; `make airflow` again brings it back with the same login and history.")
+
+
+def start_sink(port: int, outbox: Path, log_path: Path) -> subprocess.Popen:
+    """dev/smtp_sink.py as a process of its own, so that mail keeps landing after the command returned."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "dev.smtp_sink", "--port", str(port), "--dir", str(outbox)],
+                                env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def demo_connections(erp_path: Path, ledger_path: Path, smtp_port: int) -> dict[str, str]:
+    """The DAG's connections as environment variables: the demo ERP, its ledger, the sink for mail and alerts."""
+    smtp = {"conn_type": "smtp", "host": "127.0.0.1", "port": smtp_port,
+            "extra": {"disable_ssl": True, "disable_tls": True, "retry_limit": 0, "timeout": 10}}
+    alerts = {**smtp, "extra": {**smtp["extra"], "to": "operators@fjordlys.example",
+                                "from_email": "invoice-mailing@fjordlys.example"}}
+    return {
+        "AIRFLOW_CONN_ERP_DB": json.dumps({"conn_type": "sqlite", "host": str(erp_path)}),
+        "AIRFLOW_CONN_MAILING_LEDGER": json.dumps({"conn_type": "sqlite", "host": str(ledger_path)}),
+        "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(smtp),
+        "AIRFLOW_CONN_MAILING_ALERTS": json.dumps(alerts),
+    }
+
+
+def wait_for_sink(sink: subprocess.Popen, port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if sink.poll() is not None:
+            raise Refusal(f"the SMTP sink exited with {sink.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise Refusal(f"the SMTP sink did not listen on port {port} within {timeout:.0f} s") from None
+            time.sleep(0.2)
+
+
+def stop(home: Path) -> None:
+    recorded, alive = running(home)
+    if not recorded:
+        print(f"Airflow is not running (nothing recorded in {shown(home / 'running.json')}).")
+        return
+    end(list(alive.values()))
+    (home / "running.json").unlink()
+    if alive:
+        print(f"Stopped Airflow at {recorded['url']}: {', '.join(alive)}. Its history and login are kept; "
+              "`make airflow` starts it again.")
+    else:
+        print(f"Airflow at {recorded['url']} had already ended; removed {shown(home / 'running.json')}.")
+
+
+def status(home: Path) -> None:
+    recorded, alive = running(home)
+    if not recorded:
+        print("Airflow is not running.")
+    elif not alive:
+        print(f"Airflow is not running (its processes at {recorded['url']} have ended).")
+    elif len(alive) == len(recorded["processes"]):
+        print(f"Airflow is running at {recorded['url']}: {', '.join(alive)}.")
+    else:
+        gone = sorted(set(recorded["processes"]) - set(alive))
+        print(f"Airflow at {recorded['url']} is only partly running ({', '.join(gone)} ended).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dev.airflow_tool", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("start", "stop", "status"))
+    parser.add_argument("--home", type=Path, default=HOME, help="AIRFLOW_HOME, logs and kept files (demo/airflow)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("AIRFLOW_PORT", "8080")))
+    parser.add_argument("--smtp-port", type=int, default=int(os.environ.get("SMTP_SINK_PORT", "8025")))
+    parser.add_argument("--database", default=DATABASE, help="the metadata database, kept between starts")
+    parser.add_argument("--postgres", default=POSTGRES_ADMIN_URL,
+                        help="a SQLAlchemy URL of the PostgreSQL server that may create the database")
+    args = parser.parse_args(argv)
+    home = args.home.resolve()
+    try:
+        if args.command == "start":
+            start(home, args.port, args.smtp_port, args.database, args.postgres)
+        elif args.command == "stop":
+            stop(home)
+        else:
+            status(home)
+    except Refusal as refusal:
+        print(refusal, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
