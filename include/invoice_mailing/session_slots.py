@@ -46,6 +46,9 @@ class _AdvisoryLock:
     def release(self) -> None:
         try:
             self.conn.execute(text("SELECT pg_advisory_unlock(:k1, :k2)"), {"k1": self.key[0], "k2": self.key[1]})
+        except Exception:  # noqa: BLE001 - a database session that ends releases its locks too
+            log.warning("Could not unlock SMTP session slot %s; closing its database session", self.key, exc_info=True)
+            self.conn.invalidate()
         finally:
             self.conn.close()
 
