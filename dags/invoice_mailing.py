@@ -18,8 +18,8 @@ and records every delivery in the mailing ledger.
    formats, render each document once per format, send through the mailing's SMTP connection
    (`smtp_default` unless the email account names another), record each delivery. A delivery the server
    defers stays *pending* and the instance is retried; a refusal by the relay or a configuration error
-   fails the instance at once (retrying would not help). The pool `invoice_mailing_smtp` caps how many
-   instances (so SMTP sessions per relay) run at once.
+   fails the instance at once (retrying would not help). Each SMTP connection's extra `max_sessions`
+   caps the sessions its relay sees at once, across workers.
 5. **audit** (teardown: runs whatever happened, and again whenever any instance is cleared): the night's
    counts by status and reason, and its status: `green`, `red` (a delivery still pending or failed, or no
    extract) or `rejected` (the brake). Green: published as an event of the asset
@@ -91,7 +91,7 @@ def invoice_mailing():
             return tasks.extract(run_id=run_id, logical_date=logical_date, data_interval_end=data_interval_end,
                                  params=params)
 
-    @task(map_index_template="{{ task.op_kwargs['batch']['label'] }}", pool=settings.SMTP_POOL,
+    @task(map_index_template="{{ task.op_kwargs['batch']['label'] }}",
           max_active_tis_per_dagrun=settings.concurrency(), **NETWORK_RETRIES)
     def mail_customers(batch: dict, params=None, run_id=None, logical_date=None, data_interval_end=None,
                        ti=None) -> dict:

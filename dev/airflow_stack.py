@@ -56,7 +56,6 @@ COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 ADMIN = "admin"
 # Debian's libfaketime (dev/system-packages); the thread-safe build, as the components run threads.
 FAKETIME_LIBRARY = Path(f"/usr/lib/{os.uname().machine}-linux-gnu/faketime/libfaketimeMT.so.1")
-SMTP_POOL = "invoice_mailing_smtp"
 
 
 def free_port() -> int:
@@ -188,9 +187,6 @@ class AirflowStack:
         for name in self.workers:
             self.start_worker(name)
         self.wait_healthy()
-        # What airflow-init does in docker-compose.yaml: without its pool the scheduler never runs mail_customers.
-        self.client().set_pool(SMTP_POOL, int(self.env.get("INVOICE_MAILING_SMTP_SESSIONS", "4")),
-                               "Concurrent SMTP sessions per relay")
 
     def _create_database(self) -> None:
         self._admin = create_engine(self.postgres_admin_url, isolation_level="AUTOCOMMIT")
@@ -475,14 +471,6 @@ class StackClient:
         """Answer a waiting Human-in-the-loop request as the UI's Required Actions does."""
         return self.request("PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/{map_index}/hitlDetails",
                             json={"chosen_options": chosen})
-
-    def set_pool(self, name: str, slots: int, description: str = "") -> dict:
-        """Create or resize a pool, as `airflow pools set` in airflow-init does."""
-        current = self.http.get(f"/pools/{name}")
-        if current.status_code == 200:  # Airflow 3.3 validates a pool's patch as a whole pool
-            return self.request("PATCH", f"/pools/{name}", json={
-                "pool": name, "slots": slots, "include_deferred": current.json()["include_deferred"]})
-        return self.request("POST", "/pools", json={"name": name, "slots": slots, "description": description})
 
     def clear(self, dag_id: str, run_id: str, task_ids: list | None = None, **body) -> list[dict]:
         """``clearTaskInstances`` with the API's own defaults for whatever ``body`` leaves out (only failed,

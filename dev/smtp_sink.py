@@ -1,7 +1,8 @@
 """A local SMTP server (aiosmtpd) that keeps every message it accepts: for the demo and the tests.
 
 Each message is kept in memory with its envelope and, given a folder, written there as an ``.eml``
-file whose first headers record the envelope (Bcc recipients appear only there).
+file whose first headers record the envelope (Bcc recipients appear only there). The sink also counts
+the SMTP sessions open at once and keeps the peak, as a relay with a session limit counts them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
 
 
 @dataclass
@@ -62,6 +64,8 @@ class SinkHandler:
         self.directory = Path(directory) if directory else None
         self.faults = faults or Faults()
         self.received: list[Received] = []
+        self.sessions_open = 0
+        self.peak_sessions = 0  # the most SMTP sessions that were open at once
         self._lock = threading.Lock()
         if self.directory:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -121,6 +125,15 @@ class SinkHandler:
             return "421 closing"
         return "250 Message accepted"
 
+    def session_opened(self) -> None:
+        with self._lock:
+            self.sessions_open += 1
+            self.peak_sessions = max(self.peak_sessions, self.sessions_open)
+
+    def session_closed(self) -> None:
+        with self._lock:
+            self.sessions_open -= 1
+
     def keep(self, envelope_from: str, envelope_to: list[str], data: bytes) -> None:
         with self._lock:
             item = Received(envelope_from, envelope_to, data)
@@ -132,6 +145,25 @@ class SinkHandler:
                 path = self.directory / f"{existing + 1:04d}-{stem}.eml"
                 head = f"X-Envelope-From: {envelope_from}\r\nX-Envelope-To: {', '.join(envelope_to)}\r\n"
                 path.write_bytes(head.encode() + data)
+
+
+class _CountingSmtp(SMTP):
+    """aiosmtpd's server, telling the handler when a client's connection opens and closes (a STARTTLS
+    upgrade calls ``connection_made`` again on the same session: not a new one)."""
+
+    def connection_made(self, transport) -> None:
+        if self.transport is None:
+            self.event_handler.session_opened()
+        super().connection_made(transport)
+
+    def connection_lost(self, error) -> None:
+        super().connection_lost(error)
+        self.event_handler.session_closed()
+
+
+class _SinkController(Controller):
+    def factory(self):
+        return _CountingSmtp(self.handler, **self.SMTP_kwargs)
 
 
 class _Authenticator:
@@ -192,7 +224,7 @@ class SmtpSink:
         context = self_signed_tls(host) if tls else None
         if tls == "starttls":
             kwargs["tls_context"] = context
-        self.controller = Controller(self.handler, hostname=host, port=port or free_port(host),
+        self.controller = _SinkController(self.handler, hostname=host, port=port or free_port(host),
                                      ssl_context=context if tls == "ssl" else None, server_kwargs=kwargs)
 
     @property
@@ -202,6 +234,10 @@ class SmtpSink:
     @property
     def faults(self) -> Faults:
         return self.handler.faults
+
+    @property
+    def peak_sessions(self) -> int:
+        return self.handler.peak_sessions
 
     @property
     def port(self) -> int:

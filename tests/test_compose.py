@@ -82,11 +82,11 @@ def test_the_project_is_mounted_and_the_health_checks_are_there(compose, airflow
         assert compose["services"][name]["healthcheck"]["test"], name
 
 
-def test_init_migrates_creates_the_admin_and_sizes_the_smtp_pool(compose):
+def test_init_migrates_and_creates_the_admin(compose):
     init = compose["services"]["airflow-init"]
     assert init["environment"]["_AIRFLOW_DB_MIGRATE"] == "true"
     assert init["environment"]["_AIRFLOW_WWW_USER_CREATE"] == "true"
-    assert "pools set invoice_mailing_smtp" in " ".join(init["command"])
+    assert "pool" not in " ".join(init["command"])  # the night needs no pool (tests/test_dag_integrity.py)
 
 
 def settings_the_code_reads() -> set[str]:
@@ -106,7 +106,6 @@ def test_every_setting_the_code_reads_reaches_every_airflow_component_from_env(a
     for name, service in airflow_services.items():
         assert {"path": ".env", "required": False} in service["env_file"], name
         # an explicit entry would override .env with its own default: the code's default is the one
-        assert not {key for key in service.get("environment", {}) if key.startswith("INVOICE_MAILING_")
-                    and key != "INVOICE_MAILING_SMTP_SESSIONS"}, name
+        assert not {key for key in service.get("environment", {}) if key.startswith("INVOICE_MAILING_")}, name
     example = set(re.findall(r"^(?:# )?(INVOICE_MAILING_[A-Z_]+)=", (ROOT / ".env.example").read_text(), re.M))
     assert settings - example == set()

@@ -73,8 +73,8 @@ def test_a_parse_imports_neither_the_pipeline_nor_its_libraries():
 
 
 @pytest.mark.parametrize(("env", "expected"), [
-    ({}, 4),                                         # the SMTP pool's default slots
-    ({"INVOICE_MAILING_SMTP_SESSIONS": "3"}, 3),     # the pool's slots as airflow-init sets them
+    ({}, 4),                                         # the default SMTP sessions of a relay
+    ({"INVOICE_MAILING_SMTP_SESSIONS": "3"}, 3),     # the default sessions, so no instance waits for one
     ({"INVOICE_MAILING_CONCURRENCY": "7"}, 7),       # the operators' setting
 ])
 def test_concurrency_is_a_setting_not_the_parsing_hosts_cores(monkeypatch, env, expected):
@@ -151,10 +151,11 @@ def test_shape_is_extract_then_the_brake_then_mapped_mailing_then_audit_as_teard
         assert task.retry_exponential_backoff and task.max_retry_delay
 
 
-def test_only_the_mailing_instances_share_the_smtp_pool(dag):
-    pools = {t.task_id: t.pool for t in dag.tasks}
-    assert pools.pop("mail_customers") == "invoice_mailing_smtp"
-    assert set(pools.values()) == {"default_pool"}
+def test_no_task_needs_a_pool_the_deployment_would_have_to_create(dag):
+    """A task whose pool does not exist is never scheduled, and nothing says why: every task is in
+    Airflow's default_pool, which every deployment has (the relays' limits are session_slots.py's)."""
+    assert {t.task_id: t.pool for t in dag.tasks} == {t.task_id: "default_pool" for t in dag.tasks}
+    assert "pool" not in (ROOT / "dags" / "invoice_mailing.py").read_text()
 
 
 def test_operator_parameters_have_safe_defaults(dag):

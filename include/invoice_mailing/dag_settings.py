@@ -20,9 +20,6 @@ NIGHT_CRON = "0 2 * * *"
 # Updated once by every night that opened, green or red, with its status and counts in ``extra`` (by
 # audit, or by publish_red when audit failed); again when a red night is mended: data teams schedule on it.
 NIGHTS = Asset(uri="invoice_mailing://ledger/nights", name="invoice_mailing_nights")
-# Each mapped instance holds at most one SMTP session per relay connection, so the slots of this pool
-# (INVOICE_MAILING_SMTP_SESSIONS, set by airflow-init) cap the sessions a relay sees at once.
-SMTP_POOL = "invoice_mailing_smtp"
 DEFAULT_SMTP_SESSIONS = 4
 # XCom keys: a task's last failed try records why (for the night's failure alert); audit records
 # that it mailed the red-night alert (so that the failure alert does not mail the operators twice), and
@@ -40,12 +37,24 @@ def retries() -> int:
     return int(os.environ.get("INVOICE_MAILING_RETRIES", "4"))
 
 
+def smtp_sessions() -> int:
+    """The SMTP sessions a relay takes at once when its connection's extra names no ``max_sessions``:
+    INVOICE_MAILING_SMTP_SESSIONS, 4 (``session_slots.py`` enforces it per connection)."""
+    return int(os.environ.get("INVOICE_MAILING_SMTP_SESSIONS") or DEFAULT_SMTP_SESSIONS)
+
+
+def smtp_slot_wait() -> float:
+    """How long a mailing instance waits for a free SMTP session slot before its deliveries stay pending
+    for its next try: INVOICE_MAILING_SMTP_SLOT_WAIT_SECONDS, 60."""
+    return float(os.environ.get("INVOICE_MAILING_SMTP_SLOT_WAIT_SECONDS", "60"))
+
+
 def concurrency() -> int:
-    """How many mapped instances of one night run at once: INVOICE_MAILING_CONCURRENCY, by default the
-    slots of the SMTP pool (INVOICE_MAILING_SMTP_SESSIONS, 4). A setting, never the cores of whichever
-    process parses the DAG: the dag-processor's host says nothing about the workers'."""
-    return int(os.environ.get("INVOICE_MAILING_CONCURRENCY")
-               or os.environ.get("INVOICE_MAILING_SMTP_SESSIONS") or DEFAULT_SMTP_SESSIONS)
+    """How many mapped instances of one night run at once: INVOICE_MAILING_CONCURRENCY, by default
+    INVOICE_MAILING_SMTP_SESSIONS (4), so that by default no instance waits for a session slot. A
+    setting, never the cores of whichever process parses the DAG: the dag-processor's host says
+    nothing about the workers'."""
+    return int(os.environ.get("INVOICE_MAILING_CONCURRENCY") or smtp_sessions())
 
 
 def brake_timeout() -> timedelta:

@@ -20,6 +20,7 @@ from email_validator import EmailNotValidError, validate_email
 from include.invoice_mailing.ledger import now
 from include.invoice_mailing.masking import mask_text
 from include.invoice_mailing.render import Attachment, Notification, one_line
+from include.invoice_mailing.session_slots import NoSessionSlot, SessionSlots, Slot
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ class SmtpAccountError(Exception):
 
 class TransientSmtpError(Exception):
     """The server or the network said 'not now' (4xx, timeout, dropped connection): try again later."""
+
+    after_data = False  # the server may have taken the message: never retried blindly
+    retry_now = True    # False: ``send`` does not retry it (the task's next try does)
 
 
 @dataclass
@@ -203,24 +207,40 @@ def _refused(exc: smtplib.SMTPException, reason: str, what: str) -> Exception:
     return SmtpAccountError(reason, f"{what}: {answer}")
 
 
+def max_sessions(conn_id: str, extra: dict, default: int) -> int:
+    """How many SMTP sessions the connection's relay takes at once: its extra ``max_sessions``, else ``default``."""
+    value = extra.get("max_sessions", default)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SmtpConfigError(f"the SMTP connection {conn_id!r} has max_sessions {value!r} in its extra; "
+                              "it must be a whole number of at least 1")
+    return value
+
+
 class SmtpSender:
     """SMTP sessions per connection id, opened with the SMTP provider hook's settings, reused for a batch.
 
     The hook reads the connection (host, port, SSL or STARTTLS, login); this class owns the session,
     the classification of answers and the retries (the hook's own ``send_email_smtp`` would retry
-    after DATA was accepted, and its ``get_conn`` retries connecting on its own).
+    after DATA was accepted, and its ``get_conn`` retries connecting on its own). With ``slots``, each
+    session holds one of its relay's session slots (``session_slots.py``) from before it connects
+    until it is closed, so no relay sees more than its connection's ``max_sessions`` at once.
     """
 
-    def __init__(self, *, attempts: int = 3, backoff: float = 2.0):
+    def __init__(self, *, attempts: int = 3, backoff: float = 2.0, slots: SessionSlots | None = None):
         self._sessions: dict[str, smtplib.SMTP] = {}
+        self._slots: dict[str, Slot] = {}
+        self._no_slot: dict[str, NoSessionSlot] = {}  # waited once in vain: the task's next try comes back
         self.attempts = attempts
         self.backoff = backoff  # seconds, times the attempt number
+        self.slots = slots
 
-    @staticmethod
-    def _connect(conn_id: str) -> smtplib.SMTP:
+    def _connect(self, conn_id: str) -> smtplib.SMTP:
         """A session opened with the settings the SMTP provider's hook reads from the connection: host,
-        port, timeout, SSL or STARTTLS, and the login. The hook's ``get_conn`` is not used: it retries
-        on its own and keeps its client private; the retries here are ``send``'s."""
+        port, timeout, SSL or STARTTLS, and the login, once one of the relay's session slots is ours.
+        The hook's ``get_conn`` is not used: it retries on its own and keeps its client private; the
+        retries here are ``send``'s."""
         from airflow.exceptions import AirflowNotFoundException
         from airflow.providers.smtp.hooks.smtp import SmtpHook
 
@@ -230,16 +250,37 @@ class SmtpSender:
         except AirflowNotFoundException as exc:
             raise SmtpConfigError(f"the SMTP connection {conn_id!r} does not exist in Airflow") from exc
         context = _tls_context(hook)
-        if hook.use_ssl:
-            client = smtplib.SMTP_SSL(hook.host, hook.port or 0, timeout=hook.timeout, context=context)
-        else:
-            client = smtplib.SMTP(hook.host, hook.port or 0, timeout=hook.timeout)
+        slot = self._slot(conn_id, hook.smtp_connection.extra_dejson)
         try:
-            SmtpSender._secure_and_log_in(client, hook, context)
+            if hook.use_ssl:
+                client = smtplib.SMTP_SSL(hook.host, hook.port or 0, timeout=hook.timeout, context=context)
+            else:
+                client = smtplib.SMTP(hook.host, hook.port or 0, timeout=hook.timeout)
+            try:
+                SmtpSender._secure_and_log_in(client, hook, context)
+            except BaseException:
+                client.close()
+                raise
         except BaseException:
-            client.close()
+            if slot is not None:
+                slot.release()
             raise
+        if slot is not None:
+            self._slots[conn_id] = slot
         return client
+
+    def _slot(self, conn_id: str, extra: dict) -> Slot | None:
+        """One of the relay's session slots, waiting for one within the slots' bound; once that wait was in
+        vain, this sender does not wait again (every later message of the batch stays pending at once)."""
+        if self.slots is None:
+            return None
+        if conn_id in self._no_slot:
+            raise self._no_slot[conn_id]
+        try:
+            return self.slots.acquire(conn_id, max_sessions(conn_id, extra, self.slots.default_max_sessions))
+        except NoSessionSlot as exc:
+            self._no_slot[conn_id] = exc
+            raise
 
     @staticmethod
     def _secure_and_log_in(client: smtplib.SMTP, hook, context: ssl.SSLContext | None) -> None:
@@ -293,6 +334,9 @@ class SmtpSender:
                 client.close()
             except Exception:  # noqa: BLE001 - a broken session is being thrown away anyway
                 pass
+        slot = self._slots.pop(conn_id, None)
+        if slot is not None:  # after the close: the relay has seen this session end
+            slot.release()
 
     def close(self) -> None:
         for conn_id, client in list(self._sessions.items()):
@@ -322,7 +366,7 @@ class SmtpSender:
             try:
                 outcome = self._send_once(conn_id, data, envelope_from, rcpts, smtputf8)
             except TransientSmtpError as exc:
-                if attempt == self.attempts or getattr(exc, "after_data", False):
+                if attempt == self.attempts or exc.after_data or not exc.retry_now:
                     result.deferred.update({r: str(exc) for r in rcpts})
                     return result
                 log.warning("SMTP %s: %s; retrying in %.1fs (attempt %d of %d)", conn_id, mask_text(str(exc)),
@@ -385,6 +429,10 @@ class SmtpSender:
         except SmtpAccountError as exc:
             result.failure = (exc.reason, exc.answer)
             return result
+        except NoSessionSlot as exc:  # it waited already: the deliveries stay pending for the task's next try
+            error = TransientSmtpError(str(exc))
+            error.retry_now = False
+            raise error from exc
         except Exception as exc:  # dropped connection, timeout, refused connection (the hook wraps some)
             self._drop(conn_id)
             error = TransientSmtpError(f"{type(exc).__name__} during {phase}: {exc}")

@@ -13,9 +13,19 @@ from sqlalchemy import Engine, create_engine
 
 from include.invoice_mailing import alerts, clock, ledger, pipeline
 from include.invoice_mailing.archive import Archive
-from include.invoice_mailing.dag_settings import ALERTED_KEY, DAG_ID, FAILURE_KEY, NIGHTS, SUMMARY_KEY, concurrency
+from include.invoice_mailing.dag_settings import (
+    ALERTED_KEY,
+    DAG_ID,
+    FAILURE_KEY,
+    NIGHTS,
+    SUMMARY_KEY,
+    concurrency,
+    smtp_sessions,
+    smtp_slot_wait,
+)
 from include.invoice_mailing.deliver import SmtpSender
 from include.invoice_mailing.render import Renderer
+from include.invoice_mailing.session_slots import SessionSlots
 
 ERP_CONN_ID = "erp_db"
 LEDGER_CONN_ID = "mailing_ledger"
@@ -102,7 +112,10 @@ def mail_batch(batch: dict, *, run_id, logical_date, data_interval_end, params, 
     if map_index is not None and try_number is not None:  # the audit links deliveries to this try
         ledger.record_task(engine_for(LEDGER_CONN_ID), run_id=run_id, map_index=map_index, try_number=try_number,
                            label=batch["label"], customers=batch["customers"])
-    with SmtpSender() as sender:
+    # A wait for a session slot happens with deliveries claimed: it stays well inside their lease.
+    slots = SessionSlots(engine_for(LEDGER_CONN_ID), default_max_sessions=smtp_sessions(),
+                         wait=min(smtp_slot_wait(), settings.lease.total_seconds() / 2))
+    with SmtpSender(slots=slots) as sender:
         summary = pipeline.mail_batch(engine_for(ERP_CONN_ID), engine_for(LEDGER_CONN_ID), ctx, batch,
                                       renderer=renderer(), sender=sender, settings=settings)
     if summary["failed_deliveries"]:
