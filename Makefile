@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv catalogs demo airflow airflow-stop test e2e-celery lint bench bench-night clean audit-export audit-ui
+.PHONY: venv catalogs demo airflow airflow-stop test e2e-celery lint bench bench-night clean audit-export audit-ui screenshots
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ audit-ui: venv
 	AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=sqlite:///$(CURDIR)/demo/airflow/airflow.db \
 	AIRFLOW_CONN_MAILING_LEDGER='{"conn_type": "sqlite", "host": "$(CURDIR)/demo/ledger.db"}' \
 	$(VENV)/bin/airflow api-server --port 8080
+
+# The README's pictures of the UI (docs/night-*.png, docs/audit-*.png), all from one real night in headless
+# Chromium (dev/screenshots.py; about 2 minutes). It rewrites docs/, so it is no part of `make test`.
+screenshots: venv catalogs
+	$(PY) -m dev.screenshots
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -424,8 +424,10 @@ class StackClient:
     def runs(self, dag_id: str) -> list[dict]:
         return self.request("GET", f"/dags/{dag_id}/dagRuns")["dag_runs"]
 
-    def trigger(self, dag_id: str, *, logical_date: str | None = None, conf: dict | None = None) -> dict:
-        return self.request("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": logical_date, "conf": conf or {}})
+    def trigger(self, dag_id: str, *, logical_date: str | None = None, conf: dict | None = None,
+                run_id: str | None = None) -> dict:
+        body = {"logical_date": logical_date, "conf": conf or {}, **({"dag_run_id": run_id} if run_id else {})}
+        return self.request("POST", f"/dags/{dag_id}/dagRuns", json=body)
 
     def run(self, dag_id: str, run_id: str) -> dict:
         return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}")

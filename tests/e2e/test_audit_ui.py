@@ -3,8 +3,9 @@
 A real night first: the stack of ``dev/airflow_stack.py`` (api-server with this repository's plugins,
 scheduler, dag-processor, triggerer; PostgreSQL metadata) runs the DAG against an SMTP server that
 refuses one recipient. Then Debian's chromium and chromedriver, through Selenium, do what an auditor
-does. Screenshots go to a temporary folder; ``INVOICE_MAILING_SCREENSHOTS=docs`` writes the README's
-``docs/audit-*.png`` instead (a test run never changes the repository). About a minute and a half.
+does (``dev/browser.py``, shared with ``make screenshots``). Screenshots go to a temporary folder:
+``make screenshots`` writes the README's pictures from a night of its own (a test run never changes the
+repository). About a minute and a half.
 """
 
 from __future__ import annotations
@@ -12,54 +13,31 @@ from __future__ import annotations
 import csv
 import functools
 import io
-import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from dev import browser as chromium
 from dev.smtp_sink import SmtpSink
-from tests.conftest import IN_CI, ROOT, smtp_connection, sqlite_connection
+from tests.conftest import IN_CI, smtp_connection, sqlite_connection
 from tests.erp import TinyErp
 
 DAG = "invoice_mailing"
 REFUSED = "ola@fjellheimen.example"
-SCREENSHOTS = os.environ.get("INVOICE_MAILING_SCREENSHOTS")
-CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-
-
-def _missing(what: str) -> None:
-    message = f"{what} is not installed; install it to run this test"
-    if IN_CI:
-        pytest.fail(f"{message}. Under CI=true a missing browser is a failure.")
-    pytest.skip(message)
 
 
 @pytest.fixture
 def browser(tmp_path):
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        _missing("selenium")
-    for path in (CHROMEDRIVER, CHROMIUM):
-        if not shutil.which(path):
-            _missing(path)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900",
-                     "--disable-gpu"):
-        options.add_argument(argument)
+    if missing := chromium.missing_parts():
+        message = f"{', '.join(missing)} not installed; install it to run this test"
+        if IN_CI:
+            pytest.fail(f"{message}. Under CI=true a missing browser is a failure.")
+        pytest.skip(message)
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
-    driver.implicitly_wait(10)
+    driver = chromium.chromium(downloads=downloads)
     driver.downloads = downloads
     yield driver
     driver.quit()
@@ -95,12 +73,11 @@ def night(tmp_path, postgres_admin):
 
 @functools.cache
 def screenshot_folder() -> Path:
-    return ROOT / SCREENSHOTS if SCREENSHOTS else Path(tempfile.mkdtemp(prefix="audit-screenshots-"))
+    return Path(tempfile.mkdtemp(prefix="audit-screenshots-"))
 
 
 def shoot(driver, name: str) -> None:
-    time.sleep(1.0)  # the UI's own requests settle
-    assert driver.save_screenshot(str(screenshot_folder() / f"audit-{name}.png"))
+    chromium.shoot(driver, screenshot_folder() / f"audit-{name}.png")
 
 
 # `browser` before `night`: a missing browser fails in a second, before an api-server is started.
@@ -109,16 +86,10 @@ def test_an_auditor_finds_the_failed_delivery_follows_it_to_its_try_and_download
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    from dev.airflow_stack import ADMIN
-
     stack, run_id = night
     wait = WebDriverWait(browser, 30)
 
-    browser.get(f"{stack.url}/auth/login")  # Airflow's own login page (simple auth manager)
-    browser.find_element(By.NAME, "username").send_keys(ADMIN)
-    browser.find_element(By.NAME, "password").send_keys(stack.password)
-    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    wait.until(lambda d: "/auth/login" not in d.current_url)
+    chromium.log_in(browser, stack)  # Airflow's own login page (simple auth manager)
 
     browser.get(f"{stack.url}/plugin/invoice-mailing")  # the navigation's "Invoice mailing" entry
     wait.until(ready.frame_to_be_available_and_switch_to_it((By.TAG_NAME, "iframe")))
