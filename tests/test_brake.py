@@ -76,6 +76,8 @@ def test_the_request_states_the_numbers_the_median_and_the_parameters():
     assert "| documents | 151 | 50 |" in body and "| customers | 120 | |" in body
     assert "| NOK | 1,234,567.80 | 10,000.00 |" in body and "| EUR | 900.50 | - |" in body
     assert "Run parameters: none (a normal night)" in body and "within 4 h" in body
+    _, body = brake.request_text("r", comparison, {"resend": True, "customers": [], "lookback_days": 30}, SETTINGS)
+    assert "Compared with 5 nights" in body and "Run parameters: resend=true, lookback_days=30." in body
 
 
 def test_the_settings_come_from_the_environment(monkeypatch):

@@ -14,6 +14,7 @@ Required Actions. These are the pure rules; the ledger keeps the volumes and the
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from collections.abc import Sequence
@@ -126,7 +127,8 @@ def request_text(run_id: str, comparison: Comparison, params: dict, settings: Br
     subject = f"Invoice mailing {run_id}: approve mailing {v.documents} documents to {v.customers} customers?"
     totals = "\n".join(f"| {c} | {t:,.2f} | {_money(comparison.median_totals.get(c))} |" for c, t in v.totals.items())
     median = "no earlier night" if comparison.median_documents is None else f"{comparison.median_documents:g}"
-    shown = {k: value for k, value in params.items() if value not in (None, [], "", False)} or "none (a normal night)"
+    shown = ", ".join(f"{k}={json.dumps(value)}" for k, value in params.items()
+                      if value not in (None, [], "", False)) or "none (a normal night)"
     body = "\n".join([
         "This night is held before anything is sent, because of:",
         "",
@@ -141,8 +143,8 @@ def request_text(run_id: str, comparison: Comparison, params: dict, settings: Br
         "|---|---:|---:|",
         totals or "| - | - | - |",
         "",
-        f"Compared with {comparison.nights} nights (the last {NIGHTS} that mailed documents). Run parameters: "
-        f"{shown}.",
+        f"Compared with {comparison.nights} night{'' if comparison.nights == 1 else 's'} (the last {NIGHTS} that "
+        f"mailed documents). Run parameters: {shown}.",
         "",
         f"**Approve** mails them now. **Reject** mails nothing and ends the night failed; so does no answer "
         f"within {_hours(settings.timeout)}. Either way the ledger records the decision.",
