@@ -19,6 +19,10 @@ docker-compose.yaml: Redis (``TEST_REDIS_URL``, database 5, a queue of the stack
 PostgreSQL for the Celery results, and Celery workers. As root each worker runs on its own "host": its
 own host name and process namespace (``unshare``), as a worker on another machine looks to Airflow and
 to the ledger. ``kill_worker`` SIGKILLs one with everything it started.
+
+The simple auth manager by default (one user, ``admin``); ``auth_manager="fab"`` runs FAB's, as
+docker-compose.yaml does: ``admin`` is made with the stack (Admin role), ``create_user`` makes others with
+FAB's ``airflow users create``, and ``token(user, password)`` gets any user's JWT from ``POST /auth/token``.
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg2://
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 ADMIN = "admin"
+# The auth managers a stack can run: Airflow's own, and FAB's (docker-compose.yaml's: users and roles in the database).
+AUTH_MANAGERS = {
+    "simple": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+    "fab": "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager",
+}
 SMTP_POOL = "invoice_mailing_smtp"
 
 
@@ -74,8 +83,11 @@ class AirflowStack:
                  components: Iterable[str] = COMPONENTS, postgres_admin_url: str = POSTGRES_ADMIN_URL,
                  home: Path | None = None, port: int | None = None, parallelism: int = 4,
                  keep_home: bool = False, startup_timeout: float = 180, workers: Iterable[str] = (),
-                 worker_concurrency: int = 2, broker_url: str = REDIS_URL):
+                 worker_concurrency: int = 2, broker_url: str = REDIS_URL, auth_manager: str = "simple"):
+        if auth_manager not in AUTH_MANAGERS:
+            raise ValueError(f"auth_manager must be one of {sorted(AUTH_MANAGERS)}, not {auth_manager!r}")
         self.executor = executor
+        self.auth_manager = auth_manager
         self.workers = tuple(workers)
         self.worker_concurrency = worker_concurrency
         self.broker_url = broker_url
@@ -126,6 +138,8 @@ class AirflowStack:
                                  capture_output=True, text=True, timeout=300)
         if migrate.returncode != 0:
             raise StackError(f"airflow db migrate failed:\n{migrate.stdout[-2000:]}\n{migrate.stderr[-3000:]}")
+        if self.auth_manager == "fab":  # what airflow-init does: FAB's users live in the database, admin first
+            self.create_user(ADMIN, "Admin", password=self.password)
         for component in self.components:
             self._spawn(component)
         for name in self.workers:
@@ -155,6 +169,7 @@ class AirflowStack:
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "AIRFLOW__CORE__DEFAULT_TIMEZONE": "Europe/Oslo",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__CORE__AUTH_MANAGER": AUTH_MANAGERS[self.auth_manager],
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"{base}/{self.database}",
@@ -190,6 +205,34 @@ class AirflowStack:
         self.processes[component] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                                      start_new_session=True, cwd=self.home)
         log.close()
+
+    def create_user(self, username: str, role: str, *, password: str | None = None) -> str:
+        """A FAB user with one of FAB's roles (Viewer, User, Op, Admin, Public, or one made with ``airflow roles
+        create``), by the FAB provider's ``airflow users create`` as an operator runs it; returns the password.
+
+        About 7 s each, most of it importing Airflow and syncing FAB's roles: runs at once contend for the
+        same rows and took longer together than one after another. The simple auth manager's users are its
+        configuration, fixed when the stack starts: there is nothing to create."""
+        if self.auth_manager != "fab":
+            raise StackError(f"only the FAB auth manager keeps users in the database, not {self.auth_manager}")
+        password = password or secrets.token_urlsafe(12)
+        create = subprocess.run(
+            [sys.executable, "-m", "airflow", "users", "create", "--username", username, "--password", password,
+             "--role", role, "--email", f"{username}@airflow-stack.invalid", "--firstname", username,
+             "--lastname", role],
+            env=self.env, capture_output=True, text=True, timeout=300)
+        if create.returncode != 0 or f'User "{username}" created' not in create.stdout:
+            raise StackError(f"airflow users create {username} ({role}) failed:\n{create.stdout[-2000:]}\n"
+                             f"{create.stderr[-3000:]}")
+        return password
+
+    def token(self, username: str = ADMIN, password: str | None = None) -> str:
+        """A JWT for the user, from the auth manager's ``POST /auth/token`` (both managers answer it alike)."""
+        answer = httpx.post(f"{self.url}/auth/token", json={"username": username, "password": password or self.password},
+                            timeout=30)
+        if answer.status_code != 201:
+            raise StackError(f"POST /auth/token for {username}: {answer.status_code} {answer.text[:500]}")
+        return answer.json()["access_token"]
 
     def start_worker(self, name: str) -> None:
         """A Celery worker named ``name``; as root on its own "host" (host name and process namespace)."""
@@ -318,11 +361,8 @@ class StackClient:
 
     def __init__(self, stack: AirflowStack):
         self.stack = stack
-        token = httpx.post(f"{stack.url}/auth/token", json={"username": ADMIN, "password": stack.password},
-                           timeout=30)
-        token.raise_for_status()
         self.http = httpx.Client(base_url=f"{stack.url}/api/v2", timeout=60,
-                                 headers={"Authorization": f"Bearer {token.json()['access_token']}"})
+                                 headers={"Authorization": f"Bearer {stack.token()}"})
 
     def request(self, method: str, path: str, **kwargs) -> Any:
         response = self.http.request(method, path, **kwargs)
