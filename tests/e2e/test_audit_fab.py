@@ -21,6 +21,7 @@ from tests.conftest import sqlite_connection
 OUTSIDER = "outsider"  # FAB's Public role: a user who may log in and read nothing
 
 
+# postgres_admin: the stack's metadata database is PostgreSQL (skips without it, fails under CI=true).
 def test_fab_roles_get_from_the_audit_pages_what_the_simple_auth_managers_roles_get(tmp_path, postgres_admin):
     ledger_path = tmp_path / "ledger.db"
     engine = create_engine(f"sqlite:///{ledger_path}")
