@@ -210,7 +210,7 @@ class AirflowStack:
         """A FAB user with one of FAB's roles (Viewer, User, Op, Admin, Public, or one made with ``airflow roles
         create``), by the FAB provider's ``airflow users create`` as an operator runs it; returns the password.
 
-        About 7 s each on a quiet machine, most of it importing Airflow and building FAB's app. The simple
+        About 5 to 10 s each on this machine, most of it importing Airflow and building FAB's app. The simple
         auth manager's users are its configuration, fixed when the stack starts: there is nothing to create."""
         if self.auth_manager != "fab":
             raise StackError(f"only the FAB auth manager keeps users in the database, not {self.auth_manager}")
