@@ -5,7 +5,7 @@ A real api-server with this repository's plugin and FAB's auth manager (``dev/ai
 else: no DAG run is needed), a ledger seeded directly (``tests/audit_seed.py``), FAB users made by ``airflow
 users create`` with FAB's default roles, each with a token from FAB's ``POST /auth/token``; the checks are
 ``tests/audit_access.py``'s, the same that ``tests/test_audit_api.py`` runs with the simple auth manager.
-About 75 s, most of it Airflow starting and one ``airflow users create`` (5 to 10 s) per user.
+About a minute (51 to 81 s), most of it Airflow starting and one ``airflow users create`` (5 to 10 s) per user.
 """
 
 from __future__ import annotations
