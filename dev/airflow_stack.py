@@ -25,6 +25,10 @@ libfaketime (LD_PRELOAD, FAKETIME as a fixed offset, so all processes agree) fak
 stack's database answers ``now()`` with the same offset. Both are needed: the timetable picks the next run
 with Python's clock, but the scheduler creates it once ``next_dagrun_create_after <= now()`` in PostgreSQL.
 The test process keeps the real clock.
+
+The simple auth manager by default (one user, ``admin``); ``auth_manager="fab"`` runs FAB's, as
+docker-compose.yaml does: ``admin`` is made with the stack (Admin role), ``create_user`` makes others with
+FAB's ``airflow users create``, and ``token(user, password)`` gets any user's JWT from ``POST /auth/token``.
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 ADMIN = "admin"
 # Debian's libfaketime (dev/system-packages); the thread-safe build, as the components run threads.
 FAKETIME_LIBRARY = Path(f"/usr/lib/{os.uname().machine}-linux-gnu/faketime/libfaketimeMT.so.1")
+# The auth managers a stack can run: Airflow's own, and FAB's (docker-compose.yaml's: users and roles in the database).
+AUTH_MANAGERS = {
+    "simple": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+    "fab": "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager",
+}
 
 
 def free_port() -> int:
@@ -114,11 +123,15 @@ class AirflowStack:
                  keep_home: bool = False, startup_timeout: float = 180, workers: Iterable[str] = (),
                  worker_concurrency: int = 2, broker_url: str = REDIS_URL, database: str | None = None,
                  stack_secrets: StackSecrets | None = None, logs: Path | None = None,
-                 fake_time: datetime | None = None):
+                 fake_time: datetime | None = None, auth_manager: str = "simple"):
         """``database``: a metadata database of this name, created when missing and kept on exit (else a
         fresh one, dropped on exit); ``stack_secrets``: kept ones (else fresh); ``logs``: the folder of the
-        components' own logs (else the home); ``fake_time``: the instant the components' clocks start at."""
+        components' own logs (else the home); ``fake_time``: the instant the components' clocks start at;
+        ``auth_manager``: ``simple`` or ``fab``."""
+        if auth_manager not in AUTH_MANAGERS:
+            raise ValueError(f"auth_manager must be one of {sorted(AUTH_MANAGERS)}, not {auth_manager!r}")
         self.executor = executor
+        self.auth_manager = auth_manager
         self.fake_time = fake_time
         self.clock_offset_seconds = 0  # set by start() when fake_time is given
         self.workers = tuple(workers)
@@ -182,6 +195,8 @@ class AirflowStack:
                                  capture_output=True, text=True, timeout=300)
         if migrate.returncode != 0:
             raise StackError(f"airflow db migrate failed:\n{migrate.stdout[-2000:]}\n{migrate.stderr[-3000:]}")
+        if self.auth_manager == "fab":  # what airflow-init does: FAB's users live in the database, admin first
+            self.create_user(ADMIN, "Admin", password=self.password)
         for component in self.components:
             self._spawn(component)
         for name in self.workers:
@@ -228,6 +243,7 @@ class AirflowStack:
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "AIRFLOW__CORE__DEFAULT_TIMEZONE": "Europe/Oslo",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__CORE__AUTH_MANAGER": AUTH_MANAGERS[self.auth_manager],
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"{base}/{self.database}",
@@ -269,6 +285,33 @@ class AirflowStack:
         self.processes[component] = subprocess.Popen(command, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
                                                      stderr=subprocess.STDOUT, start_new_session=True, cwd=self.home)
         log.close()
+
+    def create_user(self, username: str, role: str, *, password: str | None = None) -> str:
+        """A FAB user with one of FAB's roles (Viewer, User, Op, Admin, Public, or one made with ``airflow roles
+        create``), by the FAB provider's ``airflow users create`` as an operator runs it; returns the password.
+
+        About 5 to 10 s each on this machine, most of it importing Airflow and building FAB's app. The simple
+        auth manager's users are its configuration, fixed when the stack starts: there is nothing to create."""
+        if self.auth_manager != "fab":
+            raise StackError(f"only the FAB auth manager keeps users in the database, not {self.auth_manager}")
+        password = password or secrets.token_urlsafe(12)
+        create = subprocess.run(
+            [sys.executable, "-m", "airflow", "users", "create", "--username", username, "--password", password,
+             "--role", role, "--email", f"{username}@airflow-stack.invalid", "--firstname", username,
+             "--lastname", role],
+            env=self.env, capture_output=True, text=True, timeout=300)
+        if create.returncode != 0 or f'User "{username}" created' not in create.stdout:
+            raise StackError(f"airflow users create {username} ({role}) failed:\n{create.stdout[-2000:]}\n"
+                             f"{create.stderr[-3000:]}")
+        return password
+
+    def token(self, username: str = ADMIN, password: str | None = None) -> str:
+        """A JWT for the user, from the auth manager's ``POST /auth/token`` (both managers answer it alike)."""
+        answer = httpx.post(f"{self.url}/auth/token", json={"username": username, "password": password or self.password},
+                            timeout=30)
+        if answer.status_code != 201:
+            raise StackError(f"POST /auth/token for {username}: {answer.status_code} {answer.text[:500]}")
+        return answer.json()["access_token"]
 
     def start_worker(self, name: str) -> None:
         """A Celery worker named ``name``; as root on its own "host" (host name and process namespace)."""
@@ -399,11 +442,8 @@ class StackClient:
 
     def __init__(self, stack: AirflowStack):
         self.stack = stack
-        token = httpx.post(f"{stack.url}/auth/token", json={"username": ADMIN, "password": stack.password},
-                           timeout=30)
-        token.raise_for_status()
         self.http = httpx.Client(base_url=f"{stack.url}/api/v2", timeout=60,
-                                 headers={"Authorization": f"Bearer {token.json()['access_token']}"})
+                                 headers={"Authorization": f"Bearer {stack.token()}"})
 
     def request(self, method: str, path: str, **kwargs) -> Any:
         response = self.http.request(method, path, **kwargs)

@@ -74,3 +74,20 @@ def seed(engine) -> dict[str, int]:
             resend_of=ids["sent"]))).inserted_primary_key[0]
         conn.execute(insert(ledger.mailing_task), tasks)
     return ids
+
+
+ARCHIVED_MESSAGE = b"Subject: Faktura INV000103\r\n\r\nHei\r\n"
+
+
+def archived_delivery(engine, folder) -> tuple[int, str]:
+    """A sent delivery whose message is kept in an archive at ``folder``, as the pipeline leaves it: its id
+    and the archive's path of the message."""
+    from include.invoice_mailing import archive
+
+    path = archive.Archive(str(folder)).keep(ARCHIVED_MESSAGE)
+    with engine.begin() as conn:  # a sent row is final: its hash is written with it, as the pipeline does
+        sent = conn.execute(insert(ledger.delivery).values(**row(
+            NIGHT_1, "INV000103", "10001", "kari@bolgen.example", "sent", at(23, 1, 4),
+            message_sha256=archive.digest(ARCHIVED_MESSAGE)))).inserted_primary_key[0]
+    ledger.record_message_path(engine, [sent], path)  # and the archive's path once, after the commit
+    return sent, path

@@ -24,6 +24,8 @@ os.environ.update({
     "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
 })
 sys.path.insert(0, str(ROOT))
+# The access checks both auth managers' tests share: pytest explains their failed asserts as a test's.
+pytest.register_assert_rewrite("tests.audit_access")
 
 from sqlalchemy import create_engine, text  # noqa: E402
 

@@ -11,7 +11,8 @@ from datetime import timedelta
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.audit_seed import NIGHT_2, seed
+from tests.audit_access import EDITS_THE_DAG, ROUTES, assert_read_access_is_needed, assert_sees_as_edit_access_allows
+from tests.audit_seed import NIGHT_2, archived_delivery, seed
 from tests.conftest import ROOT, sqlite_connection
 
 
@@ -53,17 +54,9 @@ def token(role: str | None) -> dict:
     return {"Authorization": f"Bearer {get_auth_manager().generate_jwt(user)}"}
 
 
-ROUTES = ["/nights", "/deliveries", "/api/nights", "/api/deliveries", "/nights.csv", "/deliveries.csv",
-          "/documents/INV000101", "/customers/10001", f"/runs/invoice_mailing/{NIGHT_2}",
-          f"/tasks/invoice_mailing/{NIGHT_2}/mail_customers/0",
-          "/docs", "/redoc", "/openapi.json"]  # FastAPI serves these three outside the app's dependencies
-
-
 @pytest.mark.parametrize("route", ROUTES)
 def test_every_route_needs_a_token_and_read_access_to_the_dag(client, route):
-    assert client.get(route).status_code == 401
-    assert client.get(route, headers=token(None)).status_code == 403
-    assert client.get(route, headers=token("viewer")).status_code == 200
+    assert_read_access_is_needed(client, route, outsider=token(None), reader=token("viewer"))
 
 
 def test_the_ui_cookie_authenticates_the_embedded_page(client):
@@ -71,17 +64,10 @@ def test_the_ui_cookie_authenticates_the_embedded_page(client):
     assert client.get("/nights").status_code == 200
 
 
-def test_a_viewer_sees_masked_addresses_and_an_editor_sees_them_whole(client):
-    viewer = client.get("/api/deliveries", params={"status": "failed"}, headers=token("viewer")).json()
-    editor = client.get("/api/deliveries", params={"status": "failed"}, headers=token("user")).json()
-
-    assert [r["recipient"] for r in viewer] == ["o***@fjellheimen.example"]
-    assert viewer[0]["last_error"] == "550 5.1.1 <o***@fjellheimen.example>: user unknown"
-    assert [r["recipient"] for r in editor] == ["ola@fjellheimen.example"]
-    page = client.get("/deliveries", params={"status": "failed"}, headers=token("viewer")).text
-    assert "o***@fjellheimen.example" in page and "ola@fjellheimen.example" not in page
-    csv_text = client.get("/deliveries.csv", headers=token("viewer")).text
-    assert "@bolgen.example" in csv_text and "kari@" not in csv_text and "ola@" not in csv_text
+@pytest.mark.parametrize("role", EDITS_THE_DAG)
+def test_a_viewer_sees_masked_addresses_and_no_message_and_an_editor_sees_both(client, ledger_db, tmp_path, role):
+    archived, _ = archived_delivery(ledger_db, tmp_path / "archive")
+    assert_sees_as_edit_access_allows(client, token(role), EDITS_THE_DAG[role], archived)
 
 
 def test_the_csv_is_the_filtered_list_with_the_documented_columns(client, plugin):
@@ -114,25 +100,9 @@ def test_the_tabs_show_the_night_and_the_batch(client):
     assert "mailed no customers" in other
 
 
-def test_the_archived_message_is_for_editors_and_its_check_is_shown(client, ids, ledger_db, tmp_path):
-    from sqlalchemy import insert
+def test_the_archived_messages_check_is_shown(client, ids, ledger_db, tmp_path):
+    _, path = archived_delivery(ledger_db, tmp_path / "archive")
 
-    from include.invoice_mailing import archive, ledger
-    from tests.audit_seed import NIGHT_1, at, row
-
-    data = b"Subject: Faktura INV000103\r\n\r\nHei\r\n"
-    path = archive.Archive(str(tmp_path / "archive")).keep(data)
-    with ledger_db.begin() as conn:  # a sent row is final: its hash is written with it, as the pipeline does
-        sent = conn.execute(insert(ledger.delivery).values(**row(
-            NIGHT_1, "INV000103", "10001", "kari@bolgen.example", "sent", at(23, 1, 4),
-            message_sha256=archive.digest(data)))).inserted_primary_key[0]
-    ledger.record_message_path(ledger_db, [sent], path)  # and the archive's path once, after the commit
-    route = f"/messages/{sent}.eml"
-
-    assert client.get(route, headers=token("viewer")).status_code == 403
-    answer = client.get(route, headers=token("user"))
-    assert answer.status_code == 200 and answer.content == data
-    assert answer.headers["x-archive-check"] == "match"
     assert '<span class="match">match</span>' in client.get("/documents/INV000103", headers=token("user")).text
     with open(path.removeprefix("file://"), "ab") as stored:
         stored.write(b"tampered")

@@ -44,6 +44,16 @@ def test_every_airflow_component_runs_one_image_whose_tag_is_the_pinned_airflow(
     assert base.split("-")[0] == version
 
 
+def test_the_auth_manager_is_fabs_from_a_pinned_provider_and_the_one_the_e2e_tests_run(airflow_services):
+    """The image installs requirements.txt: the provider must be pinned there, not left to the base image."""
+    from dev.airflow_stack import AUTH_MANAGERS
+
+    managers = {s["environment"]["AIRFLOW__CORE__AUTH_MANAGER"] for s in airflow_services.values()}
+    assert managers == {AUTH_MANAGERS["fab"]}
+    assert AUTH_MANAGERS["fab"].startswith("airflow.providers.fab.")
+    assert pinned("apache-airflow-providers-fab")
+
+
 def test_the_celery_executor_with_redis_and_postgresql(airflow_services):
     for name, service in airflow_services.items():
         env = service["environment"]

@@ -15,12 +15,14 @@ import functools
 import io
 import tempfile
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from dev import browser as chromium
 from dev.smtp_sink import SmtpSink
+from include.invoice_mailing.clock import TIMEZONE
 from tests.conftest import IN_CI, smtp_connection, sqlite_connection
 from tests.erp import TinyErp
 
@@ -43,8 +45,17 @@ def browser(tmp_path):
     driver.quit()
 
 
+def next_midday() -> datetime:
+    """The stack's clock: the next 12:00 in Oslo, so that no 02:00 night or 06:00 watch comes due while the test
+    runs, whatever the hour of the real clock. Ahead of the real clock, never behind: the browser, which keeps
+    the real clock, then finds the login cookie the api-server sets still valid."""
+    now = datetime.now(TIMEZONE)
+    midday = now.replace(hour=12, minute=0, second=0, microsecond=0)
+    return midday if midday > now else midday + timedelta(days=1)
+
+
 @pytest.fixture
-def night(tmp_path, postgres_admin):
+def night(tmp_path, postgres_admin, faked_clock):
     """A real night in a running Airflow: customer 10001 gets its invoice, 10002's recipient is refused (550)."""
     from sqlalchemy import create_engine
 
@@ -61,7 +72,7 @@ def night(tmp_path, postgres_admin):
                "AIRFLOW_CONN_MAILING_LEDGER": sqlite_connection(tmp_path / "ledger.db"),
                "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port),
                "INVOICE_MAILING_ARCHIVE": str(tmp_path / "archive")}
-        with AirflowStack(extra_env=env) as stack:
+        with AirflowStack(extra_env=env, fake_time=next_midday()) as stack:
             api = stack.client()
             api.wait_for_dag(DAG)
             api.unpause(DAG)
