@@ -160,7 +160,7 @@ def test_a_red_night_is_mailed_once_by_audit_with_its_deliveries(one_invoice, ru
 
     assert run.state == "failed"
     (alert,) = alerting()  # audit's list; the failure callback sees audit mailed and stays silent
-    assert "1 deliveries not sent" in alert["Subject"]
+    assert "1 delivery not sent (1 customer)" in alert["Subject"]
     assert "recipient_rejected" in body_of(alert)
     [event] = night_events(run.run_id)  # published red, counted, without the customer's address
     assert (event["status"], event["undelivered"], event["by_status"]) == ("red", 1, {"failed": 1})

@@ -50,7 +50,7 @@ def red_night(dag_id: str, run_id: str, undelivered: list[dict], batches: list[d
     """Subject and HTML body of audit's alert: one line per delivery not sent, grouped by customer."""
     indexes = map_indexes(batches)
     customers = sorted({u["customer"] for u in undelivered})
-    subject = (f"Invoice mailing {run_id}: {len(undelivered)} deliveries not sent "
+    subject = (f"Invoice mailing {run_id}: {deliveries(len(undelivered))} not sent "
                f"({len(customers)} customer{'s' if len(customers) != 1 else ''})")
     rows = []
     for u in sorted(undelivered, key=lambda u: (u["customer"], u["document"], u["recipient"])):
@@ -68,6 +68,10 @@ def red_night(dag_id: str, run_id: str, undelivered: list[dict], batches: list[d
             "configuration, then clear the task instance (only what is missing is sent).</p>"
             f"<table border=\"1\" cellpadding=\"4\"><tr>{head}</tr>{''.join(rows)}</table>")
     return subject, body
+
+
+def deliveries(count: int) -> str:
+    return f"{count} deliver{'y' if count == 1 else 'ies'}"
 
 
 def send(subject: str, html_content: str) -> bool:

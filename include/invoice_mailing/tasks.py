@@ -165,7 +165,7 @@ def night_status(engine: Engine, run_id: str, undelivered: list[dict], batches: 
         why = f"rejected by {by}" if asked[-1]["decision"] == ledger.REJECTED else "no answer in time"
         return "rejected", f"the approval brake held the night ({why}): nothing was mailed"
     if undelivered:
-        return "red", f"{len(undelivered)} deliveries not sent"
+        return "red", f"{alerts.deliveries(len(undelivered))} not sent"
     if batches is None:
         return "red", "extract did not finish, nothing was mailed"
     return "green", "every delivery decided"
