@@ -33,7 +33,7 @@ import hmac
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email import errors, policy
 from email.message import EmailMessage, Message
 from email.parser import BytesParser, Parser
@@ -153,6 +153,20 @@ class Report:
         return None
 
 
+@dataclass
+class _Finding:
+    """What the DSN reader or the non-DSN reader found, before the identity of the delivery is added."""
+
+    kind: Kind
+    reason: str
+    recipients: list[FailedRecipient] = field(default_factory=list)
+    senders: list[str] = field(default_factory=list)
+    """Envelope senders the report itself names (Postfix's X-Postfix-Sender)."""
+    envelope_id: str | None = None
+    text: str = ""
+    """The plain text of a non-DSN bounce, which may hold the returned message's headers inline."""
+
+
 # --- VERP ---------------------------------------------------------------------------------------------
 
 
@@ -255,24 +269,22 @@ def _read_message(msg: EmailMessage) -> Report:
     addressed_to = _addressed_to(msg, notes)
     status_parts = [part for part in msg.walk() if part.get_content_type() == "message/delivery-status"]
     original = _original_headers(msg, notes)
-    if status_parts:
-        report = _read_dsn(status_parts, notes)
-    else:
-        report = _read_non_dsn(msg, notes)
+    finding = _read_dsn(status_parts, notes) if status_parts else _read_non_dsn(msg, notes)
 
-    returned_sender = original.get("return-path") or _search(_RETURN_PATH_LINE, report.get("text", ""))
-    identity = dict(
-        addressed_to=_unique(addressed_to + report.get("addressed_to", []) + ([returned_sender] if returned_sender else [])),
-        original_message_id=original.get("message-id") or _search(_MESSAGE_ID_LINE, report.get("text", "")),
-        envelope_id=report.get("envelope_id"),
+    returned_sender = original.get("return-path") or _search(_RETURN_PATH_LINE, finding.text)
+    return Report(
+        finding.kind,
+        "; ".join([finding.reason, *notes]),
+        recipients=tuple(finding.recipients),
+        addressed_to=_unique(addressed_to + finding.senders + ([returned_sender] if returned_sender else [])),
+        original_message_id=original.get("message-id") or _search(_MESSAGE_ID_LINE, finding.text),
+        envelope_id=finding.envelope_id,
         message_id=message_id,
         subject=subject,
     )
-    reason = "; ".join([report["reason"], *notes])
-    return Report(report["kind"], reason, recipients=tuple(report.get("recipients", ())), **identity)
 
 
-def _read_dsn(status_parts: list[Message], notes: list[str]) -> dict:
+def _read_dsn(status_parts: list[Message], notes: list[str]) -> _Finding:
     """RFC 3464: the first block holds the per-message fields, each further block one recipient."""
     recipients: list[FailedRecipient] = []
     actions: list[str] = []
@@ -306,15 +318,14 @@ def _read_dsn(status_parts: list[Message], notes: list[str]) -> dict:
                 recipient=_bare_address(recipient), action=action, status=status, diagnostic=diagnostic,
                 kind=_refine(action_kind, status)))
     if not recipients:
-        return dict(kind=Kind.OTHER, reason=f"a delivery status notification with no failure (actions: "
-                                            f"{', '.join(actions) or 'none'})", envelope_id=envelope_id,
-                    addressed_to=sender)
+        return _Finding(Kind.OTHER, f"a delivery status notification with no failure (actions: "
+                                    f"{', '.join(actions) or 'none'})", senders=sender, envelope_id=envelope_id)
     kind = _most_severe(recipients)
-    return dict(kind=kind, reason=f"delivery status notification: {_summary(recipients)}",
-                recipients=recipients, envelope_id=envelope_id, addressed_to=sender)
+    return _Finding(kind, f"delivery status notification: {_summary(recipients)}", recipients=recipients,
+                    senders=sender, envelope_id=envelope_id)
 
 
-def _read_non_dsn(msg: EmailMessage, notes: list[str]) -> dict:
+def _read_non_dsn(msg: EmailMessage, notes: list[str]) -> _Finding:
     """An older bounce (flufl.bounce's detectors), then an auto-reply, then anything else."""
     text = _plain_text(msg, notes)
     try:
@@ -325,19 +336,19 @@ def _read_non_dsn(msg: EmailMessage, notes: list[str]) -> dict:
     recipients = [_detected(address, "failed", Kind.HARD, text) for address in sorted(permanent)]
     recipients += [_detected(address, "delayed", Kind.DELAYED, text) for address in sorted(temporary - permanent)]
     if recipients:
-        return dict(kind=_most_severe(recipients), reason=f"non-standard bounce: {_summary(recipients)}",
-                    recipients=recipients, text=text)
+        return _Finding(_most_severe(recipients), f"non-standard bounce: {_summary(recipients)}",
+                        recipients=recipients, text=text)
 
     auto_reply = _auto_reply_sign(msg, notes)
     if auto_reply:
-        return dict(kind=Kind.AUTO_REPLY, reason=f"automatic reply ({auto_reply})")
+        return _Finding(Kind.AUTO_REPLY, f"automatic reply ({auto_reply})")
     subject = _header(msg, "subject", notes)
     sender = _header(msg, "from", notes)
     if _DELAY_SUBJECT.search(subject) and (_MAILER_DAEMON.match(parseaddr(sender)[1]) or
                                            _MAILER_DAEMON.match(sender)):
-        return dict(kind=Kind.DELAYED, reason=f"delay warning from the mail system, no recipient named "
-                                              f"(subject {subject!r})", text=text)
-    return dict(kind=Kind.OTHER, reason="neither a bounce nor an automatic reply (a person's answer?)")
+        return _Finding(Kind.DELAYED, f"delay warning from the mail system, no recipient named (subject {subject!r})",
+                        text=text)
+    return _Finding(Kind.OTHER, "neither a bounce nor an automatic reply (a person's answer?)")
 
 
 def _detected(address: bytes, action: str, kind: Kind, text: str) -> FailedRecipient:
