@@ -137,3 +137,10 @@ def test_a_document_whose_deliveries_all_bounced_is_due_again(erp, ledger_db, cu
     raw = fixture("postfix-5.1.1-hard.eml")
     assert bounce_apply.apply_bounce(ledger_db, 1, read_report(raw), raw).effect == "bounced"
     assert due(erp, ledger_db) == ["INV000101"]
+
+
+def test_lift_bounces_takes_addresses_and_refuses_a_wrong_one():
+    assert pipeline.RunParams.from_params({"lift_bounces": ["AP@Nordvik-Bygg.example"]}).lift_bounces == (
+        "AP@nordvik-bygg.example",)
+    with pytest.raises(pipeline.ParamError, match="lift_bounces"):
+        pipeline.RunParams.from_params({"lift_bounces": ["not an address"]})
