@@ -9,11 +9,10 @@
   same delivery twice changes nothing), what it says, and the raw report itself, or where the
   archive keeps it.
 
-The status CHECK constraint must admit ``bounced``. PostgreSQL drops and adds it. SQLite cannot
-alter a CHECK constraint, so the table is copied: a new ``delivery`` is created with this revision's
-definition, every row copied with its id, the old table dropped (its triggers first: they go with
-it), the new one renamed, and the index and all triggers created again. It runs in the migration's
-one transaction, so a failure leaves the old table as it was. Nothing existing is rewritten.
+The status CHECK constraint must admit ``bounced``. PostgreSQL drops and adds it. SQLite has no ALTER
+for a CHECK constraint: the table's definition is widened in place by SQLite's documented procedure
+(writable_schema, a new schema version, the integrity check), so that no row, id, index or trigger is
+copied, dropped or rewritten. Nothing existing is rewritten.
 
 Revision ID: 0006
 Revises: 0005
@@ -116,69 +115,36 @@ END $$"""]
     raise NotImplementedError(f"the ledger supports SQLite and PostgreSQL, not {dialect}")
 
 
-def _delivery_columns() -> list[sa.Column]:
-    """``delivery`` as revisions 0001 and 0003 made it, in that column order, and ``bounced_at``."""
-    return [
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("run_id", sa.String(250), nullable=False),
-        sa.Column("last_run_id", sa.String(250), nullable=False),
-        sa.Column("doc_type", sa.String(3), nullable=False),
-        sa.Column("ref_nbr", sa.String(15), nullable=False),
-        sa.Column("customer_id", sa.String(10), nullable=False),
-        sa.Column("mailing_id", sa.String(20), nullable=False),
-        sa.Column("recipient", sa.String(254), nullable=False),
-        sa.Column("recipient_key", sa.String(254), nullable=False),
-        sa.Column("add_to", sa.String(3), nullable=False),
-        sa.Column("format", sa.String(10), nullable=False),
-        sa.Column("mode", sa.String(10), nullable=False),
-        sa.Column("generation", sa.Integer, nullable=False),
-        sa.Column("resend_of", sa.Integer, nullable=True),
-        sa.Column("status", sa.String(10), nullable=False),
-        sa.Column("reason", sa.String(40), nullable=True),
-        sa.Column("detail", sa.Text, nullable=True),
-        sa.Column("message_id", sa.String(250), nullable=True),
-        sa.Column("sender", sa.String(254), nullable=True),
-        sa.Column("redirected_to", sa.String(254), nullable=True),
-        sa.Column("attempts", sa.Integer, nullable=False),
-        sa.Column("last_error", sa.Text, nullable=True),
-        sa.Column("claimed_by", sa.String(120), nullable=True),
-        sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("attachment_sha256", sa.String(64), nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("message_sha256", sa.String(64), nullable=True),
-        sa.Column("message_path", sa.String(1024), nullable=True),
-        sa.Column("bounced_at", sa.DateTime(timezone=True), nullable=True),
-    ]
+OLD_STATUS_CHECK = "CHECK (status IN ('pending', 'sending', 'sent', 'failed', 'skipped'))"
 
 
-def _copy_sqlite_delivery() -> None:
-    """SQLite: the table copy that gives ``delivery`` its new CHECK constraint, keeping every row and id."""
-    columns = _delivery_columns()
-    copied = ", ".join(c.name for c in columns if c.name != "bounced_at")
-    op.create_table(
-        "delivery_0006", *columns,
-        sa.UniqueConstraint("doc_type", "ref_nbr", "mailing_id", "recipient_key", "format", "mode", "generation",
-                            name="uq_delivery"),
-        sa.CheckConstraint(STATUS_CHECK, name="ck_delivery_status"),
-        sa.CheckConstraint("mode IN ('live', 'dry_run', 'redirect')", name="ck_delivery_mode"),
-    )
-    op.execute(f"INSERT INTO delivery_0006 ({copied}) SELECT {copied} FROM delivery ORDER BY id")
-    for trigger in ("delivery_forward_only", "delivery_final_is_fixed", "delivery_never_deleted"):
-        op.execute(f"DROP TRIGGER IF EXISTS {trigger}")
-    op.drop_index("ix_delivery_status", "delivery")
-    op.drop_table("delivery")
-    op.rename_table("delivery_0006", "delivery")
-    op.create_index("ix_delivery_status", "delivery", ["status"])
+def _widen_sqlite_status_check() -> None:
+    """SQLite: admit ``bounced`` in ``ck_delivery_status`` in place, by SQLite's documented procedure for a
+    schema change that leaves the stored rows as they are (https://sqlite.org/lang_altertable.html, "making
+    other kinds of table schema changes"): the table's CREATE statement in sqlite_schema gets the wider
+    CHECK, the schema version moves on, and the integrity check must pass. No row, id, index or trigger is
+    touched; the rows already satisfy the wider constraint."""
+    conn = op.get_bind()
+    created = conn.exec_driver_sql("SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'delivery'").scalar()
+    if created.count(OLD_STATUS_CHECK) != 1:
+        raise RuntimeError(f"delivery's status check is not the one revision 0001 made: {created!r}")
+    version = conn.exec_driver_sql("PRAGMA schema_version").scalar()
+    conn.exec_driver_sql("PRAGMA writable_schema = ON")
+    conn.exec_driver_sql("UPDATE sqlite_schema SET sql = ? WHERE type = 'table' AND name = 'delivery'",
+                         (created.replace(OLD_STATUS_CHECK, f"CHECK ({STATUS_CHECK})"),))
+    conn.exec_driver_sql(f"PRAGMA schema_version = {version + 1}")
+    conn.exec_driver_sql("PRAGMA writable_schema = OFF")
+    problems = conn.exec_driver_sql("PRAGMA integrity_check").scalars().all()
+    if problems != ["ok"]:
+        raise RuntimeError(f"the ledger's integrity check failed after widening the status check: {problems}")
 
 
 def upgrade() -> None:
     dialect = op.get_bind().dialect.name
+    op.add_column("delivery", sa.Column("bounced_at", sa.DateTime(timezone=True), nullable=True))
     if dialect == "sqlite":
-        _copy_sqlite_delivery()
+        _widen_sqlite_status_check()
     else:
-        op.add_column("delivery", sa.Column("bounced_at", sa.DateTime(timezone=True), nullable=True))
         op.drop_constraint("ck_delivery_status", "delivery", type_="check")
         op.create_check_constraint("ck_delivery_status", "delivery", STATUS_CHECK)
     for statement in trigger_statements(dialect):
