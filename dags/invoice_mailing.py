@@ -72,6 +72,8 @@ NETWORK_RETRIES = {"retries": settings.retries(), "retry_delay": settings.retry_
         "documents": Param([], type="array", items={"type": "string"}, description="Only these reference numbers."),
         "resend": Param(False, type="boolean", description="Send again documents already sent (recorded as resends)."),
         "lookback_days": Param(30, type="integer", minimum=0, description="Ignore documents released earlier."),
+        "lift_bounces": Param([], type="array", items={"type": "string"},
+                              description="Mail these addresses again although they hard-bounced."),
     },
 )
 def invoice_mailing():

@@ -161,4 +161,4 @@ def test_no_task_needs_a_pool_the_deployment_would_have_to_create(dag):
 def test_operator_parameters_have_safe_defaults(dag):
     params = {key: dag.params[key] for key in dag.params}
     assert params == {"dry_run": False, "redirect_to": None, "customers": [], "documents": [], "resend": False,
-                      "lookback_days": 30}
+                      "lookback_days": 30, "lift_bounces": []}

@@ -124,3 +124,23 @@ def test_batches_are_sized_by_work_and_stay_within_the_instance_limit(customers,
 def test_wrong_run_parameters_stop_the_run_with_a_clear_error(params, message):
     with pytest.raises(pipeline.ParamError, match=message):
         pipeline.RunParams.from_params(params)
+
+
+def test_a_document_whose_deliveries_all_bounced_is_due_again(erp, ledger_db, customer):
+    from include.invoice_mailing import bounce_apply
+    from include.invoice_mailing.bounces import read_report
+    from tests.test_bounce_reports import fixture
+
+    erp.invoice("INV000101", customer)
+    sent(ledger_db, "INV000101")
+    assert due(erp, ledger_db) == []
+    raw = fixture("postfix-5.1.1-hard.eml")
+    assert bounce_apply.apply_bounce(ledger_db, 1, read_report(raw), raw).effect == "bounced"
+    assert due(erp, ledger_db) == ["INV000101"]
+
+
+def test_lift_bounces_takes_addresses_and_refuses_a_wrong_one():
+    assert pipeline.RunParams.from_params({"lift_bounces": ["AP@Nordvik-Bygg.example"]}).lift_bounces == (
+        "AP@nordvik-bygg.example",)
+    with pytest.raises(pipeline.ParamError, match="lift_bounces"):
+        pipeline.RunParams.from_params({"lift_bounces": ["not an address"]})

@@ -14,6 +14,7 @@ from include.invoice_mailing.ledger import delivery, mailing_run
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STAMP = datetime(2026, 11, 24, 1, 0, tzinfo=UTC)
+LATER_COLUMNS = ("message_sha256", "message_path", "bounced_at")  # revisions 0003 and 0006
 
 
 def release_1_ledger(engine) -> None:
@@ -29,7 +30,7 @@ def release_1_ledger(engine) -> None:
 def release_1_rows(engine) -> list[dict]:
     """The delivery rows as release 1's columns show them (later revisions only add columns)."""
     with engine.connect() as conn:
-        columns = [c.name for c in delivery.columns if c.name not in ("message_sha256", "message_path")]
+        columns = [c.name for c in delivery.columns if c.name not in LATER_COLUMNS]
         return [dict(r) for r in conn.execute(select(*(delivery.c[c] for c in columns)).order_by(delivery.c.id))
                 .mappings()]
 
@@ -124,3 +125,82 @@ def test_after_the_upgrade_a_release_1_ledgers_final_rows_are_fixed_and_nothing_
     after = release_1_rows(engine)
     assert [r for r in after if r["id"] != pending] == [r for r in before if r["id"] != pending]
     assert {r["message_path"] for r in ledger.all_deliveries(engine, delivery.c.id == sent)} == {"file:///archive/c.eml"}
+
+
+def schema_objects(engine) -> dict[str, set[str]]:
+    """The triggers and indexes on ``delivery``, by name, as the database lists them."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            found = conn.execute(text("SELECT type, name FROM sqlite_master WHERE tbl_name = 'delivery' "
+                                      "AND type IN ('trigger', 'index')")).all()
+        else:
+            found = [("trigger", n) for n in conn.execute(text(
+                "SELECT tgname FROM pg_trigger WHERE tgrelid = 'delivery'::regclass AND NOT tgisinternal")).scalars()]
+            found += [("index", n) for n in conn.execute(text(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'delivery'")).scalars()]
+    objects: dict[str, set[str]] = {"trigger": set(), "index": set()}
+    for kind, name in found:
+        objects[kind].add(name)
+    return objects
+
+
+def test_revision_0006_keeps_every_row_id_index_and_trigger_of_a_0005_ledger(backend):
+    """0006 widens the status CHECK constraint in place (SQLite has no ALTER for it: its documented schema
+    edit; PostgreSQL drops and adds it): no row, id, index or trigger is lost, and on SQLite the table is
+    not even copied (the same pages hold it)."""
+    engine = backend["engines"][1]
+    migrations.upgrade(engine, "0005")
+    rows = [{**history_row(reason, status=status, recipient=f"{n}@bolgen.example"), "id": row_id,
+             "message_sha256": "ab" * 32 if status == "sent" else None,
+             "message_path": f"file:///archive/{n}.eml" if status == "sent" else None,
+             "sent_at": STAMP if status == "sent" else None}
+            for n, (row_id, status, reason) in enumerate([
+                (3, "sent", None), (8, "failed", "recipient_rejected"), (9, "skipped", "no_address"),
+                (15, "pending", None), (40, "failed", "config_error")])]
+    with engine.begin() as conn:
+        conn.execute(insert(delivery), rows)  # the columns given: those of revision 0005
+    columns = [c for c in delivery.columns if c.name != "bounced_at"]
+    objects = schema_objects(engine)
+
+    def rows_now():
+        with engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(*columns).order_by(delivery.c.id)).mappings()]
+
+    def root_page():
+        with engine.connect() as conn:
+            return conn.exec_driver_sql("SELECT rootpage FROM sqlite_schema WHERE name = 'delivery'").scalar()
+
+    before = rows_now()
+    page = root_page() if engine.dialect.name == "sqlite" else None
+
+    assert migrations.upgrade(engine) == migrations.head()
+
+    assert rows_now() == before  # every row, with its id
+    if engine.dialect.name == "sqlite":
+        assert root_page() == page  # the table itself, not a copy
+    after = schema_objects(engine)
+    assert after["index"] == objects["index"]
+    # The same triggers, and on SQLite one more: the check on the step to bounced.
+    assert after["trigger"] - objects["trigger"] <= {"delivery_bounce_is_sound"}
+    assert objects["trigger"] <= after["trigger"]
+    # ...and they still hold: a sent row is fixed, a server's verdict is final, nothing is deleted.
+    with pytest.raises(DBAPIError, match="final delivery is never changed"), engine.begin() as conn:
+        conn.execute(update(delivery).where(delivery.c.id == 3).values(detail="rewritten"))
+    with pytest.raises(DBAPIError, match="may only move forward"), engine.begin() as conn:
+        conn.execute(update(delivery).where(delivery.c.id == 8).values(status="pending"))
+    with pytest.raises(DBAPIError, match="never deleted"), engine.begin() as conn:
+        conn.execute(delivery.delete().where(delivery.c.id == 15))
+    with pytest.raises(DBAPIError), engine.begin() as conn:  # the CHECK constraint still holds
+        conn.execute(update(delivery).where(delivery.c.id == 15).values(status="lost"))
+    with engine.begin() as conn:  # the unique key still holds too
+        ledger._insert_new(conn, {**history_row(None, status="pending", recipient="0@bolgen.example"), "id": 99})
+    assert [r["id"] for r in rows_now()] == [3, 8, 9, 15, 40]
+    if engine.dialect.name == "sqlite":  # and a new row's id follows the old ones
+        with engine.begin() as conn:
+            conn.execute(insert(delivery).values(**history_row(None, status="pending", recipient="new@bolgen.example")))
+        assert [r["id"] for r in rows_now()][-1] == 41
+    # The one new step: a sent delivery may become bounced.
+    with engine.begin() as conn:
+        conn.execute(update(delivery).where(delivery.c.id == 3)
+                     .values(status="bounced", reason="hard_bounce", detail="5.1.1 user unknown", bounced_at=STAMP))
+    assert ledger.all_deliveries(engine, delivery.c.id == 3)[0]["status"] == "bounced"

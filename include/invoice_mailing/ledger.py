@@ -27,7 +27,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import (
@@ -38,6 +38,7 @@ from sqlalchemy import (
     Engine,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -54,7 +55,7 @@ from sqlalchemy import (
 )
 
 from include.invoice_mailing import clock
-from include.invoice_mailing.rules import CONFIG_ERROR
+from include.invoice_mailing.rules import ADDRESS_BOUNCED, CONFIG_ERROR
 
 ledger = MetaData()
 
@@ -88,11 +89,13 @@ delivery = Table(
     Column("attachment_sha256", String(64), nullable=True),
     Column("message_sha256", String(64), nullable=True),  # the bytes given to SMTP (migration 0003)
     Column("message_path", String(1024), nullable=True),  # where the archive keeps them, a full URL
+    Column("bounced_at", DateTime(timezone=True), nullable=True),  # when a bounce report was applied (0006)
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("doc_type", "ref_nbr", "mailing_id", "recipient_key", "format", "mode", "generation",
                      name="uq_delivery"),
-    CheckConstraint("status IN ('pending', 'sending', 'sent', 'failed', 'skipped')", name="ck_delivery_status"),
+    CheckConstraint("status IN ('pending', 'sending', 'sent', 'failed', 'skipped', 'bounced')",
+                    name="ck_delivery_status"),
     CheckConstraint("mode IN ('live', 'dry_run', 'redirect')", name="ck_delivery_mode"),
     Index("ix_delivery_status", "status"),  # every night looks for the few rows still open (migration 0004)
 )
@@ -149,7 +152,33 @@ lost_claim = Table(
     Column("noted_at", DateTime(timezone=True), nullable=False),
 )
 
+# Each bounce report applied to a delivery (migration 0006): a bounce that moved it from ``sent`` to
+# ``bounced``, or a delay noted against it. The raw report is kept here, or where the archive keeps it.
+bounce_report = Table(
+    "bounce_report", ledger,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("sha256", String(64), nullable=False),         # of the raw report's bytes
+    Column("delivery_id", Integer, nullable=False, index=True),
+    Column("effect", String(10), nullable=False),         # bounced | noted
+    Column("kind", String(10), nullable=False),           # bounces.Kind: hard | blocked | delayed
+    Column("recipient", String(254), nullable=True),      # the failed recipient the report names
+    Column("status_code", String(16), nullable=True),     # e.g. 5.1.1
+    Column("diagnostic", Text, nullable=True),            # the remote server's words
+    Column("report_message_id", String(250), nullable=True),
+    Column("run_id", String(250), nullable=True),         # the run that applied it, if a run did
+    Column("received_at", DateTime(timezone=True), nullable=True),
+    Column("applied_at", DateTime(timezone=True), nullable=False),
+    Column("raw", LargeBinary, nullable=True),            # the report's bytes, when no archive keeps them
+    Column("raw_path", String(1024), nullable=True),      # the archive's full URL of the report
+    UniqueConstraint("sha256", "delivery_id", name="uq_bounce_report"),
+    CheckConstraint("effect IN ('bounced', 'noted')", name="ck_bounce_report_effect"),
+)
+
 PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed", "skipped"
+# A sent delivery whose relay later reported a permanent failure (migration 0006): final, and not a
+# success (spec section 1): it settles no document. Its reason is HARD_BOUNCE or BLOCKED.
+BOUNCED = "bounced"
+HARD_BOUNCE, BLOCKED = "hard_bounce", "blocked"
 # Why a delivery was not sent decides what a later run may do with it; this is the one definition
 # (the pipeline, the audit and the trigger's migrations follow it):
 # - FINAL: the server's verdicts on a recipient or a message. Never re-decided; the database refuses
@@ -241,6 +270,62 @@ def settled_documents(engine: Engine, keys: Iterable[tuple[str, str]]) -> set[tu
     return settled
 
 
+def bounced_addresses(engine: Engine, recipient_keys: Iterable[str]) -> dict[str, datetime]:
+    """Of these addresses (recipient keys), those that still count as hard-bounced, with when the bounce
+    was applied: a live delivery to the address hard-bounced, and no live delivery was sent to it after
+    that bounce was applied (which only an operator's lift, or a race with the night, lets happen).
+    A ``blocked`` bounce (a policy refusal, 5.7.x) does not count: the address itself may be good."""
+    keys = sorted({k for k in recipient_keys if k})
+    found: dict[str, datetime] = {}
+    with engine.connect() as conn:
+        for start in range(0, len(keys), _CHUNK):
+            chunk = keys[start : start + _CHUNK]
+            bounced = dict(conn.execute(
+                select(delivery.c.recipient_key, func.max(delivery.c.bounced_at))
+                .where(delivery.c.recipient_key.in_(chunk), delivery.c.status == BOUNCED,
+                       delivery.c.reason == HARD_BOUNCE, delivery.c.mode == "live")
+                .group_by(delivery.c.recipient_key)).all())
+            if not bounced:
+                continue
+            sent = dict(conn.execute(
+                select(delivery.c.recipient_key, func.max(delivery.c.sent_at))
+                .where(delivery.c.recipient_key.in_(list(bounced)), delivery.c.status == SENT,
+                       delivery.c.mode == "live")
+                .group_by(delivery.c.recipient_key)).all())
+            found.update((key, at) for key, at in bounced.items() if sent.get(key) is None or sent[key] <= at)
+    return found
+
+
+def lifted_bounces(engine: Engine, run_id: str) -> set[str]:
+    """The addresses whose bounce the operator lifted for this run (run parameter ``lift_bounces``, as the
+    run's row records it: the audit shows who lifted what, and when), case-folded as recipient keys."""
+    with engine.connect() as conn:
+        params = conn.execute(select(mailing_run.c.params).where(mailing_run.c.run_id == run_id)).scalar()
+    return {str(a).casefold() for a in ((params or {}).get("lift_bounces") or ())}
+
+
+def refuse_bounced_addresses(engine: Engine, planned: Sequence[PlannedDelivery],
+                             lifted: Iterable[str] = ()) -> list[PlannedDelivery]:
+    """Spec section 9: a delivery planned to an address that hard-bounced is skipped, reason
+    ``address_bounced``, until the ERP's contact holds another address (another key: not refused
+    here) or the operator lifts it; the rest of the plan is unchanged."""
+    lifted = set(lifted)
+    to_send = [p for p in planned if p.status == PENDING]
+    bounced = bounced_addresses(engine, [p.key[3] for p in to_send])
+    if not bounced:
+        return list(planned)
+    out = []
+    for p in planned:
+        at = bounced.get(p.key[3]) if p.status == PENDING and p.key[3] not in lifted else None
+        if at is None:
+            out.append(p)
+            continue
+        out.append(replace(p, status=SKIPPED, reason=ADDRESS_BOUNCED, sender=None, detail=(
+            f"{p.recipient} hard-bounced ({at:%Y-%m-%d %H:%M} UTC): correct the contact's address in the ERP, "
+            "or lift it with the run parameter lift_bounces")))
+    return out
+
+
 def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: str, mode: str,
                 resend: bool) -> None:
     """Write the planner's decisions; idempotent, so a retried or cleared task records nothing twice.
@@ -251,6 +336,9 @@ def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: s
     """
     if not planned:
         return
+    lifted = lifted_bounces(engine, run_id)
+    if mode != "redirect":  # a redirected test run mails the test address, never the bounced one
+        planned = refuse_bounced_addresses(engine, planned, lifted)
     stamp = now()
     docs = sorted({(p.doc_type, p.ref_nbr) for p in planned})
     with engine.begin() as conn:
@@ -267,7 +355,9 @@ def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: s
             rows = sorted(existing.get(p.key, []), key=lambda r: r["generation"])
             latest = rows[-1] if rows else None
             # An operator's resend, and every redirected preview, is a new generation with its own Message-ID.
-            again = resend or mode == "redirect"
+            # So is a delivery that bounced to an address the operator lifted tonight: it is mailed again.
+            again = resend or mode == "redirect" or (
+                latest is not None and latest["status"] == BOUNCED and p.key[3] in lifted)
             tag = run_id if again else ""
             values = dict(
                 run_id=run_id, last_run_id=run_id, doc_type=p.doc_type, ref_nbr=p.ref_nbr,
@@ -297,7 +387,7 @@ def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: s
                     .values(status=PENDING, reason=None, detail=None, add_to=p.add_to, sender=p.sender,
                             message_id=values["message_id"], last_run_id=run_id, updated_at=stamp)
                 )
-            elif again and latest["run_id"] != run_id and latest["status"] in (SENT, FAILED):
+            elif again and latest["run_id"] != run_id and latest["status"] in (SENT, FAILED, BOUNCED):
                 _insert_new(conn, dict(generation=latest["generation"] + 1, resend_of=latest["id"], **values))
             elif latest["status"] == PENDING and latest["add_to"] != p.add_to:
                 conn.execute(
@@ -308,11 +398,16 @@ def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: s
 
 def _insert_new(conn, values: dict, table: Table = delivery) -> None:
     """Insert unless a twin attempt inserted the same row a moment ago (the unique key decides)."""
+    insert_once(conn, table, values)
+
+
+def insert_once(conn, table: Table, values: dict) -> bool:
+    """Insert unless a row with the same unique key exists (a twin inserted it); whether this one did."""
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    conn.execute(dialect_insert(table).values(**values).on_conflict_do_nothing())
+    return conn.execute(dialect_insert(table).values(**values).on_conflict_do_nothing()).rowcount == 1
 
 
 # ``redecided``, as SQL: the condition of the UPDATE that re-decides a row.
@@ -668,6 +763,11 @@ def summarize_run(engine: Engine, run_id: str) -> dict:
         }
         for s, _, n, _ in rows:
             summary["by_status"][s] = summary["by_status"].get(s, 0) + n
+        # Reports this run applied (to deliveries of earlier nights, mostly): bounced, or noted delays.
+        applied = dict(conn.execute(select(bounce_report.c.effect, func.count()).where(bounce_report.c.run_id == run_id)
+                                    .group_by(bounce_report.c.effect)).all())
+        if applied:
+            summary["bounce_reports"] = applied
         conn.execute(update(mailing_run).where(mailing_run.c.run_id == run_id)
                      .values(summary=summary, finished_at=now()))
     return summary

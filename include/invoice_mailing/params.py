@@ -25,6 +25,7 @@ class RunParams:
     documents: tuple[str, ...] = ()
     resend: bool = False
     lookback_days: int = 30
+    lift_bounces: tuple[str, ...] = ()  # addresses mailed again tonight although they hard-bounced
 
     @classmethod
     def from_params(cls, params: dict) -> RunParams:
@@ -49,8 +50,15 @@ class RunParams:
             raise ParamError(f"lookback_days must be a whole number, got {raw_lookback!r}") from exc
         if lookback < 0:
             raise ParamError("lookback_days cannot be negative")
+        lifted = []
+        for address in names("lift_bounces"):
+            try:
+                lifted.append(rules.normalize_address(address))
+            except EmailNotValidError as exc:
+                raise ParamError(f"lift_bounces: {address!r} is not a valid address: {exc}") from exc
         return cls(dry_run=bool(params.get("dry_run")), redirect_to=redirect, customers=names("customers"),
-                   documents=names("documents"), resend=bool(params.get("resend")), lookback_days=lookback)
+                   documents=names("documents"), resend=bool(params.get("resend")), lookback_days=lookback,
+                   lift_bounces=tuple(lifted))
 
     @property
     def mode(self) -> str:

@@ -26,6 +26,7 @@ CONTACT_INACTIVE = "contact_inactive"
 FOREIGN_CONTACT = "foreign_contact"
 NO_RECIPIENTS = "no_recipients"
 NO_LONGER_DUE = "no_longer_due"
+ADDRESS_BOUNCED = "address_bounced"  # the address hard-bounced (spec section 9): decided with the ledger
 RELEASED_STATUSES = ("Open", "Closed")
 
 

@@ -1,0 +1,269 @@
+"""Spec section 9, bounce reports: VERP tokens and what one message of the bounce mailbox says (no servers)."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from include.invoice_mailing.bounces import (
+    BOUNCE_KEY_VARIABLE,
+    MAX_REPORT_BYTES,
+    BounceKeyError,
+    Kind,
+    bounce_key_from_environment,
+    delivery_of,
+    read_report,
+    verp_sender,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "bounces"
+# The VERP addresses in the fixtures were made with this key and bounce address.
+KEY = b"fixture-key-for-bounce-tests-only"
+BOUNCE_ADDRESS = "bounces@fjordlys.example"
+
+
+def fixture(name: str) -> bytes:
+    """A fixture's bytes without the '#' lines at its top that say where its format comes from."""
+    return re.sub(rb"\A(#[^\n]*\n)+", b"", (FIXTURES / name).read_bytes())
+
+
+# name, kind, status, failed recipient, delivery id (by VERP), original Message-ID
+EXPECTED = [
+    ("postfix-5.1.1-hard.eml", Kind.HARD, "5.1.1", "ap@nordvik-bygg.example", 101,
+     "<10042.pdf.3f1c2a9be07d4c6a81b2e5f0@fjordlys.example>"),
+    ("postfix-5.7.1-blocked.eml", Kind.BLOCKED, "5.7.1", "okonomi@vestby-transport.example", 102,
+     "<10043.pdf.9d2e41c07a6b5f3e28c1d0a4@fjordlys.example>"),
+    ("postfix-4.4.1-delayed.eml", Kind.DELAYED, "4.4.1", "regnskap@kvamme-el.example", 103,
+     "<10044.pdf.51be0c7d93a2e4f6b8d1c2a0@fjordlys.example>"),
+    # Exim's Status says 5.0.0 although the remote said 5.1.1: the Status field is the report's word.
+    ("exim-5.1.1-hard.eml", Kind.HARD, "5.0.0", "post@lindqvist-ror.example", 104,
+     "<10045.pdf.c4d3e2f1a0b9c8d7e6f5a4b3@fjordlys.example>"),
+    ("qmail-hard.eml", Kind.HARD, "5.1.1", "faktura@haugland-agentur.example", 105,
+     "<10046.pdf.0a1b2c3d4e5f60718293a4b5@fjordlys.example>"),
+    ("office365-5.1.10-hard.eml", Kind.HARD, "5.1.10", "okonomi@strand-maritim.example", 106,
+     "<10047.pdf.7e6d5c4b3a2918070f1e2d3c@fjordlys.example>"),
+    ("gmail-5.1.1-hard.eml", Kind.HARD, "5.1.1", "regnskap@solberg-fisk.example", 107,
+     "<10048.pdf.1f2e3d4c5b6a798897a6b5c4@fjordlys.example>"),
+    ("sendmail-5.1.1-hard.eml", Kind.HARD, "5.1.1", "innkjop@berg-vvs.example", 108,
+     "<10049.pdf.a0b1c2d3e4f5061728394a5b@fjordlys.example>"),
+    # No VERP address left: only the original Message-ID and the recipient name the delivery.
+    ("exchange-legacy-no-verp.eml", Kind.HARD, None, "innkjop@kystnett.example", None,
+     "<10061.pdf.5a4b3c2d1e0f9a8b7c6d5e4f@fjordlys.example>"),
+    ("unknown-charset.eml", Kind.HARD, "5.1.1", "ordre@bakke-verksted.example", 114,
+     "<10074.pdf.2b3c4d5e6f708192a3b4c5d6@fjordlys.example>"),
+]
+
+NOT_BOUNCES = [
+    ("auto-reply-rfc3834.eml", Kind.AUTO_REPLY, "Auto-Submitted: auto-replied"),
+    ("out-of-office-no-header.eml", Kind.AUTO_REPLY, "Automatisk svar"),
+    ("person-reply.eml", Kind.OTHER, "neither a bounce nor an automatic reply"),
+    ("broken-mime.eml", Kind.UNREADABLE, "broken MIME structure"),
+]
+
+
+def test_every_fixture_says_which_mta_it_represents():
+    names = sorted(path.name for path in FIXTURES.glob("*.eml"))
+    assert names == sorted([row[0] for row in EXPECTED] + [row[0] for row in NOT_BOUNCES])
+    for name in names:
+        assert (FIXTURES / name).read_bytes().startswith(b"# "), name
+
+
+@pytest.mark.parametrize(("name", "kind", "status", "recipient", "delivery_id", "original_message_id"), EXPECTED,
+                         ids=[row[0] for row in EXPECTED])
+def test_bounce_report_gives_kind_status_recipient_and_delivery(name, kind, status, recipient, delivery_id,
+                                                                 original_message_id):
+    report = read_report(fixture(name))
+
+    assert report.kind is kind, report.reason
+    assert report.is_bounce
+    [failed] = report.recipients
+    assert (failed.recipient, failed.status, failed.kind) == (recipient, status, kind)
+    assert failed.diagnostic, "the remote server's words are kept for the ledger's detail"
+    assert report.delivery_id(BOUNCE_ADDRESS, KEY) == delivery_id
+    assert report.original_message_id == original_message_id
+
+
+def test_dsn_diagnostic_is_unfolded_without_its_type():
+    report = read_report(fixture("postfix-5.1.1-hard.eml"))
+
+    assert report.recipients[0].diagnostic == (
+        "550 5.1.1 <ap@nordvik-bygg.example>: Recipient address rejected: User unknown in virtual mailbox table")
+    assert report.recipients[0].action == "failed"
+    assert report.envelope_id == "101"
+    assert "ap@nordvik-bygg.example failed 5.1.1" in report.reason
+
+
+def test_non_dsn_bounce_keeps_the_paragraph_on_the_recipient_as_diagnostic():
+    report = read_report(fixture("qmail-hard.eml"))
+
+    assert report.recipients[0].diagnostic == (
+        "<faktura@haugland-agentur.example>: Sorry, no mailbox here by that name. (#5.1.1)")
+    assert report.reason.startswith("non-standard bounce")
+
+
+def test_unknown_charset_is_read_with_replacements_and_said_in_the_reason():
+    report = read_report(fixture("unknown-charset.eml"))
+
+    assert "x-fjordlys-legacy" in report.reason
+    assert "Mottakeren finnes ikke" in report.recipients[0].diagnostic
+
+
+@pytest.mark.parametrize(("name", "kind", "reason"), NOT_BOUNCES, ids=[row[0] for row in NOT_BOUNCES])
+def test_auto_replies_answers_and_broken_reports_are_no_bounce(name, kind, reason):
+    report = read_report(fixture(name))
+
+    assert report.kind is kind
+    assert not report.is_bounce
+    assert report.recipients == ()
+    assert reason in report.reason
+
+
+def test_rfc3834_auto_reply_to_a_verp_address_still_is_no_bounce():
+    """A vacation reply goes to the envelope sender: it names the delivery, and must still not be applied."""
+    report = read_report(fixture("auto-reply-rfc3834.eml"))
+
+    assert report.delivery_id(BOUNCE_ADDRESS, KEY) == 110
+    assert report.kind is Kind.AUTO_REPLY
+
+
+def _message(subject: str, sender: str = "Lise Aasen <lise@aasen-regnskap.example>", headers: str = "") -> bytes:
+    return (f"From: {sender}\nTo: {BOUNCE_ADDRESS}\nSubject: {subject}\n{headers}"
+            "Content-Type: text/plain; charset=utf-8\n\nHei.\n").encode()
+
+
+@pytest.mark.parametrize("subject", [
+    "Out of Office: Faktura 10071", "Automatic reply: Faktura 10071", "Fraværsmelding", "Automatiskt svar: Faktura",
+    "Abwesenheitsnotiz: Rechnung 10071", "Poissaolo: Lasku 10071",
+])
+def test_out_of_office_subjects_in_the_customers_languages_are_auto_replies(subject):
+    assert read_report(_message(subject)).kind is Kind.AUTO_REPLY
+
+
+@pytest.mark.parametrize(("headers", "kind"), [
+    ("Auto-Submitted: auto-generated\n", Kind.AUTO_REPLY),
+    ("Auto-Submitted: no\n", Kind.OTHER),
+    ("X-Autoreply: yes\n", Kind.AUTO_REPLY),
+    ("Precedence: auto_reply\n", Kind.AUTO_REPLY),
+    ("Precedence: bulk\n", Kind.OTHER),
+])
+def test_auto_reply_headers(headers, kind):
+    assert read_report(_message("Re: Faktura 10072", headers=headers)).kind is kind
+
+
+def test_delay_warning_from_the_mail_system_without_dsn_is_delayed():
+    report = read_report(_message("Warning: could not send message for past 4 hours",
+                                  sender="Mail Delivery Subsystem <MAILER-DAEMON@mail.kvamme-el.example>"))
+
+    assert report.kind is Kind.DELAYED
+
+
+def test_a_person_writing_delayed_is_no_delay_warning():
+    assert read_report(_message("Re: Faktura 10072 - delivery delayed")).kind is Kind.OTHER
+
+
+# --- VERP ---------------------------------------------------------------------------------------------
+
+
+def test_verp_sender_is_a_lower_case_valid_local_part_that_names_the_delivery():
+    address = verp_sender(BOUNCE_ADDRESS, 4711, KEY)
+
+    local, domain = address.split("@")
+    assert domain == "fjordlys.example"
+    assert re.fullmatch(r"bounces\+4711-[a-z2-7]{16}", local)
+    assert delivery_of(address, BOUNCE_ADDRESS, KEY) == 4711
+    assert delivery_of(f"Mail Delivery <{address}>", BOUNCE_ADDRESS, KEY) == 4711
+
+
+def test_case_folded_verp_address_still_matches():
+    address = verp_sender(BOUNCE_ADDRESS, 4711, KEY)
+
+    assert delivery_of(address.upper(), BOUNCE_ADDRESS, KEY) == 4711
+    assert delivery_of(address, BOUNCE_ADDRESS.upper(), KEY) == 4711
+
+
+def test_forged_token_of_the_right_shape_gives_no_delivery():
+    address = verp_sender(BOUNCE_ADDRESS, 4711, KEY)
+    mac = address.split("-")[1].split("@")[0]
+    forged_mac = ("b" if mac[0] == "a" else "a") + mac[1:]
+
+    assert delivery_of(address.replace(mac, forged_mac), BOUNCE_ADDRESS, KEY) is None
+    # Another delivery's id with this delivery's MAC.
+    assert delivery_of(address.replace("+4711-", "+4712-"), BOUNCE_ADDRESS, KEY) is None
+    # A token made with another deployment's key.
+    assert delivery_of(verp_sender(BOUNCE_ADDRESS, 4711, b"another-deployment-key-32-bytes!!"), BOUNCE_ADDRESS,
+                       KEY) is None
+
+
+@pytest.mark.parametrize("address", [
+    BOUNCE_ADDRESS, "faktura@fjordlys.example", "bounces+4711@fjordlys.example", "bounces+4711-@fjordlys.example",
+    "bounces+0-aaaaaaaaaaaaaaaa@fjordlys.example", "", "<>", "not an address",
+])
+def test_addresses_that_are_not_ours_give_no_delivery(address):
+    assert delivery_of(address, BOUNCE_ADDRESS, KEY) is None
+
+
+def test_verp_address_of_another_bounce_mailbox_gives_no_delivery():
+    address = verp_sender("bounces@other.example", 4711, KEY)
+
+    assert delivery_of(address, BOUNCE_ADDRESS, KEY) is None
+    assert delivery_of(verp_sender("returns@fjordlys.example", 4711, KEY), BOUNCE_ADDRESS, KEY) is None
+
+
+def test_report_with_forged_verp_address_names_no_delivery():
+    raw = fixture("postfix-5.1.1-hard.eml").replace(b"yqwuy5dschtzxjcm", b"yqwuy5dschtzxjcn")
+
+    report = read_report(raw)
+
+    assert report.kind is Kind.HARD
+    assert report.delivery_id(BOUNCE_ADDRESS, KEY) is None
+
+
+def test_bounce_key_comes_from_the_environment_and_a_short_one_is_refused():
+    good = "k" * 43
+    assert bounce_key_from_environment({BOUNCE_KEY_VARIABLE: good}) == good.encode()
+    with pytest.raises(BounceKeyError, match=f"{BOUNCE_KEY_VARIABLE} is not set"):
+        bounce_key_from_environment({})
+    with pytest.raises(BounceKeyError, match="is 9 bytes long; at least 32"):
+        bounce_key_from_environment({BOUNCE_KEY_VARIABLE: "too-short"})
+    with pytest.raises(BounceKeyError):
+        verp_sender(BOUNCE_ADDRESS, 1, b"too-short")
+
+
+# --- Bad input ----------------------------------------------------------------------------------------
+
+
+def test_report_above_the_size_limit_is_not_read():
+    report = read_report(b"From: x@example.org\n\n" + b"x" * (20 * 1024 * 1024))
+
+    assert report.kind is Kind.UNREADABLE
+    assert "above the limit" in report.reason
+    assert read_report(fixture("postfix-5.1.1-hard.eml") + b"\n" * (MAX_REPORT_BYTES + 1)).kind is Kind.UNREADABLE
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"\x00\xff\xfe\x80garbage\r\n\r\n", random.Random(16).randbytes(4096), b"just text, no header lines\n",
+    b"Subject: x\nContent-Type: multipart/report; boundary=\"a\"\n\nno parts at all\n",
+    b"Subject: =?x-none?b?!!!?=\nContent-Type: message/delivery-status\n\nAction: failed\n",
+], ids=["empty", "garbage", "random", "text", "multipart-without-parts", "delivery-status-without-blocks"])
+def test_garbage_gives_a_report_with_a_reason(raw):
+    report = read_report(raw)
+
+    assert report.kind in (Kind.UNREADABLE, Kind.OTHER)
+    assert report.reason
+
+
+def test_damaged_reports_never_raise():
+    """Every fixture truncated and with bytes flipped: read_report answers each with a Report."""
+    rng = random.Random(3464)
+    for path in sorted(FIXTURES.glob("*.eml")):
+        raw = fixture(path.name)
+        for _ in range(20):
+            damaged = bytearray(raw[: rng.randrange(len(raw))])
+            for _ in range(rng.randrange(1, 20)):
+                if damaged:
+                    damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+            report = read_report(bytes(damaged))
+            assert report.reason, path.name
