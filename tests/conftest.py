@@ -132,6 +132,28 @@ def faked_clock():
         pytest.skip(message)
 
 
+def start_dovecot(capabilities: str | None = None):
+    """A Dovecot of dev/dovecot.py, started; skips when Dovecot is not installed (fails under CI=true)."""
+    from dev.dovecot import Dovecot, DovecotMissing
+
+    try:
+        return Dovecot(capabilities).start()
+    except DovecotMissing as exc:
+        message = f"{exc}; the IMAP tests need it"
+        if IN_CI:
+            pytest.fail(f"{message}. Under CI=true a missing package is a failure.")
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def dovecot():
+    """A real IMAP server (Dovecot) on 127.0.0.1, one per test module: each test takes its own login
+    (``dovecot.new_login()``), so the tests share no messages."""
+    server = start_dovecot()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def postgres_admin():
     """An autocommit engine on the local PostgreSQL server; skips (fails under CI) when there is none."""

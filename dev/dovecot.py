@@ -1,0 +1,236 @@
+"""A throw-away Dovecot IMAP server on 127.0.0.1, in a temporary folder: for the bounce mailbox's tests.
+
+Dovecot runs as root (as on this machine and CI) and drops to its own users: ``default_internal_user``
+for its helpers, ``default_login_user`` for the login processes, and the ``mail`` user for the mail
+files (Maildir, under the folder). Any login name is let in with the password ``secret`` (a static
+passdb: a passwd file is read again only when its time stamp changes, a second later) and gets its own
+mailbox, so that tests sharing one server share no messages (:meth:`Dovecot.new_login`).
+Written for Dovecot 2.3 (Debian 12's ``dovecot-imapd``); 2.4 renamed most settings and is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import imaplib
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from dev.smtp_sink import free_port
+
+PASSWORD = "secret"
+DOVECOT = "dovecot"
+MAIL_USER = "mail"
+
+# Dovecot 2.3's configuration; {folder}, {port}... are filled in, Dovecot's own %u stays. Debian's mail
+# user (uid 8) is below Dovecot's default first_valid_uid (500): the mail user's uid is the first valid.
+CONFIG_23 = """\
+base_dir = {folder}/run
+state_dir = {folder}/state
+log_path = {folder}/dovecot.log
+protocols = imap
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+default_internal_user = dovecot
+default_login_user = dovenull
+auth_mechanisms = plain login
+auth_failure_delay = 0
+passdb {{
+  driver = static
+  args = password={password}
+}}
+userdb {{
+  driver = static
+  args = uid={mail_user} gid={mail_user} home={folder}/mail/%u
+}}
+mail_location = maildir:~/Maildir
+first_valid_uid = {mail_uid}
+namespace inbox {{
+  inbox = yes
+  separator = /
+}}
+service imap-login {{
+  inet_listener imap {{
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+# No penalty of seconds on the logins that follow a refused one (the listener's mode 0 turns it off).
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+}}
+{capability}
+"""
+
+
+class DovecotMissing(RuntimeError):
+    """Dovecot is not installed here, or is not a version this module configures."""
+
+
+def dovecot_version() -> str:
+    """``dovecot --version``'s number, e.g. ``2.3.19.1``; DovecotMissing when it is not installed."""
+    if shutil.which(DOVECOT) is None:
+        raise DovecotMissing("dovecot is not installed (Debian: dovecot-imapd; dev/system-packages install)")
+    output = subprocess.run([DOVECOT, "--version"], check=True, capture_output=True, text=True).stdout
+    return output.split()[0]
+
+
+class Dovecot:
+    """Start and stop the server; append and list messages of a login's folders.
+
+    ``capabilities``: replace the capabilities Dovecot announces after the login (its setting
+    ``imap_capability``), e.g. without MOVE, to play an older server.
+    """
+
+    def __init__(self, capabilities: str | None = None):
+        self.capabilities = capabilities
+        self.port = 0
+        self.folder: Path | None = None
+
+    @property
+    def config(self) -> Path:
+        return self.folder / "dovecot.conf"
+
+    def start(self) -> Dovecot:
+        version = dovecot_version()
+        if not version.startswith("2.3."):
+            raise DovecotMissing(f"dovecot {version} is installed; dev/dovecot.py writes Dovecot 2.3's configuration")
+        self.folder = Path(tempfile.mkdtemp(prefix="invoice-mailing-dovecot-"))
+        self.folder.chmod(0o755)  # mkdtemp's 0700 would lock out Dovecot's unprivileged processes
+        mail = self.folder / "mail"
+        mail.mkdir()
+        shutil.chown(mail, MAIL_USER, MAIL_USER)
+        self.port = free_port()
+        capability = f"imap_capability = {self.capabilities}" if self.capabilities else ""
+        self.config.write_text(CONFIG_23.format(folder=self.folder, port=self.port, mail_user=MAIL_USER,
+                                                mail_uid=pwd.getpwnam(MAIL_USER).pw_uid, password=PASSWORD,
+                                                capability=capability))
+        # The master forks into the background and keeps its inherited output open: a pipe would never
+        # reach its end, so its start-up errors go to a file.
+        errors = self.folder / "start.err"
+        with errors.open("w") as stderr:
+            started = subprocess.run([DOVECOT, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=stderr)
+        if started.returncode != 0:
+            raise RuntimeError(f"dovecot did not start: {errors.read_text().strip()}")
+        self._wait_for_greeting()
+        return self
+
+    def _wait_for_greeting(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                imaplib.IMAP4("127.0.0.1", self.port, timeout=2).shutdown()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    log = self.folder / "dovecot.log"
+                    raise RuntimeError(f"dovecot did not listen on port {self.port} within {timeout:.0f} s: "
+                                       f"{log.read_text()[-2000:] if log.exists() else 'no log'}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.folder is None:
+            return
+        subprocess.run(["doveadm", "-c", str(self.config), "stop"], capture_output=True)
+        pid_file = self.folder / "run" / "master.pid"
+        deadline = time.monotonic() + 10
+        while pid_file.exists() and time.monotonic() < deadline:  # the master removes it when it has ended
+            time.sleep(0.05)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder = None
+
+    def __enter__(self) -> Dovecot:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def new_login(self, prefix: str = "bounces") -> str:
+        """A new login with an empty mailbox of its own (Dovecot makes it at the first login)."""
+        return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+    def connection(self, login: str, **extra) -> dict:
+        """An Airflow IMAP connection to this server for ``login``, as a dict (``json.dumps`` it for
+        an ``AIRFLOW_CONN_...`` variable)."""
+        return {"conn_type": "imap", "host": "127.0.0.1", "port": self.port, "login": login,
+                "password": PASSWORD, "extra": {"use_ssl": False, **extra}}
+
+    def _session(self, login: str) -> imaplib.IMAP4:
+        session = imaplib.IMAP4("127.0.0.1", self.port, timeout=10)
+        session.login(login, PASSWORD)
+        return session
+
+    def append(self, login: str, raw: bytes, folder: str = "INBOX", flags: str = "") -> None:
+        """Put a message into a folder (IMAP APPEND), creating the folder when missing."""
+        session = self._session(login)
+        try:
+            if folder != "INBOX":
+                session.create(_quoted(folder))  # NO when it exists already: that is fine
+            typ, data = session.append(_quoted(folder), f"({flags})" if flags else None, None, raw)
+            if typ != "OK":
+                raise RuntimeError(f"APPEND to {folder} refused: {data}")
+        finally:
+            session.logout()
+
+    def messages(self, login: str, folder: str = "INBOX") -> list[tuple[bytes, set[str]]]:
+        """A folder's messages in order, each as its exact bytes and its flags (e.g. ``{"\\\\Seen"}``),
+        read without changing them; an empty list when the folder does not exist."""
+        session = self._session(login)
+        try:
+            typ, _ = session.select(_quoted(folder), readonly=True)
+            if typ != "OK":
+                return []
+            typ, data = session.uid("SEARCH", "ALL")
+            uids = data[0].split()
+            found = []
+            for uid in uids:
+                typ, data = session.uid("FETCH", uid, "(FLAGS BODY.PEEK[])")
+                head, raw = next(item for item in data if isinstance(item, tuple))
+                tail = b" ".join(item for item in data if isinstance(item, bytes))
+                flags = re.search(rb"FLAGS \(([^)]*)\)", head + tail).group(1).decode().split()
+                found.append((raw, set(flags) - {"\\Recent"}))  # \Recent: only says which session saw it first
+            return found
+        finally:
+            session.logout()
+
+    def folders(self, login: str) -> list[str]:
+        """The names of the login's folders."""
+        session = self._session(login)
+        try:
+            _, data = session.list()
+            return [line.decode().rsplit(' "/" ', 1)[1].strip('"') for line in data if line]
+        finally:
+            session.logout()
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args()
+    with Dovecot() as server:
+        login = server.new_login()
+        print(f"Dovecot {dovecot_version()} on 127.0.0.1:{server.port}, login {login}, password {PASSWORD}",
+              flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        stop.wait()
+
+
+if __name__ == "__main__":
+    main()

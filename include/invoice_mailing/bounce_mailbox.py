@@ -1,0 +1,224 @@
+"""The bounce mailbox (spec section 9): read the reports in the ``mailing_bounces`` IMAP folder, move applied ones.
+
+The IMAP provider's hook opens the session (host, port, login, password, extra ``use_ssl`` and
+``ssl_context``); everything after the login is plain IMAP here, because the provider's own helpers
+look for attachments and decode bodies as UTF-8, where a report must be read as the exact bytes the
+server holds. Reading never changes a message: bodies are fetched with ``BODY.PEEK[]`` (no ``\\Seen``),
+and only :meth:`BounceMailbox.processed` moves one message, by its UID, to the processed folder.
+Nothing here deletes a report, and nothing expunges a message it did not move itself: no plain
+EXPUNGE, and no CLOSE either (CLOSE expunges every message flagged ``\\Deleted``, someone else's too).
+"""
+
+from __future__ import annotations
+
+import imaplib
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+BOUNCES_CONN_ID = "mailing_bounces"
+# A report is small: a DSN with headers only is a few kB, with the returned message a few MB. A message
+# far beyond that is not read into memory (it stays in the folder, unread, with a log line).
+SIZE_LIMIT = 10 * 1024 * 1024
+# An answer the server does not send within this many seconds ends the session: a night does not hang on
+# its mailbox. (The hook opens the connection without a time-out; this applies from the greeting on.)
+TIMEOUT = 60
+
+log = logging.getLogger(__name__)
+
+
+class MailboxUnavailable(Exception):
+    """The bounce mailbox cannot be read or changed: the server is down, refuses the login, or lacks a
+    folder. The message is one line, for the night's log and alert; the night mails all the same."""
+
+
+@dataclass(frozen=True)
+class MailboxSettings:
+    """The connection's settings that are this module's: the extras of spec section 9."""
+
+    conn_id: str
+    host: str
+    port: int
+    login: str
+    address: str            # the bounce address (VERP's base); default: the login
+    folder: str             # where reports arrive; default INBOX
+    processed_folder: str   # where applied reports go; default Processed, created when missing
+
+    @classmethod
+    def from_connection(cls, conn) -> MailboxSettings:
+        extra = conn.extra_dejson
+        use_ssl = extra.get("use_ssl", True)  # the hook's default
+        settings = cls(conn_id=conn.conn_id, host=conn.host or "", port=conn.port or (993 if use_ssl else 143),
+                       login=conn.login or "", address=extra.get("address") or conn.login or "",
+                       folder=extra.get("folder") or "INBOX",
+                       processed_folder=extra.get("processed_folder") or "Processed")
+        for name in (settings.folder, settings.processed_folder):
+            if not name.isascii():  # IMAP names other characters in modified UTF-7, which imaplib does not do
+                raise MailboxUnavailable(f"{settings.where}: folder name {name!r} is not ASCII: rename the folder")
+        return settings
+
+    @property
+    def where(self) -> str:
+        """How log lines and errors name the mailbox."""
+        return f"bounce mailbox {self.conn_id} ({self.login}@{self.host}:{self.port})"
+
+
+def mailbox_settings(conn_id: str = BOUNCES_CONN_ID) -> MailboxSettings | None:
+    """The connection's settings, or None when Airflow has no such connection (then the night sends with
+    the email account's address as MAIL FROM and reads no bounces)."""
+    from airflow.providers.imap.hooks.imap import ImapHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return MailboxSettings.from_connection(ImapHook.get_connection(conn_id))
+    except AirflowNotFoundException:
+        return None
+
+
+class MailboxMessage(NamedTuple):
+    uid: int      # the message's UID in the folder (stable for this session; UIDVALIDITY is not kept)
+    size: int     # RFC822.SIZE, in bytes
+    raw: bytes    # the message exactly as the server holds it
+
+
+class BounceMailbox:
+    """One IMAP session on the report folder, selected read-write (a move needs it)."""
+
+    def __init__(self, client: imaplib.IMAP4, settings: MailboxSettings, size_limit: int = SIZE_LIMIT):
+        self.client = client
+        self.settings = settings
+        self.size_limit = size_limit
+        self.capabilities = self._capabilities()
+        self._processed_folder_ready = False
+        selected = self._call("select the folder", f"folder {settings.folder!r} cannot be opened",
+                              client.select, _quoted(settings.folder))
+        self.count = int(selected[0])  # the messages in the folder (EXISTS) when it was opened
+
+    @classmethod
+    @contextmanager
+    def from_connection(cls, conn_id: str = BOUNCES_CONN_ID, size_limit: int = SIZE_LIMIT) -> Iterator[BounceMailbox]:
+        """Open the mailbox of an Airflow IMAP connection; MailboxUnavailable when it cannot be."""
+        from airflow.providers.imap.hooks.imap import ImapHook
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        hook = ImapHook(imap_conn_id=conn_id)
+        try:
+            settings = MailboxSettings.from_connection(hook.get_connection(conn_id))
+        except AirflowNotFoundException:
+            raise MailboxUnavailable(f"bounce mailbox {conn_id}: Airflow has no connection {conn_id!r}") from None
+        try:
+            hook.get_conn()
+        except (OSError, imaplib.IMAP4.error) as exc:
+            if hook.mail_client is not None:  # connected, then the login was refused
+                hook.mail_client.shutdown()
+                raise MailboxUnavailable(f"{settings.where}: the server refused the login: {_one_line(exc)}") from exc
+            raise MailboxUnavailable(f"{settings.where}: cannot connect: {_one_line(exc)}") from exc
+        client = hook.mail_client
+        try:
+            client.sock.settimeout(TIMEOUT)
+            if client.state != "AUTH":
+                raise MailboxUnavailable(f"{settings.where}: the connection has no login and password")
+            mailbox = cls(client, settings, size_limit)
+            yield mailbox
+        finally:
+            try:
+                client.logout()  # LOGOUT, never CLOSE: see the module's docstring
+            except (OSError, imaplib.IMAP4.error):
+                client.shutdown()
+
+    def messages(self) -> Iterator[MailboxMessage]:
+        """The folder's messages in UID order, each read whole; a message above the size limit is left
+        where it is, unread, with a log line. Nothing is marked read."""
+        sizes = self._sizes()
+        log.info("%s: %d message(s) in %s", self.settings.where, len(sizes), self.settings.folder)
+        for uid, size in sorted(sizes.items()):
+            if size > self.size_limit:
+                log.warning("%s: message UID %d in %s is %d bytes, above the limit of %d: left there, unread",
+                            self.settings.where, uid, self.settings.folder, size, self.size_limit)
+                continue
+            raw = self._body(uid)
+            if raw is not None:  # None: another client removed it meanwhile
+                yield MailboxMessage(uid, size, raw)
+
+    def processed(self, uid: int) -> None:
+        """Move one message to the processed folder: MOVE (RFC 6851) where offered, else COPY, the
+        ``\\Deleted`` flag and UID EXPUNGE (RFC 4315, UIDPLUS) of that UID alone. A server with neither
+        cannot remove one message without risking others: the message stays, and this raises."""
+        self._ensure_processed_folder()
+        target = _quoted(self.settings.processed_folder)
+        what = f"move message UID {uid} to {self.settings.processed_folder}"
+        if "MOVE" in self.capabilities:
+            self._call(what, what, self.client.uid, "MOVE", str(uid), target)
+        elif "UIDPLUS" in self.capabilities:
+            self._call(what, what, self.client.uid, "COPY", str(uid), target)
+            self._call(what, what, self.client.uid, "STORE", str(uid), "+FLAGS.SILENT", r"(\Deleted)")
+            self._call(what, what, self.client.uid, "EXPUNGE", str(uid))
+        else:
+            raise MailboxUnavailable(f"{self.settings.where}: the server offers neither MOVE nor UIDPLUS, so one "
+                                     f"message cannot be moved alone; UID {uid} stays in {self.settings.folder}")
+        log.info("%s: message UID %d moved to %s", self.settings.where, uid, self.settings.processed_folder)
+
+    def _capabilities(self) -> set[str]:
+        """The capabilities after the login (a server announces MOVE and UIDPLUS only then)."""
+        data = self._call("ask the capabilities", "CAPABILITY refused", self.client.capability)
+        return {word.upper() for word in data[-1].decode().split()}
+
+    def _sizes(self) -> dict[int, int]:
+        if not self.count:  # some servers refuse the range 1:* of an empty folder
+            return {}
+        data = self._call("read the sizes", f"cannot read {self.settings.folder}",
+                          self.client.uid, "FETCH", "1:*", "(RFC822.SIZE)")
+        sizes = {}
+        for line in data:
+            line = line[0] if isinstance(line, tuple) else line
+            uid, size = re.search(rb"UID (\d+)", line or b""), re.search(rb"RFC822\.SIZE (\d+)", line or b"")
+            if uid and size:
+                sizes[int(uid.group(1))] = int(size.group(1))
+        return sizes
+
+    def _body(self, uid: int) -> bytes | None:
+        data = self._call(f"read message UID {uid}", f"cannot read message UID {uid}",
+                          self.client.uid, "FETCH", str(uid), "(BODY.PEEK[])")
+        for item in data:
+            if isinstance(item, tuple) and b"BODY[]" in item[0] and re.search(rb"UID %d\b" % uid, item[0]):
+                return item[1]
+        return None
+
+    def _ensure_processed_folder(self) -> None:
+        """Create the processed folder the first time a message goes there, if it is missing, and subscribe
+        to it so that mail programs show it. A mailbox with nothing to apply is left as it was."""
+        if self._processed_folder_ready:
+            return
+        name = self.settings.processed_folder
+        listed = self._call("list the folders", f"cannot list {name}", self.client.list, '""', _quoted(name))
+        if not any(listed):
+            self._call(f"create {name}", f"cannot create {name}", self.client.create, _quoted(name))
+            self._call(f"subscribe to {name}", f"cannot subscribe to {name}", self.client.subscribe, _quoted(name))
+            log.info("%s: created the folder %s", self.settings.where, name)
+        self._processed_folder_ready = True
+
+    def _call(self, doing: str, refused: str, command, *args) -> list:
+        """Run one imaplib command; its data when the server answered OK, else MailboxUnavailable saying what
+        failed, with the server's own words."""
+        try:
+            typ, data = command(*args)
+        except (OSError, imaplib.IMAP4.error) as exc:
+            raise MailboxUnavailable(f"{self.settings.where}: lost while trying to {doing}: {_one_line(exc)}") from exc
+        if typ != "OK":
+            answer = b" ".join(d for d in data if isinstance(d, bytes)).decode(errors="replace")
+            raise MailboxUnavailable(f"{self.settings.where}: {refused}: {_one_line(answer)}")
+        return data
+
+
+def _quoted(name: str) -> str:
+    """A folder name as an IMAP quoted string (imaplib sends names as they are: a space would break)."""
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _one_line(error: object) -> str:
+    text = error.decode(errors="replace") if isinstance(error, bytes) else str(error)
+    text = re.sub(r"^b'(.*)'$", r"\1", text.strip())  # imaplib's errors show the server's bytes as b'...'
+    return " ".join(text.split())
