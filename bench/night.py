@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import secrets
 import sys
 import threading
 import time
@@ -132,7 +133,7 @@ class CountingHandler(SinkHandler):
         super().__init__()
         self.counts: Counter = Counter()  # (document, envelope recipient) -> copies
 
-    def keep(self, envelope_from: str, envelope_to: list[str], data: bytes) -> None:
+    def keep(self, envelope_from: str, envelope_to: list[str], data: bytes, **options) -> None:
         head = data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
         document = next((line.split(":", 1)[1].strip() for line in head.split("\r\n")
                          if line.lower().startswith("x-invoice-document:")), "?")
@@ -141,8 +142,8 @@ class CountingHandler(SinkHandler):
                 self.counts[(document, rcpt)] += 1
 
 
-def counting_sink() -> SmtpSink:
-    sink = SmtpSink()
+def counting_sink(dsn: bool = False) -> SmtpSink:
+    sink = SmtpSink(dsn=dsn)
     sink.handler = sink.controller.handler = CountingHandler()
     return sink
 
@@ -154,25 +155,37 @@ def smtp_connection(port: int) -> str:
 
 # --- 1. the plain loop --------------------------------------------------------------------------
 
-def plain_loop(dbs: Databases, documents: int, customers: int, released: datetime) -> dict:
+def plain_loop(dbs: Databases, documents: int, customers: int, released: datetime, bounces: bool) -> dict:
     from include.invoice_mailing import pipeline, tasks
     from include.invoice_mailing.deliver import SmtpSender
 
     _, erp = dbs.new("plain_erp")
     _, ledger_db = dbs.new("plain_ledger")
     seed_erp(erp, documents, customers, released)
-    with counting_sink() as sink:
+    with counting_sink(dsn=bounces) as sink:
         os.environ["AIRFLOW_CONN_SMTP_DEFAULT"] = smtp_connection(sink.port)
         ctx = pipeline.RunContext.from_airflow("plain", None, datetime.now(UTC), {})
         wall, cpu = time.perf_counter(), time.process_time()
         [batch] = pipeline.extract(erp, ledger_db, ctx, max_batches=0, batch_documents=documents, max_instances=1)
         with SmtpSender() as sender:
-            pipeline.mail_batch(erp, ledger_db, ctx, batch, renderer=tasks.renderer(), sender=sender)
+            pipeline.mail_batch(erp, ledger_db, ctx, batch, renderer=tasks.renderer(), sender=sender,
+                                settings=pipeline.BatchSettings(verp=pipeline.Verp.from_deployment()))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         arrived = sum(sink.handler.counts.values())
     erp.dispose()
     ledger_db.dispose()
     return {"documents": documents, "wall": wall, "cpu": cpu, "per_doc": wall / documents, "arrived": arrived}
+
+
+def bounce_env(bounces: bool) -> dict[str, str]:
+    """With ``--bounces``: the connection mailing_bounces (never read here: the night only sends) and a
+    fresh key, so that every delivery goes out with its VERP sender and, the sink offering DSN, its DSN
+    parameters."""
+    if not bounces:
+        return {}
+    return {"AIRFLOW_CONN_MAILING_BOUNCES": json.dumps({"conn_type": "imap", "host": "127.0.0.1", "login": "bounces",
+                                                        "extra": {"address": "bounces@fjordlys.example"}}),
+            "INVOICE_MAILING_BOUNCE_KEY": secrets.token_urlsafe(32)}
 
 
 # --- 2. the night in a real Airflow -------------------------------------------------------------
@@ -203,16 +216,17 @@ class RssSampler(threading.Thread):
                     continue
 
 
-def night(dbs: Databases, documents: int, customers: int, released: datetime, timeout: float) -> dict:
+def night(dbs: Databases, documents: int, customers: int, released: datetime, timeout: float,
+          bounces: dict[str, str]) -> dict:
     from dev.airflow_stack import AirflowStack
 
     erp_name, erp = dbs.new("erp")
     ledger_name, _ = dbs.new("ledger")
     seed_erp(erp, documents, customers, released)
     erp.dispose()
-    with counting_sink() as sink:
+    with counting_sink(dsn=bool(bounces)) as sink:
         env = {"AIRFLOW_CONN_ERP_DB": dbs.connection(erp_name), "AIRFLOW_CONN_MAILING_LEDGER": dbs.connection(ledger_name),
-               "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port)}
+               "AIRFLOW_CONN_SMTP_DEFAULT": smtp_connection(sink.port), **bounces}
         with AirflowStack(extra_env=env) as stack:
             client = stack.client()
             client.wait_for_dag("invoice_mailing")
@@ -238,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--customers", type=int, help="default: documents / 4")
     parser.add_argument("--sample", type=float, default=0.10, help="the plain loop's share of the night")
     parser.add_argument("--timeout", type=float, default=4 * 3600)
+    parser.add_argument("--bounces", action="store_true",
+                        help="with mailing_bounces: one transaction per delivery, VERP senders, DSN (issue 16)")
     args = parser.parse_args(argv)
     customers = args.customers or max(1, args.documents // 4)
     cores = os.cpu_count() or 1
@@ -245,13 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {cores} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
           f"concurrency {os.environ.get('INVOICE_MAILING_CONCURRENCY') or cores}, "
           f"preload {os.environ.get('INVOICE_MAILING_PRELOAD', 'true')}", flush=True)
+    bounces = bounce_env(args.bounces)
+    os.environ.update(bounces)  # the plain loop reads them here; the night's processes get them through the stack
     dbs = Databases()
     try:
         sample_docs = max(1, round(args.documents * args.sample))
-        plain = plain_loop(dbs, sample_docs, max(1, round(customers * args.sample)), released)
+        plain = plain_loop(dbs, sample_docs, max(1, round(customers * args.sample)), released, args.bounces)
         print(f"plain loop: {plain['documents']} documents in {plain['wall']:.1f} s wall, {plain['cpu']:.1f} s CPU: "
               f"{plain['per_doc'] * 1000:.1f} ms a document ({plain['arrived']} arrived)", flush=True)
-        result = night(dbs, args.documents, customers, released, args.timeout)
+        result = night(dbs, args.documents, customers, released, args.timeout, bounces)
     finally:
         dbs.drop()
     ideal = plain["per_doc"] * args.documents / cores

@@ -3,6 +3,8 @@
 Each message is kept in memory with its envelope and, given a folder, written there as an ``.eml``
 file whose first headers record the envelope (Bcc recipients appear only there). The sink also counts
 the SMTP sessions open at once and keeps the peak, as a relay with a session limit counts them.
+With ``dsn=True`` it offers DSN (RFC 3461) and PIPELINING (RFC 2920) as a production relay does, and
+keeps the MAIL FROM and RCPT TO parameters of each message, so that tests can read what was asked for.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class Received:
     envelope_from: str
     envelope_to: list[str]
     data: bytes
+    mail_options: list[str] = field(default_factory=list)        # e.g. ["SIZE=1234", "RET=HDRS", "ENVID=..."]
+    rcpt_options: list[list[str]] = field(default_factory=list)  # per envelope_to, e.g. [["NOTIFY=FAILURE,DELAY"]]
 
     @property
     def message(self) -> EmailMessage:
@@ -89,6 +93,7 @@ class SinkHandler:
             return reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        envelope.rcpt_params = []  # per accepted recipient, in the order of rcpt_tos
         return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
@@ -97,6 +102,7 @@ class SinkHandler:
         if reply:
             return reply
         envelope.rcpt_tos.append(address)
+        envelope.rcpt_params.append(list(rcpt_options))
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
@@ -106,7 +112,7 @@ class SinkHandler:
         if faults.kill_at_data and faults.kill_at_data[0] == faults.data_seen:
             _, pid, keep = faults.kill_at_data
             if keep:
-                self.keep(envelope.mail_from, list(envelope.rcpt_tos), content)
+                self.keep(envelope.mail_from, list(envelope.rcpt_tos), content, **_options(envelope))
             os.kill(pid, signal.SIGKILL)
             server.transport.close()
             return "421 closing"
@@ -118,7 +124,7 @@ class SinkHandler:
             return "421 closing"
         if faults.data_replies:
             return faults.data_replies.pop(0)
-        self.keep(envelope.mail_from, list(envelope.rcpt_tos), content)
+        self.keep(envelope.mail_from, list(envelope.rcpt_tos), content, **_options(envelope))
         if faults.accept_then_drop > 0:
             faults.accept_then_drop -= 1
             server.transport.close()
@@ -134,9 +140,10 @@ class SinkHandler:
         with self._lock:
             self.sessions_open -= 1
 
-    def keep(self, envelope_from: str, envelope_to: list[str], data: bytes) -> None:
+    def keep(self, envelope_from: str, envelope_to: list[str], data: bytes, *, mail_options: list[str],
+             rcpt_options: list[list[str]]) -> None:
         with self._lock:
-            item = Received(envelope_from, envelope_to, data)
+            item = Received(envelope_from, envelope_to, data, mail_options, rcpt_options)
             self.received.append(item)
             if self.directory:
                 message_id = item.message.get("Message-ID", "") or f"message-{len(self.received)}"
@@ -145,6 +152,11 @@ class SinkHandler:
                 path = self.directory / f"{existing + 1:04d}-{stem}.eml"
                 head = f"X-Envelope-From: {envelope_from}\r\nX-Envelope-To: {', '.join(envelope_to)}\r\n"
                 path.write_bytes(head.encode() + data)
+
+
+def _options(envelope) -> dict:
+    """The MAIL FROM parameters, and the RCPT TO parameters of each accepted recipient."""
+    return {"mail_options": list(envelope.mail_options), "rcpt_options": list(getattr(envelope, "rcpt_params", []))}
 
 
 class _CountingSmtp(SMTP):
@@ -161,9 +173,26 @@ class _CountingSmtp(SMTP):
         self.event_handler.session_closed()
 
 
+class _DsnSmtp(_CountingSmtp):
+    """Takes the DSN parameters of RFC 3461 (aiosmtpd answers 555 to any MAIL or RCPT parameter it does
+    not know): they are left out of the parameters it checks, and reach the handler with the others."""
+
+    DSN_PARAMETERS = frozenset({"RET", "ENVID", "NOTIFY", "ORCPT"})
+
+    def _getparams(self, params):
+        checked = super()._getparams(params)
+        if checked is None:
+            return None
+        return {name: value for name, value in checked.items() if name not in self.DSN_PARAMETERS}
+
+
 class _SinkController(Controller):
+    def __init__(self, handler, *, dsn: bool = False, **kwargs):
+        self.dsn = dsn
+        super().__init__(handler, **kwargs)
+
     def factory(self):
-        return _CountingSmtp(self.handler, **self.SMTP_kwargs)
+        return (_DsnSmtp if self.dsn else _CountingSmtp)(self.handler, **self.SMTP_kwargs)
 
 
 class _Authenticator:
@@ -213,10 +242,13 @@ class SmtpSink:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, directory: Path | None = None,
                  faults: Faults | None = None, size_limit: int | None = None,
-                 logins: dict[str, str] | None = None, tls: str | None = None):
+                 logins: dict[str, str] | None = None, tls: str | None = None, dsn: bool = False):
         """``logins`` (user -> password): the server offers AUTH and refuses MAIL FROM before a login.
-        ``tls``: "starttls" offers STARTTLS, "ssl" speaks TLS from the start (a self-signed certificate)."""
+        ``tls``: "starttls" offers STARTTLS, "ssl" speaks TLS from the start (a self-signed certificate).
+        ``dsn``: the server offers DSN and PIPELINING (it reads commands in order, so pipelined ones work)."""
         self.handler = SinkHandler(directory, faults)
+        if dsn:
+            self.handler.faults.ehlo_add += ["PIPELINING", "DSN"]
         kwargs = {"data_size_limit": size_limit} if size_limit else {}
         if logins:  # with STARTTLS, AUTH only once the session is encrypted
             kwargs.update(authenticator=_Authenticator(logins), auth_required=True,
@@ -224,8 +256,8 @@ class SmtpSink:
         context = self_signed_tls(host) if tls else None
         if tls == "starttls":
             kwargs["tls_context"] = context
-        self.controller = _SinkController(self.handler, hostname=host, port=port or free_port(host),
-                                     ssl_context=context if tls == "ssl" else None, server_kwargs=kwargs)
+        self.controller = _SinkController(self.handler, dsn=dsn, hostname=host, port=port or free_port(host),
+                                          ssl_context=context if tls == "ssl" else None, server_kwargs=kwargs)
 
     @property
     def received(self) -> list[Received]:

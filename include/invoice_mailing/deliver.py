@@ -56,6 +56,33 @@ class SendResult:
     deferred: dict[str, str] = field(default_factory=dict)  # transient: address -> "451 ..."
     failure: tuple[str, str] | None = None                  # permanent for all: (reason, text)
     data: bytes = b""                                       # the exact bytes given to the server
+    session_fault: bool = False  # deferred because the session failed (not a recipient's 4xx): it will again
+
+
+@dataclass(frozen=True)
+class WireMessage:
+    """A message as SMTP carries it, serialized once so that every transaction of it (one per delivery
+    with VERP) carries the same bytes. SMTPUTF8 when any envelope address of the message needs it: its
+    headers then hold UTF-8, whichever of its transactions carries them."""
+
+    data: bytes
+    smtputf8: bool
+
+    @classmethod
+    def of(cls, msg: EmailMessage, addresses: Sequence[str]) -> WireMessage:
+        smtputf8 = any(not a.isascii() for a in addresses)  # only a non-ASCII local part
+        return cls(msg.as_bytes(policy=policy.SMTPUTF8 if smtputf8 else policy.SMTP), smtputf8)
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext, as ENVID and ORCPT carry text: ``+``, ``=``, controls and non-ASCII as ``+HH``."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
+                   for c in value)
+
+
+DSN_RET, DSN_NOTIFY = "RET=HDRS", "NOTIFY=FAILURE,DELAY"
+"""A failure or delay notice with the original's headers only (RFC 3461): enough to name the delivery,
+without the PDFs coming back to the bounce mailbox."""
 
 
 @dataclass(frozen=True)
@@ -352,22 +379,25 @@ class SmtpSender:
     def __exit__(self, *exc):
         self.close()
 
-    def send(self, conn_id: str, msg: EmailMessage, envelope_from: str, rcpts: Sequence[str]) -> SendResult:
+    def send(self, conn_id: str, msg: EmailMessage | WireMessage, envelope_from: str, rcpts: Sequence[str], *,
+             envid: str | None = None) -> SendResult:
         """Send with bounded retries of transient faults that happen before the server took the message.
 
         A fault after DATA was sent is ambiguous (the server may have accepted it): it is not retried
         here but reported as deferred, so the ledger keeps the delivery pending with its Message-ID.
+        With ``envid``, where the relay offers DSN, the transaction asks for failure and delay notices
+        with headers only, naming the envelope ``envid`` (RFC 3461).
         """
-        smtputf8 = any(not a.isascii() for a in (envelope_from, *rcpts))  # only a non-ASCII local part
-        data = msg.as_bytes(policy=policy.SMTPUTF8 if smtputf8 else policy.SMTP)
+        wire = msg if isinstance(msg, WireMessage) else WireMessage.of(msg, (envelope_from, *rcpts))
         rcpts = list(rcpts)
-        result = SendResult(data=data)
+        result = SendResult(data=wire.data)
         for attempt in range(1, self.attempts + 1):
             try:
-                outcome = self._send_once(conn_id, data, envelope_from, rcpts, smtputf8)
+                outcome = self._send_once(conn_id, wire, envelope_from, rcpts, envid)
             except TransientSmtpError as exc:
                 if attempt == self.attempts or exc.after_data or not exc.retry_now:
                     result.deferred.update({r: str(exc) for r in rcpts})
+                    result.session_fault = True
                     return result
                 log.warning("SMTP %s: %s; retrying in %.1fs (attempt %d of %d)", conn_id, mask_text(str(exc)),
                             self.backoff * attempt, attempt, self.attempts)
@@ -383,9 +413,10 @@ class SmtpSender:
             time.sleep(self.backoff * attempt)
         return result
 
-    def _send_once(self, conn_id: str, data: bytes, envelope_from: str, rcpts: list[str],
-                   smtputf8: bool) -> SendResult:
+    def _send_once(self, conn_id: str, wire: WireMessage, envelope_from: str, rcpts: list[str],
+                   envid: str | None) -> SendResult:
         """One SMTP transaction, step by step, so that every answer is known with its phase."""
+        data, smtputf8 = wire.data, wire.smtputf8
         result = SendResult()
         phase = "connect"
         try:
@@ -399,13 +430,16 @@ class SmtpSender:
                 result.failure = ("too_large", f"the message has {len(data)} bytes; the server takes {limit}")
                 return result
             options = (["SMTPUTF8"] if smtputf8 else []) + ([f"SIZE={len(data)}"] if client.has_extn("size") else [])
+            dsn = envid is not None and client.has_extn("dsn")
+            if dsn:
+                options += [DSN_RET, f"ENVID={xtext(envid)}"]
             phase = "mail"
             code, text = client.mail(envelope_from, options)
             if code != 250:
                 return self._refused_all(conn_id, result, code, text)
             phase = "rcpt"
             for address in rcpts:
-                code, text = client.rcpt(address)
+                code, text = client.rcpt(address, [DSN_NOTIFY] if dsn else [])
                 if code in (250, 251):
                     result.accepted.append(address)
                 elif 400 <= code < 500:

@@ -9,10 +9,10 @@ from include.invoice_mailing.batching import BATCH_DOCUMENTS, MAX_BATCHES, MAX_I
 from include.invoice_mailing.night_audit import audit
 from include.invoice_mailing.params import TIMEZONE, ParamError, RunContext, RunParams
 from include.invoice_mailing.planning import plan_batch, planned_deliveries
-from include.invoice_mailing.sending import BatchSettings, DeliveriesPending, NotSent, mail_batch
+from include.invoice_mailing.sending import BatchSettings, DeliveriesPending, NotSent, Verp, mail_batch
 
 __all__ = [
     "BATCH_DOCUMENTS", "MAX_BATCHES", "MAX_INSTANCES", "TIMEZONE", "BatchSettings", "DeliveriesPending", "NotSent",
     "ParamError", "RunContext", "RunParams", "audit", "extract", "group_batches", "mail_batch", "plan_batch",
-    "planned_deliveries",
+    "planned_deliveries", "Verp",
 ]

@@ -6,15 +6,19 @@ import logging
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from email.message import EmailMessage
 
 from sqlalchemy import Engine
 
 from include.invoice_mailing import archive, ledger, rules, source
+from include.invoice_mailing.bounces import BounceKeyError, bounce_key_from_environment, verp_sender
 from include.invoice_mailing.deliver import (
     DEFAULT_SMTP_CONN_ID,
     NO_SMTPUTF8,
     MessageRecipient,
+    SendResult,
     SmtpSender,
+    WireMessage,
     build_message,
     smtp_address,
 )
@@ -27,11 +31,46 @@ from include.invoice_mailing.render import Attachment, Notification, Renderer, R
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Verp:
+    """Each delivery in its own SMTP transaction, with an envelope sender of its own at the bounce address
+    (spec section 9), so that a bounce report names the delivery it is about. ``key`` is None when the
+    deployment has no usable secret: then ``key_error`` says why, and nothing is sent (never unsigned)."""
+
+    bounce_address: str
+    key: bytes | None = None
+    key_error: str | None = None
+
+    @classmethod
+    def from_deployment(cls) -> Verp | None:
+        """On when Airflow has the ``mailing_bounces`` connection; None (today's single transaction with the
+        account's address as MAIL FROM) when it has not."""
+        from include.invoice_mailing.bounce_mailbox import mailbox_settings
+
+        mailbox = mailbox_settings()
+        if mailbox is None:
+            return None
+        try:
+            return cls(mailbox.address, bounce_key_from_environment())
+        except BounceKeyError as exc:
+            return cls(mailbox.address, key_error=f"{exc} (the connection mailing_bounces is set)")
+
+    def envelope_sender(self, delivery_id: int) -> str:
+        return verp_sender(self.bounce_address, delivery_id, self.key)
+
+    @staticmethod
+    def envid(envelope_sender: str) -> str:
+        """The DSN envelope id (RFC 3461 ``ENVID``) of a delivery: its VERP token, the delivery id and MAC,
+        which a report returns as ``Original-Envelope-Id``."""
+        return envelope_sender.rpartition("@")[0].rpartition("+")[2]
+
+
 @dataclass
 class BatchSettings:
     lease: timedelta = ledger.DEFAULT_LEASE  # after this long, another host's claim counts as stale
     write_back: bool = False                 # set invoice.emailed in the ERP after a live send
     archive: archive.Archive | None = None   # keep each sent message's bytes (INVOICE_MAILING_ARCHIVE)
+    verp: Verp | None = None                 # one transaction per delivery (the connection mailing_bounces)
 
 
 @dataclass(frozen=True)
@@ -182,6 +221,10 @@ class _Mailer:
         except RenderError as exc:
             self.refuse(todo, rules.CONFIG_ERROR, str(exc))
             return
+        verp = self.settings.verp
+        if verp is not None and verp.key is None and params.mode != "dry_run":
+            self.refuse(todo, rules.CONFIG_ERROR, verp.key_error)
+            return
         claimed, busy = ledger.claim(self.ledger_db, [r["id"] for r in todo], self.token, run_id=self.ctx.run_id,
                                      lease=self.settings.lease)
         self.counts["held"] += len(busy)
@@ -213,14 +256,42 @@ class _Mailer:
             notification=notification, attachment=attachment, message_id=message_id,
             document_ref=f"{doc.doc_type} {doc.ref_nbr}", redirect_to=params.redirect_to,
         )
+        if verp is not None:
+            self.send_each(conn_id, msg, rows, envelope, message_id, attachment.sha256, account)
+            return
         ids_of: dict[str, list[int]] = defaultdict(list)  # envelope address -> rows (all of them, redirected)
         for r in rows:
             ids_of[envelope[r["id"]]].append(r["id"])
         result = self.sender.send(conn_id, msg, smtp_address(mailing.account.address), list(ids_of))
+        self.record(result, ids_of, rows, message_id, attachment.sha256, account)
 
+    def send_each(self, conn_id: str, msg: EmailMessage, rows: list[dict], envelope: dict[int, str], message_id: str,
+                  attachment_sha256: str, account: str) -> None:
+        """VERP: one transaction per delivery on the relay's session, each recorded on its own answer, so
+        that the window in which a message can arrive twice stays one delivery's UPDATE and a recipient
+        refused in one transaction leaves the others as they are. Once the session fails for good, the
+        deliveries not yet tried stay pending with the same answer (no new wait per delivery)."""
+        wire = WireMessage.of(msg, [envelope[r["id"]] for r in rows])  # the same bytes for all
+        gave_up: str | None = None
+        for row in rows:
+            address = envelope[row["id"]]
+            if gave_up is not None:
+                self.record(SendResult(deferred={address: gave_up}, data=wire.data), {address: [row["id"]]},
+                            [row], message_id, attachment_sha256, account)
+                continue
+            sender = self.settings.verp.envelope_sender(row["id"])
+            result = self.sender.send(conn_id, wire, sender, [address], envid=Verp.envid(sender))
+            self.record(result, {address: [row["id"]]}, [row], message_id, attachment_sha256, account)
+            if result.session_fault:
+                gave_up = result.deferred[address]
+
+    def record(self, result: SendResult, ids_of: dict[str, list[int]], rows: list[dict], message_id: str,
+               attachment_sha256: str, account: str) -> None:
+        """Write the server's answers to one transaction into the ledger, delivery by delivery."""
+        params = self.ctx.params
         sent_ids = [i for a in result.accepted for i in ids_of.get(a, ())]
         digest = archive.digest(result.data)
-        if self.finish(sent_ids, SENT, attachment_sha256=attachment.sha256, redirected_to=params.redirect_to,
+        if self.finish(sent_ids, SENT, attachment_sha256=attachment_sha256, redirected_to=params.redirect_to,
                        message_sha256=digest) < len(sent_ids):
             lost = self.claims_lost(message_id, sent_ids, digest)
             sent_ids = [i for i in sent_ids if i not in lost]
@@ -239,7 +310,7 @@ class _Mailer:
             answered = {*result.accepted, *result.rejected, *result.deferred}
             rest = [i for a, ids in ids_of.items() if a not in answered for i in ids]
             detail = naming_the_account(reason, text, account)
-            self.finish(rest, FAILED, reason=reason, error=text, detail=detail, attachment_sha256=attachment.sha256)
+            self.finish(rest, FAILED, reason=reason, error=text, detail=detail, attachment_sha256=attachment_sha256)
             self.not_sending([row_of[i] for i in rest], FAILED, reason, detail or text)
 
     def claims_lost(self, message_id: str, sent_ids: list[int], digest: str | None) -> set[int]:

@@ -108,6 +108,7 @@ def mail_batch(batch: dict, *, run_id, logical_date, data_interval_end, params, 
         lease=timedelta(seconds=float(os.environ.get("INVOICE_MAILING_CLAIM_LEASE_SECONDS",
                                                      ledger.DEFAULT_LEASE.total_seconds()))),
         archive=Archive.from_env(),
+        verp=pipeline.Verp.from_deployment(),
     )
     if map_index is not None and try_number is not None:  # the audit links deliveries to this try
         ledger.record_task(engine_for(LEDGER_CONN_ID), run_id=run_id, map_index=map_index, try_number=try_number,
