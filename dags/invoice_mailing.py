@@ -6,26 +6,30 @@ debit notes that are due, to the recipients that each customer's INVOICE mailing
 and records every delivery in the mailing ledger.
 
 1. **open_night** (setup): checks the run's parameters and that the ledger (`mailing_ledger`) is reachable.
-2. **extract**: due documents from the ERP (`erp_db`), less those the ledger shows as delivered, grouped
+2. **collect_bounces**: reads the bounce mailbox (the `mailing_bounces` connection; none: nothing to do)
+   and applies its reports to the ledger: a delivery that bounced becomes `bounced`, a delay is noted, each
+   applied report moves to the `Processed` folder; auto-replies and answers stay unread. A mailbox that
+   cannot be read does not stop the night: the log and a warning mail say the bounces were not read.
+3. **extract**: due documents from the ERP (`erp_db`), less those the ledger shows as delivered, grouped
    into batches of customers (at most a few hundred mapped instances).
-3. **approve_night**: the approval brake. A normal night passes at once. A night with more documents, or a
+4. **approve_night**: the approval brake. A normal night passes at once. A night with more documents, or a
    larger total in a currency, than `INVOICE_MAILING_BRAKE_FACTOR` (3) times the median of the last 14
    nights (more than `INVOICE_MAILING_BRAKE_FIRST`, 500, documents with no history), and every live
    `resend` naming no documents or customers, waits in Browse → Required Actions with its numbers.
    Approve: it goes on. Reject, or no answer within `INVOICE_MAILING_BRAKE_TIMEOUT` (4 h): nothing is
    mailed, the ledger records the decision, the night ends red and the alert says why.
-4. **mail_customers** (mapped, one instance per batch, labelled `customer 10042`): resolve recipients and
+5. **mail_customers** (mapped, one instance per batch, labelled `customer 10042`): resolve recipients and
    formats, render each document once per format, send through the mailing's SMTP connection
    (`smtp_default` unless the email account names another), record each delivery. A delivery the server
    defers stays *pending* and the instance is retried; a refusal by the relay or a configuration error
    fails the instance at once (retrying would not help). Each SMTP connection's extra `max_sessions`
    caps the sessions its relay sees at once, across workers.
-5. **audit** (teardown: runs whatever happened, and again whenever any instance is cleared): the night's
+6. **audit** (teardown: runs whatever happened, and again whenever any instance is cleared): the night's
    counts by status and reason, and its status: `green`, `red` (a delivery still pending or failed, or no
    extract) or `rejected` (the brake). Green: published as an event of the asset
    `invoice_mailing://ledger/nights` (status and counts in `extra`). Otherwise it fails, so the night is
    **red**, after mailing the operators (the `mailing_alerts` connection) the deliveries not sent.
-6. **publish_red** (teardown): publishes a night audit did not publish, with its status, so that data
+7. **publish_red** (teardown): publishes a night audit did not publish, with its status, so that data
    teams' DAGs see every night that opened; a mended night is published again, green, by audit.
 
 Any other failed run (a wrong parameter, the ERP or the ledger unreachable, audit itself failing) is
@@ -86,6 +90,13 @@ def invoice_mailing():
                              params=params)
 
     @task(**NETWORK_RETRIES)
+    def collect_bounces(run_id=None, ti=None) -> dict:
+        from include.invoice_mailing import tasks
+
+        with tasks.failure_recorded(ti):
+            return tasks.collect_bounces(run_id=run_id, night=True)
+
+    @task(**NETWORK_RETRIES)
     def extract(params=None, run_id=None, logical_date=None, data_interval_end=None, ti=None) -> list[dict]:
         from include.invoice_mailing import tasks
 
@@ -124,7 +135,7 @@ def invoice_mailing():
     batches = extract()
     approved = NightApproval(task_id="approve_night", **NETWORK_RETRIES)
     mailed = mail_customers.expand(batch=batches)
-    night >> batches >> approved >> mailed
+    night >> collect_bounces() >> batches >> approved >> mailed
     # publish_red is a teardown that does not fail the run: audit stays the run's verdict (its only leaf).
     audited = audit().as_teardown(setups=night, on_failure_fail_dagrun=True)
     mailed >> audited >> publish_red().as_teardown(setups=night)

@@ -34,11 +34,11 @@ def test_dag_file_imports_with_every_database_and_socket_blocked():
     """)
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[-2:] == ["invoice_mailing", "6"]
+    assert done.stdout.split()[-2:] == ["invoice_mailing", "7"]
 
 
 def parse_in_a_fresh_process(then: str, first: str = "") -> str:
-    """Import Airflow's SDK, run ``first``, parse both DAG files as the dag-processor does, run ``then``;
+    """Import Airflow's SDK, run ``first``, parse the DAG files as the dag-processor does, run ``then``;
     return the last line it printed."""
     probe = textwrap.dedent(f"""
         import json, runpy, sys
@@ -47,7 +47,7 @@ def parse_in_a_fresh_process(then: str, first: str = "") -> str:
         {first}
         before = set(sys.modules)
         dags = {{}}
-        for name in ("invoice_mailing", "invoice_mailing_watch"):
+        for name in ("invoice_mailing", "invoice_mailing_watch", "invoice_mailing_bounces"):
             namespace = runpy.run_path({str(ROOT / "dags")!r} + f"/{{name}}.py")
             dags[name] = namespace[name]()
         imported = sorted(set(sys.modules) - before)
@@ -128,11 +128,13 @@ def test_has_docs_and_tags_for_the_ui(dag):
     assert {"finance", "email"} <= set(dag.tags)
 
 
-def test_shape_is_extract_then_the_brake_then_mapped_mailing_then_audit_as_teardown(dag):
+def test_shape_is_bounces_then_extract_then_the_brake_then_mapped_mailing_then_audit_as_teardown(dag):
     night, extract = dag.get_task("open_night"), dag.get_task("extract")
+    assert dag.get_task("collect_bounces").upstream_task_ids == {"open_night"}  # the bounces are read first
+    assert extract.upstream_task_ids == {"collect_bounces"}
     mail, audit = dag.get_task("mail_customers"), dag.get_task("audit")
     brake = dag.get_task("approve_night")
-    assert extract.upstream_task_ids == {"open_night"} and brake.upstream_task_ids == {"extract"}
+    assert brake.upstream_task_ids == {"extract"}
     assert mail.upstream_task_ids == {"extract", "approve_night"}  # nothing is mailed before the brake
     # the wait is the human's response_timeout (not execution_timeout), and no answer means Reject
     assert brake.response_timeout == timedelta(hours=4) and brake.execution_timeout is None
@@ -162,3 +164,12 @@ def test_operator_parameters_have_safe_defaults(dag):
     params = {key: dag.params[key] for key in dag.params}
     assert params == {"dry_run": False, "redirect_to": None, "customers": [], "documents": [], "resend": False,
                       "lookback_days": 30, "lift_bounces": []}
+
+
+def test_bounces_are_read_hourly_between_nights_one_run_at_a_time():
+    from airflow.dag_processing.dagbag import DagBag
+
+    hourly = DagBag(dag_folder=str(ROOT / "dags")).get_dag("invoice_mailing_bounces")
+    assert hourly.timetable.expression == "30 * * * *" and str(hourly.timetable.timezone) == "Europe/Oslo"
+    assert hourly.catchup is False and hourly.max_active_runs == 1
+    assert [t.task_id for t in hourly.tasks] == ["collect_bounces"]

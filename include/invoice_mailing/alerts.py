@@ -13,7 +13,10 @@ Three paths, one mail per red night:
   parameter, the ERP or the ledger unreachable, audit itself failing). It needs neither the ledger
   nor the pipeline: the failing tasks record why in their XCom ``failure``.
 - ``invoice_mailing_watch`` mails ``night_not_done`` when tonight's run is missing, failed, not
-  finished, or the DAG is paused.
+  finished, or the DAG is paused; with the deliveries that bounced since its last run
+  (``new_bounces``). A green night with new bounces gets ``bounces_only``: a bounce is not red.
+- ``collect_bounces`` mails ``bounces_not_read`` when a night cannot read its bounce mailbox (the
+  night mails all the same).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from airflow.sdk import BaseNotifier
 
 from include.invoice_mailing.dag_settings import ALERTED_KEY, FAILURE_KEY
 from include.invoice_mailing.masking import mask_address as mask
+from include.invoice_mailing.masking import mask_text
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +136,8 @@ class NightFailed(BaseNotifier):
     instance killed before it could record one is named with "no reason recorded".
     """
 
-    def __init__(self, recorded_by: tuple[str, ...] = ("open_night", "extract", "approve_night", "audit")):
+    def __init__(self, recorded_by: tuple[str, ...] = ("open_night", "collect_bounces", "extract", "approve_night",
+                                                "audit")):
         super().__init__()
         self.recorded_by = recorded_by  # the unmapped tasks whose failure is looked up besides the failing one
 
@@ -236,3 +241,37 @@ def night_not_done(night: str, problem: str) -> tuple[str, str]:
             "<code>mail_customers</code> up for retry or running, and at the relay. A failed run: its own alert "
             "says why; clear the failed instance once the cause is fixed.</p>")
     return subject, body
+
+
+def bounces_not_read(run_id: str, why: str) -> tuple[str, str]:
+    """The night's warning when its bounce mailbox could not be read: it mails all the same."""
+    subject = f"Invoice mailing {run_id}: the bounces were not read"
+    body = (f"<p>The run <b>{html.escape(run_id)}</b> could not read the bounce mailbox: "
+            f"{html.escape(why)}.</p><p>The night mails all the same; the reports wait in the mailbox and the "
+            "next run that can read it applies them (the hourly <code>invoice_mailing_bounces</code> too). "
+            "Until then, deliveries that bounced still show as <i>sent</i>.</p>")
+    return subject, body
+
+
+def new_bounces(bounced: list[dict]) -> str:
+    """The morning alert's list of deliveries that bounced since the last one: who, what, the masked
+    address and the remote server's words, so accounts receivable can correct the address in the ERP."""
+    if not bounced:
+        return ""
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            b["customer_id"], f"{b['doc_type']} {b['ref_nbr']}", mask(b["recipient"]), b["reason"],
+            mask_text(" ".join((b["detail"] or "").split()))))
+        + "</tr>" for b in bounced)
+    head = "".join(f"<th>{h}</th>" for h in ("customer", "document", "contact address", "bounce",
+                                             "server's answer"))
+    return (f"<p><b>{deliveries(len(bounced))} bounced</b> since the last alert: the customer did not receive "
+            "the document. Correct the address in the ERP; the next night mails the document to the new address. "
+            "(An address that hard-bounced is not mailed again until then, or until an operator runs the night "
+            "with <code>lift_bounces</code>.)</p>"
+            f"<table border=\"1\" cellpadding=\"4\"><tr>{head}</tr>{rows}</table>")
+
+
+def bounces_only(night: str, bounced: list[dict]) -> tuple[str, str]:
+    """The watch's mail for a night that succeeded but has new bounces: not red, but somebody must act."""
+    return f"Invoice mailing {night}: {deliveries(len(bounced))} bounced", new_bounces(bounced)

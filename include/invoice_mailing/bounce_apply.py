@@ -22,6 +22,7 @@ from sqlalchemy import Engine, func, select, update
 from include.invoice_mailing import archive, ledger
 from include.invoice_mailing.bounces import FailedRecipient, Kind, Report
 from include.invoice_mailing.ledger import BLOCKED, BOUNCED, HARD_BOUNCE, SENT, bounce_report, delivery
+from include.invoice_mailing.masking import mask_address, mask_text
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,8 @@ def apply_bounce(engine: Engine, delivery_id: int, report: Report, raw: bytes, *
                          .values(status=BOUNCED, reason=_REASON[kind], detail=_detail(failed, report),
                                  bounced_at=stamp, updated_at=stamp))
     if effect == BOUNCED_EFFECT:
-        log.warning("Delivery %s to %s bounced (%s): %s", delivery_id, row["recipient"], _REASON[kind],
-                    _detail(failed, report))
+        log.warning("Delivery %s to %s bounced (%s): %s", delivery_id, mask_address(row["recipient"]),
+                    _REASON[kind], mask_text(_detail(failed, report)))  # task logs are read by viewers
         return Outcome(BOUNCED_EFFECT, delivery_id, f"{_REASON[kind]}: {_detail(failed, report)}")
     why = "a delay" if kind == Kind.DELAYED else f"delivery {delivery_id} had bounced already"
     log.info("Report %s noted against delivery %s (%s)", sha256[:12], delivery_id, why)

@@ -14,9 +14,11 @@ from airflow.sdk import Asset
 
 from include.invoice_mailing.clock import TIMEZONE_NAME
 
-DAG_ID, WATCH_DAG_ID = "invoice_mailing", "invoice_mailing_watch"
+DAG_ID, WATCH_DAG_ID, BOUNCES_DAG_ID = "invoice_mailing", "invoice_mailing_watch", "invoice_mailing_bounces"
 TIMEZONE = TIMEZONE_NAME
 NIGHT_CRON = "0 2 * * *"
+# Between nights, at half past every hour: never at 02:00, when the night reads the mailbox itself.
+BOUNCES_CRON = "30 * * * *"
 # Updated once by every night that opened, green or red, with its status and counts in ``extra`` (by
 # audit, or by publish_red when audit failed); again when a red night is mended: data teams schedule on it.
 NIGHTS = Asset(uri="invoice_mailing://ledger/nights", name="invoice_mailing_nights")

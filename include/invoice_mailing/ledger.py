@@ -776,3 +776,15 @@ def summarize_run(engine: Engine, run_id: str) -> dict:
 def all_deliveries(engine: Engine, *conditions) -> list[dict]:
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(select(delivery).where(*conditions).order_by(delivery.c.id)).mappings()]
+
+
+def bounced_between(engine: Engine, since: datetime, until: datetime) -> list[dict]:
+    """Deliveries that a bounce report moved to ``bounced`` in [since, until), for the morning alert: who,
+    what, the address and the server's words (``detail``), oldest first."""
+    since, until = clock.utc(since), clock.utc(until)
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(
+            select(delivery.c.id, delivery.c.customer_id, delivery.c.doc_type, delivery.c.ref_nbr,
+                   delivery.c.recipient, delivery.c.reason, delivery.c.detail, delivery.c.bounced_at)
+            .where(delivery.c.status == BOUNCED, delivery.c.bounced_at >= since, delivery.c.bounced_at < until)
+            .order_by(delivery.c.bounced_at, delivery.c.id)).mappings()]

@@ -221,12 +221,30 @@ def check_night(*, ti, logical_date: datetime) -> None:
     paused = ti.get_dag(DAG_ID).is_paused
     problem = night_problem(paused=paused, count=lambda states: ti.get_dr_count(
         dag_id=DAG_ID, logical_dates=[night], states=states))
+    bounced = new_bounces(logical_date)
     if problem is None:
         log.info("Tonight's run of %s (%s) succeeded", DAG_ID, night.isoformat())
+        if bounced:  # not red: but accounts receivable must correct the addresses
+            alerts.send(*alerts.bounces_only(clock.night_of(night).isoformat(), bounced))
         return
     subject, body = alerts.night_not_done(clock.night_of(night).isoformat(), problem)
-    alerts.send(subject, body)
+    alerts.send(subject, body + alerts.new_bounces(bounced))
     raise AirflowFailException(subject)
+
+
+def new_bounces(watch_date: datetime) -> list[dict]:
+    """Deliveries that bounced since the previous morning's watch (the 24 hours before this one), from the
+    ledger. The watch's verdict is about tonight's run, never about the ledger: a ledger it cannot read
+    (or none configured) gives no list, and a log line."""
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return ledger.bounced_between(engine_for(LEDGER_CONN_ID), watch_date - timedelta(days=1), watch_date)
+    except AirflowNotFoundException:
+        log.info("No connection %s: no bounces to list", LEDGER_CONN_ID)
+    except Exception:  # noqa: BLE001 - the watch still says whether tonight's run succeeded
+        log.exception("The bounces since yesterday's watch could not be read from the ledger")
+    return []
 
 
 def hold_night(*, run_id, logical_date, data_interval_end, params) -> tuple[str, str] | None:
@@ -269,3 +287,57 @@ def night_decided(*, run_id, approved: bool, timed_out: bool, responded_by: dict
     if timed_out:
         return f"No answer within the approval's time (until {when}): rejected, nothing was mailed ({what})"
     return f"Rejected by {who} at {when}: nothing was mailed ({what})"
+
+
+def collect_bounces(*, run_id, night: bool) -> dict:
+    """Read the bounce mailbox (the connection ``mailing_bounces``) and apply its reports to the ledger.
+
+    Never fails the night: a mailbox that cannot be read is logged, recorded in the task's return value
+    (its XCom: ``read: false`` and why) and, for a night (``night=True``), mailed to the operators at once,
+    because the night mails all the same and nobody would otherwise learn that its bounces were not
+    read. The hourly DAG (``night=False``) fails instead: its red run in the grid is the sign, and an
+    hourly mail would be noise. Without the connection, nothing is read and the log says so."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from include.invoice_mailing.bounce_collect import Collected, collect
+    from include.invoice_mailing.bounce_mailbox import (
+        BOUNCES_CONN_ID,
+        BounceMailbox,
+        MailboxUnavailable,
+        mailbox_settings,
+    )
+    from include.invoice_mailing.bounces import BounceKeyError, bounce_key_from_environment
+
+    if mailbox_settings() is None:
+        log.info("No connection %s: no bounce mailbox to read (bounces are not tracked)", BOUNCES_CONN_ID)
+        return Collected(read=False, why=f"no connection {BOUNCES_CONN_ID}").as_xcom()
+    try:
+        key = bounce_key_from_environment()
+    except BounceKeyError as exc:  # no delivery went out with a VERP address: the Message-ID still names them
+        log.warning("%s: reports are matched by their original Message-ID only", exc)
+        key = None
+    try:
+        with BounceMailbox.from_connection() as mailbox:
+            done = collect(engine_for(LEDGER_CONN_ID), mailbox, key=key, run_id=run_id)
+    except MailboxUnavailable as exc:
+        done = Collected(read=False, why=str(exc))
+        if not night:
+            raise AirflowFailException(f"The bounces were not read: {exc}") from exc
+        log.warning("The bounces were not read, the night mails all the same: %s", exc)
+        subject, body = alerts.bounces_not_read(run_id, str(exc))
+        try:
+            alerts.send(subject, body)
+        except Exception:  # noqa: BLE001 - the night goes on whether or not the warning could be mailed
+            log.exception("The warning could not be sent: %s", subject)
+    return done.as_xcom()
+
+
+def collect_bounces_between_nights(*, run_id, ti) -> dict:
+    """The hourly DAG's pass over the bounce mailbox; skipped while a night runs. A night reads the mailbox
+    itself, and two sessions moving the same messages would race (the ledger would not mind: a report is
+    applied once per delivery; but the loser's move of a message already gone fails its run)."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    if ti.get_dr_count(dag_id=DAG_ID, states=["queued", "running"]):
+        raise AirflowSkipException(f"a run of {DAG_ID} is queued or running: it reads the bounce mailbox itself")
+    return collect_bounces(run_id=run_id, night=False)

@@ -1,0 +1,73 @@
+"""Read the bounce mailbox and apply its reports to the ledger (spec section 9): what ``collect_bounces`` does.
+
+One pass over the folder: each message is read (``bounces.read_report``); a bounce or a delay that
+names a delivery of this ledger is applied (``bounce_apply.apply_report``, which keeps the raw report)
+and then moved to the processed folder. Everything else (an auto-reply, a person's answer, a report
+that cannot be read or names no delivery, a forged VERP address) stays where it is, unread, with one
+log line. The order is apply, then move: a session lost in between leaves an applied report in the
+folder, and the next pass finds it ``already_applied`` and moves it then.
+
+Two readers at once (the night and the hourly DAG) are harmless to the ledger: a report is applied
+once per delivery, by the unique key (report hash, delivery). The hourly DAG still does not read
+while a night runs (see ``dags/invoice_mailing_bounces.py``), so that two sessions do not race for
+the same message's move.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+from sqlalchemy import Engine
+
+from include.invoice_mailing.bounce_apply import apply_report
+from include.invoice_mailing.bounce_mailbox import BounceMailbox
+from include.invoice_mailing.bounces import read_report
+from include.invoice_mailing.masking import mask_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Collected:
+    """What one pass over the mailbox did, for the task's XCom and the night's log."""
+
+    read: bool = True        # False: the mailbox could not be read (``why`` says why) or is not configured
+    why: str | None = None
+    messages: int = 0        # messages read (those above the size limit are not counted: they were not read)
+    bounced: int = 0         # deliveries moved to bounced
+    noted: int = 0           # delays (or a second report on a bounced delivery) noted
+    moved: int = 0           # reports moved to the processed folder
+    left: int = 0            # messages left in the folder, unread
+
+    def as_xcom(self) -> dict:
+        return asdict(self)
+
+
+def collect(engine: Engine, mailbox: BounceMailbox, *, key: bytes | None, run_id: str | None) -> Collected:
+    """Apply every report of the mailbox's folder that names a delivery, and move it; leave the rest."""
+    done = Collected()
+    where, folder = mailbox.settings.where, mailbox.settings.folder
+    for message in mailbox.messages():
+        done.messages += 1
+        report = read_report(message.raw)
+        if not report.is_bounce:
+            done.left += 1
+            log.info("%s: UID %d left in %s, unread: %s (%s)", where, message.uid, folder, report.kind.value,
+                     mask_text(report.reason))
+            continue
+        outcomes = apply_report(engine, report, message.raw, bounce_address=mailbox.settings.address, key=key,
+                                run_id=run_id)
+        if not any(outcome.applied for outcome in outcomes):
+            done.left += 1
+            log.warning("%s: UID %d left in %s, unread: a %s report not applied: %s", where, message.uid, folder,
+                        report.kind.value, mask_text("; ".join(outcome.reason for outcome in outcomes)))
+            continue
+        done.bounced += sum(outcome.effect == "bounced" for outcome in outcomes)
+        done.noted += sum(outcome.effect == "noted" for outcome in outcomes)
+        mailbox.processed(message.uid)
+        done.moved += 1
+    log.info("%s: %d message(s) read, %d delivery(ies) bounced, %d noted, %d report(s) moved to %s, %d left in %s",
+             where, done.messages, done.bounced, done.noted, done.moved, mailbox.settings.processed_folder,
+             done.left, folder)
+    return done
