@@ -28,12 +28,13 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, create_model
 from sqlalchemy import Engine
 
-from include.invoice_mailing import archive, audit, clock
+from include.invoice_mailing import archive, audit, bounces, clock
 from include.invoice_mailing.audit import DeliveryFilter, FilterError
 from include.invoice_mailing.ledger import delivery
 
 DAG_ID = "invoice_mailing"
 URL_PREFIX = "/invoice-mailing"
+CHART_HEIGHT = 160  # the nights chart's plot, in SVG units (pixels at 100 %)
 TEMPLATES = Path(__file__).resolve().parents[1] / "include" / "templates" / "audit"
 
 
@@ -117,6 +118,8 @@ def redoc_page(request: Request) -> HTMLResponse:
 def _field(column: str):
     if column == "night":
         return date | None, None
+    if column in audit.BOUNCE_COLUMNS:
+        return str | None, None
     col = delivery.c[column]
     return (col.type.python_type | None, None) if col.nullable else (col.type.python_type, ...)
 
@@ -215,6 +218,36 @@ def message(delivery_id: int, engine: LedgerDep):
         "X-Message-SHA256": row["message_sha256"], "X-Archive-Check": match})
 
 
+def _bounce_report(engine: Engine, report_id: int) -> tuple[dict, bytes]:
+    row = audit.bounce_report_row(engine, report_id)
+    if row is None:
+        raise HTTPException(404, "no such bounce report")
+    if row["raw"] is not None:
+        return row, row["raw"]
+    try:
+        return row, archive.read(row["raw_path"])
+    except (FileNotFoundError, OSError, TypeError) as exc:
+        raise HTTPException(410, "the bounce report is gone from the archive") from exc
+
+
+@app.get("/bounce-reports/{report_id}.txt", response_class=PlainTextResponse, tags=["Archive"])
+def bounce_report_text(report_id: int, engine: LedgerDep, who: ReaderDep):
+    """A bounce report's text (subject, text parts, delivery-status fields); addresses masked without edit access."""
+    _, raw = _bounce_report(engine, report_id)
+    text = bounces.report_text(raw)
+    return PlainTextResponse(text if who.can_edit else audit.mask_rows([{"text": text}])[0]["text"])
+
+
+@app.get("/bounce-reports/{report_id}.eml", tags=["Archive"],
+         dependencies=[Depends(requires_access_dag("PUT", param_dag_id=DAG_ID))])
+def bounce_report_raw(report_id: int, engine: LedgerDep):
+    """The bounce report's exact bytes as the mailbox held them (edit access to the DAG only)."""
+    row, raw = _bounce_report(engine, report_id)
+    return Response(raw, media_type="message/rfc822", headers={
+        "Content-Disposition": f'attachment; filename="bounce-{row["delivery_id"]}-{report_id}.eml"',
+        "X-Report-SHA256": row["sha256"]})
+
+
 # --- Pages --------------------------------------------------------------------------------------
 
 def _when(moment: datetime | None) -> str:
@@ -224,6 +257,7 @@ def _when(moment: datetime | None) -> str:
 _pages = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(default=True),
                      trim_blocks=True, lstrip_blocks=True)
 _pages.filters["when"] = _when
+_pages.filters["chart_total"] = lambda night: sum(night[s] for s in audit.CHART_STATUSES)
 
 
 def _ui(path: str) -> str:
@@ -262,7 +296,8 @@ def _deliveries_page(request: Request, engine: Engine, who: Reader, flt: Deliver
                  choices={"status": audit.STATUSES, "format": audit.FORMATS, "mode": audit.MODES},
                  csv_url=f"{base}/deliveries.csv{qs}", json_url=f"{base}/api/deliveries{qs}", show_form=show_form,
                  cut=total > audit.MAX_ROWS,
-                 nights=who.rows(nights) if nights else None)
+                 nights=who.rows(nights) if nights else None,
+                 reports=who.rows(audit.bounce_reports(engine, [r["id"] for r in rows])) if verify else None)
 
 
 @app.get("/", include_in_schema=False)
@@ -272,8 +307,12 @@ def home(request: Request):
 
 @app.get("/nights", response_class=HTMLResponse, tags=["Pages"])
 def nights_page(request: Request, engine: LedgerDep, who: ReaderDep):
+    """The runs, newest first, under a chart of the last 60 nights' live deliveries by status."""
+    counts = audit.night_counts(engine)
     return _page(request, who, "nights.html.j2", "Nights", nights=who.rows(audit.nights(engine)),
-                 total=audit.count_nights(engine))
+                 total=audit.count_nights(engine), chart=counts, bars=audit.stacked_bars(counts, CHART_HEIGHT),
+                 plot_height=CHART_HEIGHT,
+                 chart_statuses=audit.CHART_STATUSES)
 
 
 @app.get("/deliveries", response_class=HTMLResponse, tags=["Pages"])

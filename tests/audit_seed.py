@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 
 from include.invoice_mailing import ledger
 
@@ -91,3 +91,27 @@ def archived_delivery(engine, folder) -> tuple[int, str]:
             message_sha256=archive.digest(ARCHIVED_MESSAGE)))).inserted_primary_key[0]
     ledger.record_message_path(engine, [sent], path)  # and the archive's path once, after the commit
     return sent, path
+
+
+BOUNCED_RECIPIENT = "ap@nordvik-bygg.example"  # the recipient the fixture report names
+
+
+def bounced_delivery(engine) -> tuple[int, int]:
+    """A delivery of NIGHT_2 that a real Postfix DSN (5.1.1, user unknown) bounced the next morning, applied
+    as the night's mailbox reader applies it (by Message-ID and recipient): its id and the report's id."""
+    from include.invoice_mailing import bounce_apply
+    from include.invoice_mailing.bounces import read_report
+    from tests.test_bounce_reports import fixture
+
+    raw = fixture("postfix-5.1.1-hard.eml")
+    report = read_report(raw)
+    with engine.begin() as conn:
+        sent = conn.execute(insert(ledger.delivery).values(**row(
+            NIGHT_2, "INV000204", "10003", BOUNCED_RECIPIENT, "sent", at(24, 1, 4),
+            message_id=report.original_message_id))).inserted_primary_key[0]
+    [outcome] = bounce_apply.apply_report(engine, report, raw, received_at=at(24, 6))
+    assert outcome.effect == bounce_apply.BOUNCED_EFFECT, outcome
+    with engine.connect() as conn:
+        report_id = conn.execute(select(ledger.bounce_report.c.id)
+                                 .where(ledger.bounce_report.c.delivery_id == sent)).scalar_one()
+    return sent, report_id

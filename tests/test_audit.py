@@ -204,3 +204,61 @@ def test_audit_export_refuses_a_sqlite_ledger_that_does_not_exist(tmp_path, caps
 
     assert f"no ledger at {missing}" in capsys.readouterr().err
     assert not missing.exists()
+
+
+# --- Bounces (spec section 9) ---------------------------------------------------------------------
+
+def test_a_bounced_delivery_is_found_by_status_with_its_reports_code_and_words(ledger_db, ids):
+    from tests.audit_seed import bounced_delivery
+
+    bounced, report_id = bounced_delivery(ledger_db)
+
+    rows = audit.deliveries(ledger_db, DeliveryFilter.from_query({"status": "bounced"}))
+    assert [(r["id"], r["reason"], r["bounce_kind"], r["bounce_status_code"], r["bounce_report_id"])
+            for r in rows] == [(bounced, "hard_bounce", "hard", "5.1.1", report_id)]
+    assert "User unknown" in rows[0]["bounce_diagnostic"]
+    assert audit.deliveries(ledger_db, DeliveryFilter(status="sent"))[0]["bounce_kind"] is None
+    [report] = audit.bounce_reports(ledger_db, [bounced])
+    assert (report["effect"], report["recipient"], report["has_raw"]) == ("bounced", "ap@nordvik-bygg.example", True)
+
+
+def test_a_bounce_counts_on_the_night_its_delivery_was_sent(ledger_db, ids):
+    from tests.audit_seed import bounced_delivery
+
+    bounced_delivery(ledger_db)  # sent by NIGHT_2 (24th), its report applied days later
+
+    counts = {c["night"]: c for c in audit.night_counts(ledger_db)}
+    assert len(counts) == audit.CHART_NIGHTS and max(counts) == date(2026, 11, 25)
+    assert counts[date(2026, 11, 24)] == {"night": date(2026, 11, 24), "sent": 1, "bounced": 1, "failed": 1,
+                                          "skipped": 0}  # the dry-run preview of the 24th is not counted
+    assert counts[date(2026, 11, 23)]["skipped"] == 1 and counts[date(2026, 11, 22)]["sent"] == 0
+    night_2 = next(n for n in audit.nights(ledger_db) if n["run_id"] == NIGHT_2)
+    assert night_2["by_status"]["bounced"] == 1
+
+
+def test_the_stacked_bars_are_proportional_to_the_counts_and_the_busiest_night_fills_the_plot():
+    counts = [{"night": date(2026, 11, 1), "sent": 6, "bounced": 2, "failed": 0, "skipped": 0},
+              {"night": date(2026, 11, 2), "sent": 0, "bounced": 0, "failed": 0, "skipped": 0},
+              {"night": date(2026, 11, 3), "sent": 2, "bounced": 1, "failed": 1, "skipped": 0}]
+
+    busiest, empty, small = audit.stacked_bars(counts, 160)
+
+    assert [(b.status, b.y, b.height) for b in busiest] == [("sent", 40.0, 120.0), ("bounced", 0.0, 40.0)]
+    assert empty == []
+    assert [(b.status, b.y, b.height) for b in small] == [("sent", 120.0, 40.0), ("bounced", 100.0, 20.0),
+                                                           ("failed", 80.0, 20.0)]
+
+
+def test_the_export_carries_the_bounce_columns(ledger_db, ids, tmp_path):
+    from tests.audit_seed import bounced_delivery
+
+    bounced, _ = bounced_delivery(ledger_db)
+    csv_path, jsonl_path, _ = audit.export_night(ledger_db, date(2026, 11, 24), tmp_path)
+
+    table = {int(r["id"]): r for r in csv.DictReader(io.StringIO(csv_path.read_text()))}
+    records = {r["id"]: r for r in map(json.loads, jsonl_path.read_text().splitlines())}
+    for exported in (table[bounced], records[bounced]):
+        assert (exported["status"], exported["bounce_kind"], exported["bounce_status_code"]) == (
+            "bounced", "hard", "5.1.1")
+        assert "User unknown" in exported["bounce_diagnostic"] and exported["bounced_at"]
+    assert records[ids["failed"]]["bounce_kind"] is None and table[ids["failed"]]["bounced_at"] == ""

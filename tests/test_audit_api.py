@@ -230,3 +230,72 @@ def test_the_nights_page_says_when_it_shows_only_the_newest_100_and_the_download
     answer = many.get("/nights.csv", headers=token("viewer"))
     assert len(list(csv.DictReader(io.StringIO(answer.text)))) == 204 and answer.headers["x-total-count"] == "204"
     assert len(many.get("/api/nights", headers=token("viewer")).json()) == 204
+
+
+# --- Bounces (spec section 9) ---------------------------------------------------------------------
+
+@pytest.fixture
+def bounced(client, ledger_db):
+    from tests.audit_seed import bounced_delivery
+
+    return bounced_delivery(ledger_db)
+
+
+@pytest.mark.parametrize("role", EDITS_THE_DAG)
+def test_the_bounced_filter_shows_the_report_and_only_an_editor_gets_the_raw_report(client, bounced, role):
+    from tests.audit_seed import BOUNCED_RECIPIENT
+    from tests.test_bounce_reports import fixture
+
+    delivery_id, report_id = bounced
+    edits = EDITS_THE_DAG[role]
+    page = client.get("/deliveries", params={"status": "bounced"}, headers=token(role)).text
+    assert "INV000204" in page and "INV000201" not in page
+    assert "hard_bounce" in page and "bounced (hard) 5.1.1" in page and "Recipient address rejected" in page
+    assert f"/bounce-reports/{report_id}.txt" in page
+    assert (f"/bounce-reports/{report_id}.eml" in page) is edits
+
+    document = client.get("/documents/INV000204", headers=token(role)).text
+    assert 'id="bounce-reports"' in document and f'<tr data-id="{report_id}">' in document
+
+    text = client.get(f"/bounce-reports/{report_id}.txt", headers=token(role)).text
+    assert "Status: 5.1.1" in text and "User unknown" in text
+    raw = client.get(f"/bounce-reports/{report_id}.eml", headers=token(role))
+    if edits:
+        assert BOUNCED_RECIPIENT in page and BOUNCED_RECIPIENT in text
+        assert raw.status_code == 200 and raw.content == fixture("postfix-5.1.1-hard.eml")
+    else:
+        for shown in (page, document, text):
+            assert "ap@nordvik" not in shown and "a***@nordvik-bygg.example" in shown
+        assert "bounces+101-" not in text  # the VERP token is an address too
+        assert raw.status_code == 403
+
+
+def test_the_nights_page_draws_the_last_60_nights_as_stacked_bars(client, bounced):
+    import re
+
+    page = client.get("/nights", headers=token("viewer")).text
+
+    svg = page[page.index("<svg"):page.index("</svg>")]
+    assert 'role="img"' in svg and '<title id="chart-title">' in svg and '<desc id="chart-desc">' in svg
+    nights = re.findall(r'<g class="night" data-night="([\d-]+)"', svg)
+    assert len(nights) == 60 and (nights[0], nights[-1]) == ("2026-09-27", "2026-11-25")
+    night_2 = svg[svg.index('data-night="2026-11-24"'):]
+    night_2 = night_2[:night_2.index("</g>")]
+    bars = {status: (int(count), float(height)) for status, count, height in re.findall(
+        r'<rect class="(\w+)" data-count="(\d+)" x="0" y="[\d.]+" width="10" height="([\d.]+)"', night_2)}
+    assert set(bars) == {"sent", "bounced", "failed"}  # one of each on the 24th; the busiest night has 3
+    assert all(height == pytest.approx(count * 160 / 3, abs=0.01) for count, height in bars.values())
+    assert "2026-11-24: sent 1, bounced 1, failed 1, skipped 0" in svg
+    numbers = page[page.index('id="chart-numbers"'):]
+    assert re.search(r"<td>2026-11-24</td>(<td class=\"num\">1</td>){3}<td class=\"num\">0</td>", numbers)
+    assert "bounced 1" in page  # and in the runs table, on NIGHT_2's row
+
+
+def test_the_json_and_csv_carry_the_bounce_columns(client, bounced):
+    delivery_id, _ = bounced
+    [row] = client.get("/api/deliveries", params={"status": "bounced"}, headers=token("viewer")).json()
+    assert (row["id"], row["bounce_kind"], row["bounce_status_code"]) == (delivery_id, "hard", "5.1.1")
+    assert "<a***@nordvik-bygg.example>" in row["bounce_diagnostic"]
+    table = list(csv.DictReader(io.StringIO(client.get("/deliveries.csv", params={"status": "bounced"},
+                                                       headers=token("user")).text)))
+    assert table[0]["bounce_status_code"] == "5.1.1" and "<ap@nordvik-bygg.example>" in table[0]["bounce_diagnostic"]

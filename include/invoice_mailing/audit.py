@@ -20,14 +20,14 @@ from dataclasses import dataclass, fields
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import URL, Engine, create_engine, func, make_url, select
+from sqlalchemy import URL, Engine, and_, create_engine, func, make_url, select
 
 from include.invoice_mailing import clock
 from include.invoice_mailing.clock import night_of
-from include.invoice_mailing.ledger import delivery, mailing_run, mailing_task
+from include.invoice_mailing.ledger import BOUNCED, bounce_report, delivery, mailing_run, mailing_task
 from include.invoice_mailing.masking import mask_address, mask_text
 
-STATUSES = ("pending", "sending", "sent", "failed", "skipped")
+STATUSES = ("pending", "sending", "sent", "failed", "skipped", "bounced")
 MODES = ("live", "dry_run", "redirect")
 FORMATS = ("PDF", "HTML")
 MAX_ROWS = 5000  # a page or a download; narrow the filter for more
@@ -38,8 +38,23 @@ EXPORT_COLUMNS = (
     "add_to", "format", "mode", "generation", "resend_of", "status", "reason", "detail", "last_error",
     "message_id", "sender", "redirected_to", "attempts", "sent_at", "attachment_sha256", "message_sha256",
     "message_path", "created_at", "updated_at",
+    # The bounce report that moved a bounced delivery from sent (spec section 9); empty for any other.
+    "bounced_at", "bounce_kind", "bounce_status_code", "bounce_diagnostic",
 )
-_ROW_COLUMNS = [c for c in delivery.columns if c.name not in ("recipient_key", "claimed_by", "claimed_at")]
+# The columns a bounced delivery takes from its report, beside the ledger's own.
+BOUNCE_COLUMNS = {"bounce_kind": bounce_report.c.kind, "bounce_status_code": bounce_report.c.status_code,
+                  "bounce_diagnostic": bounce_report.c.diagnostic, "bounce_report_id": bounce_report.c.id}
+_ROW_COLUMNS = [*(c for c in delivery.columns if c.name not in ("recipient_key", "claimed_by", "claimed_at")),
+                *(column.label(name) for name, column in BOUNCE_COLUMNS.items())]
+
+
+def _with_bounce_report(query):
+    """The row's columns and, for a bounced delivery, those of the newest report that bounced it (one at most)."""
+    newest = (select(bounce_report.c.delivery_id, func.max(bounce_report.c.id).label("report_id"))
+              .where(bounce_report.c.effect == BOUNCED).group_by(bounce_report.c.delivery_id).subquery())
+    return query.select_from(
+        delivery.outerjoin(newest, and_(newest.c.delivery_id == delivery.c.id, delivery.c.status == BOUNCED))
+        .outerjoin(bounce_report, bounce_report.c.id == newest.c.report_id))
 
 
 # --- Masking ------------------------------------------------------------------------------------
@@ -53,7 +68,7 @@ def mask_rows(rows: Iterable[dict]) -> list[dict]:
         for key in ("recipient", "redirected_to"):
             if key in row:
                 row[key] = mask_address(row[key])
-        for key in ("detail", "last_error"):
+        for key in ("detail", "last_error", "bounce_diagnostic", "diagnostic", "text"):
             if key in row:
                 row[key] = mask_text(row[key])
         masked.append(row)
@@ -164,7 +179,7 @@ def count_nights(engine: Engine) -> int:
 def deliveries(engine: Engine, flt: DeliveryFilter = DeliveryFilter(), *, exact_recipient: bool = False,
                limit: int = MAX_ROWS, offset: int = 0) -> list[dict]:
     """The deliveries a filter selects, newest first, each with its night and the try that last handled it."""
-    query = (select(*_ROW_COLUMNS).where(*flt.conditions(exact_recipient=exact_recipient))
+    query = (_with_bounce_report(select(*_ROW_COLUMNS)).where(*flt.conditions(exact_recipient=exact_recipient))
              .order_by(delivery.c.updated_at.desc(), delivery.c.id.desc()).limit(limit).offset(offset))
     with engine.connect() as conn:
         rows = [dict(r) for r in conn.execute(query).mappings()]
@@ -181,7 +196,7 @@ def document_history(engine: Engine, ref_nbr: str) -> list[dict]:
     """Every delivery of one document, oldest first: nights, resends (generations) and previews (modes)."""
     with engine.connect() as conn:
         rows = [dict(r) for r in conn.execute(
-            select(*_ROW_COLUMNS).where(delivery.c.ref_nbr == ref_nbr)
+            _with_bounce_report(select(*_ROW_COLUMNS)).where(delivery.c.ref_nbr == ref_nbr)
             .order_by(delivery.c.created_at, delivery.c.generation, delivery.c.id)).mappings()]
     return _with_nights_and_tries(engine, rows)
 
@@ -194,7 +209,8 @@ def customer_history(engine: Engine, customer_id: str, since: date | None = None
 
 def delivery_row(engine: Engine, delivery_id: int) -> dict | None:
     with engine.connect() as conn:
-        row = conn.execute(select(*_ROW_COLUMNS).where(delivery.c.id == delivery_id)).mappings().first()
+        row = conn.execute(_with_bounce_report(select(*_ROW_COLUMNS)).where(delivery.c.id == delivery_id)
+                           ).mappings().first()
     return _with_nights_and_tries(engine, [dict(row)])[0] if row else None
 
 
@@ -204,6 +220,87 @@ def task_customers(engine: Engine, run_id: str, map_index: int) -> tuple[str, ..
         batches = conn.execute(select(mailing_task.c.customers).where(
             mailing_task.c.run_id == run_id, mailing_task.c.map_index == map_index)).scalars().all()
     return tuple(sorted({c for customers in batches for c in customers}))
+
+
+# --- Bounces ------------------------------------------------------------------------------------
+
+_REPORT_COLUMNS = [c for c in bounce_report.columns if c.name != "raw"]
+
+
+def bounce_reports(engine: Engine, delivery_ids: Iterable[int]) -> list[dict]:
+    """The bounce reports applied to these deliveries (bounces and noted delays), oldest first, without
+    their raw bytes: ``has_raw`` says whether the ledger or the archive keeps them."""
+    ids = sorted(set(delivery_ids))
+    if not ids:
+        return []
+    with engine.connect() as conn:
+        rows = conn.execute(select(*_REPORT_COLUMNS, (bounce_report.c.raw.is_not(None)
+                                                      | bounce_report.c.raw_path.is_not(None)).label("has_raw"))
+                            .where(bounce_report.c.delivery_id.in_(ids))
+                            .order_by(bounce_report.c.applied_at, bounce_report.c.id)).mappings()
+        return [dict(r) for r in rows]
+
+
+def bounce_report_row(engine: Engine, report_id: int) -> dict | None:
+    """One applied report with its raw bytes (``raw``, or the archive's ``raw_path``)."""
+    with engine.connect() as conn:
+        row = conn.execute(select(bounce_report).where(bounce_report.c.id == report_id)).mappings().first()
+    return dict(row) if row else None
+
+
+CHART_STATUSES = ("sent", "bounced", "failed", "skipped")  # the chart's stack, bottom up
+CHART_NIGHTS = 60
+
+
+def night_counts(engine: Engine, *, nights: int = CHART_NIGHTS, last: date | None = None) -> list[dict]:
+    """Live deliveries per night, oldest first, for the ``nights`` nights up to ``last`` (default: the newest
+    run's night), a night without a run included with zeros. A delivery counts on the night of the run that
+    last decided or sent it, which a bounce does not change: a bounce counts on the night it was sent."""
+    with engine.connect() as conn:
+        runs = conn.execute(select(mailing_run.c.run_id, mailing_run.c.logical_date, mailing_run.c.started_at)).all()
+        night_by_run = {run_id: night_of(logical or started) for run_id, logical, started in runs}
+        if last is None:
+            last = max(night_by_run.values(), default=None)
+        if last is None:
+            return []
+        first = last - timedelta(days=nights - 1)
+        shown = [run_id for run_id, night in night_by_run.items() if first <= night <= last]
+        per_night = {first + timedelta(days=n): dict.fromkeys(CHART_STATUSES, 0) for n in range(nights)}
+        for run_id, status, n in conn.execute(
+            select(delivery.c.last_run_id, delivery.c.status, func.count())
+            .where(delivery.c.last_run_id.in_(shown), delivery.c.mode == "live",
+                   delivery.c.status.in_(CHART_STATUSES))
+            .group_by(delivery.c.last_run_id, delivery.c.status)
+        ):
+            per_night[night_by_run[run_id]][status] += n
+    return [{"night": night, **counts} for night, counts in per_night.items()]
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One status's part of one night's bar, in the chart's coordinates (y grows downwards, as in SVG)."""
+
+    status: str
+    count: int
+    y: float
+    height: float
+
+
+def stacked_bars(counts: Sequence[Mapping], plot_height: float) -> list[list[Bar]]:
+    """Each night's stack, bottom up in ``CHART_STATUSES`` order: heights proportional to the counts, the
+    busiest night as tall as the plot. A status a night does not have gets no bar."""
+    tallest = max((sum(c[s] for s in CHART_STATUSES) for c in counts), default=0)
+    scale = plot_height / tallest if tallest else 0.0
+    stacks = []
+    for night in counts:
+        top, stack = plot_height, []
+        for status in CHART_STATUSES:
+            if night[status]:
+                height = night[status] * scale
+                top -= height
+                stack.append(Bar(status, night[status], max(0.0, round(top, 2)), round(height, 2)))
+        stacks.append(stack)
+    return stacks
 
 
 def _with_nights_and_tries(engine: Engine, rows: list[dict]) -> list[dict]:

@@ -255,6 +255,21 @@ def read_report(raw: bytes) -> Report:
         return Report(Kind.UNREADABLE, f"not read: {type(exc).__name__}: {exc}")
 
 
+def report_text(raw: bytes) -> str:
+    """A report as a person reads it, for the auditors' page: its subject, its text parts and its
+    delivery-status fields, without the MIME structure and encodings of the raw message. Never raises."""
+    notes: list[str] = []
+    try:
+        msg = BytesParser(policy=policy.default).parsebytes(raw[:MAX_REPORT_BYTES])
+        parts = [f"Subject: {_header(msg, 'subject', notes)}", _plain_text(msg, notes)]
+        for part in msg.walk():
+            if part.get_content_type() == "message/delivery-status":
+                parts += [str(block).strip() for block in part.get_payload() if isinstance(block, Message)]
+    except Exception as exc:  # noqa: BLE001 - a broken report still gets a page, saying why its text is missing
+        return f"(the report could not be read: {type(exc).__name__})"
+    return "\n\n".join(p.strip() for p in parts if p.strip())
+
+
 def _read_message(msg: EmailMessage) -> Report:
     notes: list[str] = []
     subject = _header(msg, "subject", notes)
