@@ -20,9 +20,12 @@ from sqlalchemy import select
 from dev.airflow_stack import AirflowStack
 from dev.smtp_sink import SmtpSink
 from include.invoice_mailing import ledger
+from include.invoice_mailing.bounces import BOUNCE_KEY_VARIABLE, delivery_of
 from include.invoice_mailing.clock import TIMEZONE
+from include.invoice_mailing.dag_settings import BOUNCES_DAG_ID as BOUNCES_DAG
 from tests.conftest import smtp_connection, sqlite_connection
 from tests.erp import TinyErp
+from tests.test_bounce_collect import BOUNCES, KEY, postfix_dsn_for
 
 DAG = "invoice_mailing"
 OPS = "ops@fjordlys.example"
@@ -59,12 +62,17 @@ def airflow_connections(tmp_path, sink: SmtpSink, ledger_connection: str) -> dic
 
 
 def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it(erp, tmp_path, postgres_databases,
-                                                                                  faked_clock):
+                                                                                  faked_clock, dovecot):
+    """...and, with the bounce mailbox set (a real Dovecot), every invoice leaves with its own signed bounce
+    address, and the hourly invoice_mailing_bounces DAG reads the mailbox in the real topology."""
     ledger_db, ledger_connection = postgres_databases["engines"][1], postgres_databases["connections"][1]
+    bounce_login = dovecot.new_login()
     with SmtpSink() as sink:
         sink.faults.rcpt_replies[DEFERRED] = "451 4.7.1 Greylisted, try again later"
         env = {
             **airflow_connections(tmp_path, sink, ledger_connection),
+            "AIRFLOW_CONN_MAILING_BOUNCES": json.dumps(dovecot.connection(bounce_login, address=BOUNCES)),
+            BOUNCE_KEY_VARIABLE: KEY,
             "INVOICE_MAILING_RETRIES": "1",
             "INVOICE_MAILING_RETRY_DELAY_SECONDS": "20",
             "INVOICE_MAILING_CONCURRENCY": "2",  # long enough for the watch to see the night running
@@ -138,6 +146,14 @@ def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it
             calm = api.trigger(WATCH, logical_date=WATCH_CALM)["dag_run_id"]  # tonight succeeded: quiet
             assert api.wait_for_run(WATCH, calm, {"success", "failed"}, timeout=120)["state"] == "success"
 
+            # Later that morning the relay's DSN for Kari reaches the bounce mailbox; the hourly DAG reads it.
+            [kari] = ledger.all_deliveries(ledger_db, ledger.delivery.c.recipient == "kari@bolgen.example")
+            dovecot.append(bounce_login, postfix_dsn_for(kari))
+            api.wait_for_dag(BOUNCES_DAG)
+            api.unpause(BOUNCES_DAG)
+            hourly = api.trigger(BOUNCES_DAG, logical_date=None)["dag_run_id"]
+            assert api.wait_for_run(BOUNCES_DAG, hourly, {"success", "failed"}, timeout=120)["state"] == "success"
+
     with ledger_db.connect() as conn:
         summary = conn.execute(select(ledger.mailing_run.c.summary)
                                .where(ledger.mailing_run.c.run_id == run_id)).scalar_one()
@@ -145,6 +161,9 @@ def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it
     assert summary["by_status"] == {"sent": 3}
     invoices = Counter(m.envelope_to[0] for m in sink.received if m.envelope_to != [OPS])
     assert invoices == {"kari@bolgen.example": 1, DEFERRED: 1, "per@fjell.example": 1}
+    invoice_senders = {m.envelope_to[0]: m.envelope_from for m in sink.received if m.envelope_to != [OPS]}
+    delivered = {r["recipient"]: r["id"] for r in ledger.all_deliveries(ledger_db, ledger.delivery.c.last_run_id == run_id)}
+    assert {to: delivery_of(sender, BOUNCES, KEY.encode()) for to, sender in invoice_senders.items()} == delivered
     ops = [m.message["Subject"] for m in sink.received if m.envelope_to == [OPS]]
     # the watch and audit's list (the failure callback saw audit had mailed); the mended night and the
     # calm watch sent none

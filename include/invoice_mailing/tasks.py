@@ -265,7 +265,7 @@ def hold_night(*, run_id, logical_date, data_interval_end, params) -> tuple[str,
         log.info("No approval needed: %d documents to %d customers (%s), mode %s", volume.documents,
                  volume.customers, median, ctx.params.mode)
         return None
-    shown = {k: v for k, v in dict(params or {}).items()}
+    shown = dict(params or {})
     ledger.ask_approval(engine, run_id, {**comparison.as_json(), "params": shown})
     log.warning("Held for approval: %s", "; ".join(comparison.reasons))
     return brake.request_text(run_id, comparison, shown, settings)
