@@ -77,6 +77,38 @@ def test_a_hard_bounce_moves_the_sent_delivery_to_bounced_once_and_keeps_the_rep
     assert kept["run_id"] == "scheduled__2026-11-25"
 
 
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_with_either_postgresql_driver_a_bounce_moves_the_delivery(backend, driver):
+    """psycopg 3 reports no rowcount for an INSERT ... RETURNING: the report was once taken for applied
+    before and the delivery stayed sent, in the real topology only (the tests ran psycopg2)."""
+    if backend["name"] != "postgresql":
+        pytest.skip("the drivers are PostgreSQL's")
+    from sqlalchemy import create_engine
+
+    engine = create_engine(backend["engines"][1].url.set(drivername=f"postgresql+{driver}"))
+    ledger.ensure_schema(engine)
+    name, row_id, recipient, message_id = HARD
+    add(engine, sent_row(row_id, recipient, message_id))
+
+    first, again = apply(engine, name), apply(engine, name)
+
+    assert [o.effect for o in first] == ["bounced"] and [o.effect for o in again] == ["already_applied"]
+    assert row(engine, row_id)["status"] == "bounced"
+    engine.dispose()
+
+
+def test_the_tasks_engine_uses_the_pinned_postgresql_driver(monkeypatch):
+    """A postgres connection's engine is psycopg2's, the driver requirements.txt pins and the tests run."""
+    from include.invoice_mailing import tasks
+
+    monkeypatch.setenv("AIRFLOW_CONN_LEDGER_DRIVER_PROBE", "postgres://postgres@127.0.0.1:5432/ledger")
+    tasks.engine_for.cache_clear()
+    try:
+        assert tasks.engine_for("ledger_driver_probe").dialect.driver == "psycopg2"
+    finally:
+        tasks.engine_for.cache_clear()
+
+
 def test_a_policy_refusal_is_blocked_and_a_bounced_row_is_final(engine):
     add(engine, sent_row(102, "okonomi@vestby-transport.example",
                          "<10043.pdf.9d2e41c07a6b5f3e28c1d0a4@fjordlys.example>"))

@@ -402,12 +402,16 @@ def _insert_new(conn, values: dict, table: Table = delivery) -> None:
 
 
 def insert_once(conn, table: Table, values: dict) -> bool:
-    """Insert unless a row with the same unique key exists (a twin inserted it); whether this one did."""
+    """Insert unless a row with the same unique key exists (a twin inserted it); whether this one did.
+
+    Told by the row RETURNING gives back, not by the cursor's rowcount: psycopg 3 reports -1 for an
+    INSERT whose RETURNING SQLAlchemy adds on its own, and a bounce was once counted as applied before."""
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    return conn.execute(dialect_insert(table).values(**values).on_conflict_do_nothing()).rowcount == 1
+    statement = dialect_insert(table).values(**values).on_conflict_do_nothing()
+    return conn.execute(statement.returning(*table.primary_key.columns)).first() is not None
 
 
 # ``redecided``, as SQL: the condition of the UPDATE that re-decides a row.

@@ -44,8 +44,9 @@ def engine_for(conn_id: str) -> Engine:
     from airflow.sdk import BaseHook
 
     uri = BaseHook.get_connection(conn_id).get_hook().get_uri()
-    if uri.startswith("postgres://"):
-        uri = "postgresql://" + uri.removeprefix("postgres://")
+    scheme, rest = uri.split("://", 1)
+    if scheme.startswith("postgres"):  # the hook names psycopg 3 when it is installed; the ledger and the tests
+        uri = f"postgresql+psycopg2://{rest}"  # run on psycopg2, the driver requirements.txt pins
     return create_engine(uri, pool_pre_ping=True)
 
 
