@@ -153,16 +153,14 @@ def test_a_deferred_customer_turns_the_night_red_is_named_and_one_clear_mends_it
             api.unpause(BOUNCES_DAG)
             hourly = api.trigger(BOUNCES_DAG, logical_date=None)["dag_run_id"]
             assert api.wait_for_run(BOUNCES_DAG, hourly, {"success", "failed"}, timeout=120)["state"] == "success"
-            hourly_log = api.log(BOUNCES_DAG, hourly, "collect_bounces", 1)
-            print("HOURLY RUNS", api.runs(BOUNCES_DAG))
-            print("HOURLY LOG", hourly_log[-4000:])
-            with ledger_db.connect() as conn:
-                print("REPORTS", conn.execute(select(ledger.bounce_report.c.id, ledger.bounce_report.c.delivery_id, ledger.bounce_report.c.effect, ledger.bounce_report.c.run_id)).all())
+            assert "1 delivery(ies) bounced" in api.log(BOUNCES_DAG, hourly, "collect_bounces", 1)
             [bounced] = ledger.all_deliveries(ledger_db, ledger.delivery.c.id == kari["id"])
             assert (bounced["status"], bounced["reason"]) == ("bounced", "hard_bounce"), bounced
             assert bounced["detail"].startswith("5.1.1"), bounced["detail"]
             assert dovecot.messages(bounce_login) == []  # applied, so moved out of the inbox...
-            assert [raw for raw, _ in dovecot.messages(bounce_login, "Processed")] == [postfix_dsn_for(kari)]
+            # the report, as IMAP keeps it (CRLF line ends)
+            assert [raw for raw, _ in dovecot.messages(bounce_login, "Processed")] == [
+                postfix_dsn_for(kari).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")]
 
     with ledger_db.connect() as conn:
         summary = conn.execute(select(ledger.mailing_run.c.summary)
