@@ -120,16 +120,19 @@ def postgres_pair(admin) -> dict:
     return {"names": names, "engines": engines, "connections": connections, "cleanup": cleanup}
 
 
+def _package_missing(message: str):
+    if IN_CI:
+        pytest.fail(f"{message}. Under CI=true a missing package is a failure.")
+    pytest.skip(message)
+
+
 @pytest.fixture
 def faked_clock():
     """A stack on a faked clock (AirflowStack(fake_time=...), libfaketime): skips without it, fails under CI=true."""
     from dev.airflow_stack import FAKETIME_LIBRARY
 
     if not FAKETIME_LIBRARY.exists():
-        message = f"libfaketime ({FAKETIME_LIBRARY}) is not installed: dev/system-packages install"
-        if IN_CI:
-            pytest.fail(f"{message}. Under CI=true a missing package is a failure.")
-        pytest.skip(message)
+        _package_missing(f"libfaketime ({FAKETIME_LIBRARY}) is not installed: dev/system-packages install")
 
 
 def start_dovecot(capabilities: str | None = None):
@@ -139,10 +142,7 @@ def start_dovecot(capabilities: str | None = None):
     try:
         return Dovecot(capabilities).start()
     except DovecotMissing as exc:
-        message = f"{exc}; the IMAP tests need it"
-        if IN_CI:
-            pytest.fail(f"{message}. Under CI=true a missing package is a failure.")
-        pytest.skip(message)
+        _package_missing(f"{exc}; the IMAP tests need it")
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,33 @@ def dovecot():
     """A real IMAP server (Dovecot) on 127.0.0.1, one per test module: each test takes its own login
     (``dovecot.new_login()``), so the tests share no messages."""
     server = start_dovecot()
+    yield server
+    server.stop()
+
+
+def start_postfix(mail_folder: Path, relay_port: int):
+    """A Postfix of dev/postfix.py, started; skips when Postfix is not installed (fails under CI=true)."""
+    from dev.postfix import Postfix, PostfixMissing
+
+    try:
+        return Postfix(mail_folder, relay_port).start()
+    except PostfixMissing as exc:
+        _package_missing(f"{exc}; the tests in which a real MTA writes the bounce need it")
+
+
+@pytest.fixture(scope="module")
+def remote_mx():
+    """An SMTP sink behind the ``postfix`` relay, standing for the customers' mail servers (one per module)."""
+    with SmtpSink() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def postfix(dovecot, remote_mx):
+    """A real Postfix relay on 127.0.0.1, one per module: mail for ``dev.postfix.REFUSING``'s domain fails
+    (5.1.1) and Postfix sends its report to the envelope sender; mail for fjordlys.example lands in the
+    module's Dovecot (``postfix.deliver_to(address, login)``); all other mail goes to ``remote_mx``."""
+    server = start_postfix(dovecot.folder / "mail", remote_mx.port)
     yield server
     server.stop()
 

@@ -36,6 +36,9 @@ EXPECTED = [
      "<10042.pdf.3f1c2a9be07d4c6a81b2e5f0@fjordlys.example>"),
     ("postfix-5.7.1-blocked.eml", Kind.BLOCKED, "5.7.1", "okonomi@vestby-transport.example", 102,
      "<10043.pdf.9d2e41c07a6b5f3e28c1d0a4@fjordlys.example>"),
+    # Written by Postfix itself (3.7, dev/postfix.py), not by hand.
+    ("postfix-captured-5.1.1.eml", Kind.HARD, "5.1.1", "okonomi@fjellheim-bakeri.example", 115,
+     "<10075.pdf.6c5d4e3f2a1b0c9d8e7f6a5b@fjordlys.example>"),
     ("postfix-4.4.1-delayed.eml", Kind.DELAYED, "4.4.1", "regnskap@kvamme-el.example", 103,
      "<10044.pdf.51be0c7d93a2e4f6b8d1c2a0@fjordlys.example>"),
     # Exim's Status says 5.0.0 although the remote said 5.1.1: the Status field is the report's word.
