@@ -1,23 +1,52 @@
 """Spec section 9, reading the bounce mailbox: a night reads it before it mails, the hourly DAG between
-nights. dag.test() runs against a real IMAP server (Dovecot), the real SMTP sink and a SQLite ledger."""
+nights; a bad report, or a mailbox that cannot be read, changes nothing and says so in one line.
+dag.test() runs against a real IMAP server (Dovecot) and the real SMTP sink, each test with the ERP and
+the ledger on SQLite files and then on the PostgreSQL server."""
 
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from datetime import timedelta
 
 import pytest
 
 from dev.smtp_sink import free_port
-from include.invoice_mailing import clock, ledger
+from include.invoice_mailing import clock, ledger, tasks
+from include.invoice_mailing.bounce_collect import Collected, collect
+from include.invoice_mailing.bounce_mailbox import BounceMailbox
 from include.invoice_mailing.bounces import BOUNCE_KEY_VARIABLE, verp_sender
+from include.invoice_mailing.dag_settings import DAG_ID
 from tests.conftest import ROOT, smtp_connection
+from tests.erp import TinyErp
+from tests.test_bounce_ledger import sent_row
 from tests.test_bounce_reports import fixture
 
 BOUNCES = "bounces@fjordlys.example"
 KEY = "a-bounce-key-of-this-test-only-32-bytes-or-more"
 OPS = "ops@fjordlys.example"
 KARI = "kari@bolgen.example"
+
+
+@pytest.fixture
+def databases(backend, connections, monkeypatch) -> dict:
+    """The ERP and the ledger of this test on SQLite files, then on the PostgreSQL server: the DAG's
+    connections point at them, so every test of this module runs on both."""
+    monkeypatch.setenv("AIRFLOW_CONN_ERP_DB", backend["connections"][0])
+    monkeypatch.setenv("AIRFLOW_CONN_MAILING_LEDGER", backend["connections"][1])
+    tasks.engine_for.cache_clear()
+    return backend
+
+
+@pytest.fixture
+def erp(databases) -> TinyErp:
+    return TinyErp(databases["engines"][0])
+
+
+@pytest.fixture
+def ledger_db(databases):
+    return databases["engines"][1]
 
 
 @pytest.fixture
@@ -119,22 +148,32 @@ def test_the_morning_watch_lists_new_bounces_with_the_customer_and_the_masked_ad
     assert KARI not in body
 
 
-def test_a_mailbox_that_is_down_does_not_stop_the_night_and_the_warning_says_so(kafe, mailbox, run_dag,
-                                                                                ledger_db, sink, monkeypatch):
-    port = free_port()  # nothing listens there
-    monkeypatch.setenv("AIRFLOW_CONN_MAILING_BOUNCES", json.dumps(
-        {"conn_type": "imap", "host": "127.0.0.1", "port": port, "login": "bounces", "password": "x",
-         "extra": {"use_ssl": False, "address": BOUNCES}}))
+@pytest.mark.parametrize("failure", ["down", "login refused"])
+def test_a_mailbox_that_cannot_be_read_does_not_stop_the_night_and_the_warning_says_so(failure, kafe, mailbox,
+                                                                                       dovecot, run_dag, ledger_db,
+                                                                                       sink, monkeypatch):
+    waiting = crlf(fixture("postfix-5.1.1-hard.eml"))  # a report the night would read if it could log in
+    dovecot.append(mailbox, waiting)
+    if failure == "down":
+        port = free_port()  # nothing listens there
+        refused = dict(dovecot.connection("bounces", address=BOUNCES), port=port)
+        why = f"(bounces@127.0.0.1:{port}): cannot connect: [Errno 111] Connection refused"
+    else:
+        refused = dict(dovecot.connection(mailbox, address=BOUNCES), password="not-the-secret")
+        why = (f"({mailbox}@127.0.0.1:{dovecot.port}): the server refused the login: [AUTHENTICATIONFAILED] "
+               "Authentication failed.")
+    monkeypatch.setenv("AIRFLOW_CONN_MAILING_BOUNCES", json.dumps(refused))
 
     run = run_dag("2026-11-24")
 
     assert run.state == "success"
-    assert sent_to_kari(ledger_db)["status"] == "sent"
+    assert sent_to_kari(ledger_db)["status"] == "sent" and bounce_reports(ledger_db) == []
     assert [m.envelope_to for m in sink.received if m.envelope_to != [OPS]] == [[KARI]]  # the night mailed
-    assert collected(run)["read"] is False
+    assert collected(run)["read"] is False and collected(run)["why"].endswith(why)
     [warning] = ops_mail(sink)
     assert warning["Subject"] == f"Invoice mailing {run.run_id}: the bounces were not read"
-    assert f"bounces@127.0.0.1:{port}): cannot connect" in warning.get_body(("html",)).get_content()
+    assert why in warning.get_body(("html",)).get_content()
+    assert dovecot.messages(mailbox) == [(waiting, set())] and dovecot.folders(mailbox) == ["INBOX"]
 
 
 def test_without_the_connection_nothing_is_read(kafe, run_dag, ledger_db, sink, monkeypatch):
@@ -166,3 +205,138 @@ def test_the_hourly_dag_applies_a_report_and_the_same_report_again_changes_nothi
     with ledger_db.connect() as conn:
         assert conn.execute(ledger.select(ledger.func.count()).select_from(ledger.bounce_report)).scalar() == 1
     assert len(dovecot.messages(mailbox, "Processed")) == 2 and dovecot.messages(mailbox) == []
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+ORDRE = "ordre@bakke-verksted.example"
+HAVET = "post@havet.example"
+
+
+def crlf(raw: bytes) -> bytes:
+    """A message with the CRLF line ends IMAP serves: appended so, it reads back byte for byte."""
+    return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def seeded(ledger_db) -> list[dict]:
+    """Three live deliveries sent last night, straight into the ledger (no night needed to read reports)."""
+    ledger.ensure_schema(ledger_db)
+    rows = [sent_row(1, KARI, "<10001.pdf.5d0c1e2f3a4b5c6d7e8f9a0b@fjordlys.example>"),
+            sent_row(2, ORDRE, "<10074.pdf.2b3c4d5e6f708192a3b4c5d6@fjordlys.example>"),
+            sent_row(3, HAVET, "<10075.pdf.0f1e2d3c4b5a69788796a5b4@fjordlys.example>")]
+    with ledger_db.begin() as conn:
+        conn.execute(ledger.insert(ledger.delivery), rows)
+    return ledger.all_deliveries(ledger_db, ledger.delivery.c.id.in_([1, 2, 3]))
+
+
+def bounce_reports(ledger_db) -> list[dict]:
+    with ledger_db.connect() as conn:
+        return [dict(r) for r in conn.execute(ledger.select(ledger.bounce_report)
+                                              .order_by(ledger.bounce_report.c.id)).mappings()]
+
+
+def test_one_pass_applies_the_good_reports_and_leaves_each_bad_one_as_it_was_with_a_log_line(
+        mailbox, dovecot, ledger_db, caplog):
+    kari, ordre, havet = seeded(ledger_db)
+    havet_verp = verp_sender(BOUNCES, havet["id"], KEY.encode())
+    mac = havet_verp.split("-")[-1].split("@")[0]
+    stranger = "<10099.pdf.ffffffffffffffffffffffff@fjordlys.example>"  # a Message-ID this ledger never sent
+    # Each bad report is about Havet's delivery, by its VERP address: none of them may bounce it.
+    broken = fixture("broken-mime.eml").replace(b"bounces+113-vepa7bn3rr2c4sub@fjordlys.example",
+                                                havet_verp.encode())
+    forged = postfix_dsn_for(havet).replace(mac.encode(), (("b" if mac[0] == "a" else "a") + mac[1:]).encode())
+    forged = forged.replace(havet["message_id"].encode(), stranger.encode())
+    nobody = postfix_dsn_for(sent_row(999, "ukjent@fjellet.example", stranger))  # a valid token, no such delivery
+    huge = postfix_dsn_for(havet) + b"x" * 998 * (20 * 1024 + 10)  # 20 MB, above the reader's limit of 10 MB
+    # A report in a charset nobody knows is still read (with replacement characters) and applied.
+    charset = fixture("unknown-charset.eml").replace(b"bounces+114-kejngi5hcugcba5m@fjordlys.example",
+                                                     verp_sender(BOUNCES, ordre["id"], KEY.encode()).encode())
+    inbox = [crlf(raw) for raw in (broken, postfix_dsn_for(kari), forged, nobody, huge, charset)]
+    for raw in inbox:
+        dovecot.append(mailbox, raw)
+    uids = dict(zip(("broken", "kari", "forged", "nobody", "huge", "charset"), range(1, 7), strict=True))
+
+    with caplog.at_level(logging.INFO), BounceMailbox.from_connection() as reader:
+        done = collect(ledger_db, reader, key=KEY.encode(), run_id="scheduled__2026-11-25")
+
+    assert done == Collected(read=True, messages=5, bounced=2, noted=0, moved=2, left=4)
+    # The bad ones stay in the folder as they came, unread; the good ones moved.
+    assert dovecot.messages(mailbox) == [(raw, set()) for raw in (inbox[0], inbox[2], inbox[3], inbox[4])]
+    assert dovecot.messages(mailbox, "Processed") == [(inbox[1], set()), (inbox[5], set())]
+    after = {row["id"]: row for row in ledger.all_deliveries(ledger_db)}
+    assert after[havet["id"]] == havet
+    assert (after[kari["id"]]["status"], after[ordre["id"]]["status"]) == ("bounced", "bounced")
+    assert "Mottakeren finnes ikke" in after[ordre["id"]]["detail"]
+    assert [r["delivery_id"] for r in bounce_reports(ledger_db)] == [kari["id"], ordre["id"]]
+    # One line each, naming the message by its UID and saying what was wrong with it.
+    assert f"UID {uids['broken']} left in INBOX, unread: unreadable (broken MIME structure" in caplog.text
+    assert (f"UID {uids['forged']} left in INBOX, unread: a hard report not applied: the report names no "
+            "delivery of this ledger (no verified VERP address") in caplog.text
+    assert f"UID {uids['nobody']} left in INBOX, unread: a hard report not applied: delivery 999 does not exist" in (
+        caplog.text)
+    assert f"message UID {uids['huge']} in INBOX is {len(inbox[4])} bytes, above the limit of 10485760: left " \
+           "there, unread" in caplog.text
+    assert "5 message(s) read, 2 delivery(ies) bounced, 0 noted, 2 report(s) moved to Processed, 4 left in INBOX" in (
+        caplog.text)
+
+
+# --- the hourly DAG while a night runs -----------------------------------------------------------------
+
+
+@pytest.fixture
+def night_in_progress(airflow_db):
+    """A run of invoice_mailing in Airflow's metadata database, as the scheduler keeps it while a night is
+    queued or running: call it with the run's state. The database is the test session's: the run goes after."""
+    import pendulum
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import delete, update
+
+    run_id = f"manual__night-in-progress-{uuid.uuid4().hex[:8]}"
+    with create_session() as session:
+        session.add(DagRun(dag_id=DAG_ID, run_id=run_id, run_type="manual", state="queued",
+                           run_after=pendulum.datetime(2026, 11, 24, 1, 0)))
+
+    def set_state(state: str) -> None:
+        with create_session() as session:
+            session.execute(update(DagRun).where(DagRun.dag_id == DAG_ID, DagRun.run_id == run_id)
+                            .values(state=state))
+
+    yield set_state
+    with create_session() as session:
+        session.execute(delete(DagRun).where(DagRun.dag_id == DAG_ID, DagRun.run_id == run_id))
+
+
+def collect_state(run) -> str:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        return session.scalar(select(TaskInstance.state).where(
+            TaskInstance.dag_id == run.dag_id, TaskInstance.run_id == run.run_id,
+            TaskInstance.task_id == "collect_bounces"))
+
+
+def test_the_hourly_dag_skips_while_a_night_is_queued_or_running_and_reads_once_it_has_ended(
+        mailbox, dovecot, ledger_db, night_in_progress):
+    kari, *_ = seeded(ledger_db)
+    report = crlf(postfix_dsn_for(kari))
+    dovecot.append(mailbox, report)
+
+    for state, hour in (("queued", "10"), ("running", "11")):
+        night_in_progress(state)
+        run = run_hourly(f"2026-11-24T{hour}:30:00+00:00")
+
+        assert (run.state, collect_state(run)) == ("success", "skipped"), state
+        assert dovecot.messages(mailbox) == [(report, set())] and dovecot.folders(mailbox) == ["INBOX"], state
+        assert ledger.all_deliveries(ledger_db, ledger.delivery.c.id == kari["id"]) == [kari], state
+        assert bounce_reports(ledger_db) == [], state
+
+    night_in_progress("success")
+    run = run_hourly("2026-11-24T12:30:00+00:00")
+
+    assert (run.state, collect_state(run)) == ("success", "success")
+    assert collected(run)["bounced"] == 1
+    assert ledger.all_deliveries(ledger_db, ledger.delivery.c.id == kari["id"])[0]["status"] == "bounced"
+    assert dovecot.messages(mailbox) == [] and dovecot.messages(mailbox, "Processed") == [(report, set())]

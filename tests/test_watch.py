@@ -32,7 +32,9 @@ def dags(airflow_db):
 @pytest.fixture
 def night(dags, sink, monkeypatch):
     """A fresh night (its own date, so tests do not see each other's runs); returns a function that
-    records tonight's run of invoice_mailing in a state, pauses or unpauses it, and runs the watch."""
+    records tonight's run of invoice_mailing in a state, pauses or unpauses it, and runs the watch. The
+    runs it recorded go afterwards: the metadata database is the test session's, and a run left queued or
+    running would make the hourly bounce DAG of a later test skip."""
     from airflow.models.dag import DagModel
     from airflow.models.dagrun import DagRun
     from airflow.settings import Session
@@ -58,6 +60,9 @@ def night(dags, sink, monkeypatch):
     yield watch
     with Session() as session:
         session.query(DagModel).filter(DagModel.dag_id == "invoice_mailing").update({"is_paused": True})
+        session.query(DagRun).filter(DagRun.dag_id == "invoice_mailing",
+                                     DagRun.logical_date.between(day - timedelta(days=1), day + timedelta(days=1))
+                                     ).delete(synchronize_session=False)
         session.commit()
 
 

@@ -38,7 +38,7 @@ class Collected:
     bounced: int = 0         # deliveries moved to bounced
     noted: int = 0           # delays (or a second report on a bounced delivery) noted
     moved: int = 0           # reports moved to the processed folder
-    left: int = 0            # messages left in the folder, unread
+    left: int = 0            # messages left in the folder, unread (those above the size limit too)
 
     def as_xcom(self) -> dict:
         return asdict(self)
@@ -67,6 +67,7 @@ def collect(engine: Engine, mailbox: BounceMailbox, *, key: bytes | None, run_id
         done.noted += sum(outcome.effect == "noted" for outcome in outcomes)
         mailbox.processed(message.uid)
         done.moved += 1
+    done.left += len(mailbox.too_large)  # not read, and left in the folder all the same
     log.info("%s: %d message(s) read, %d delivery(ies) bounced, %d noted, %d report(s) moved to %s, %d left in %s",
              where, done.messages, done.bounced, done.noted, done.moved, mailbox.settings.processed_folder,
              done.left, folder)

@@ -92,6 +92,7 @@ class BounceMailbox:
         self.settings = settings
         self.size_limit = size_limit
         self.capabilities = self._capabilities()
+        self.too_large: list[int] = []  # the UIDs :meth:`messages` left unread for their size
         self._processed_folder_ready = False
         selected = self._call("select the folder", f"folder {settings.folder!r} cannot be opened",
                               client.select, _quoted(settings.folder))
@@ -131,13 +132,14 @@ class BounceMailbox:
 
     def messages(self) -> Iterator[MailboxMessage]:
         """The folder's messages in UID order, each read whole; a message above the size limit is left
-        where it is, unread, with a log line. Nothing is marked read."""
+        where it is, unread, with a log line (and its UID in :attr:`too_large`). Nothing is marked read."""
         sizes = self._sizes()
         log.info("%s: %d message(s) in %s", self.settings.where, len(sizes), self.settings.folder)
         for uid, size in sorted(sizes.items()):
             if size > self.size_limit:
                 log.warning("%s: message UID %d in %s is %d bytes, above the limit of %d: left there, unread",
                             self.settings.where, uid, self.settings.folder, size, self.size_limit)
+                self.too_large.append(uid)
                 continue
             raw = self._body(uid)
             if raw is not None:  # None: another client removed it meanwhile
