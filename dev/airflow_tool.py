@@ -170,20 +170,25 @@ def start(home: Path, port: int, smtp_port: int, database: str, postgres_url: st
         demo.main(["seed", "--erp", str(erp_path)])
 
     sink = start_sink(smtp_port, outbox, logs / "smtp-sink.log")
+    helpers = {"smtp-sink": sink.pid}
+    env = demo_connections(erp_path, ledger_path, smtp_port)
     stack = AirflowStack(home=home, port=port, database=database, stack_secrets=kept, logs=logs,
-                         postgres_admin_url=postgres_url, extra_env=demo_connections(erp_path, ledger_path, smtp_port))
+                         postgres_admin_url=postgres_url, extra_env=env)
     print(f"Starting Airflow (metadata database {database}, logs in {shown(logs)})...", flush=True)
     try:
         wait_for_sink(sink, smtp_port)
+        bounces = start_bounce_parts(home, smtp_port)
+        if isinstance(bounces, dict):
+            helpers.update(bounces["processes"])
+            env.update(bounces["env"])
         stack.start()
     except BaseException as error:  # Ctrl-C too: nothing may run unrecorded, where stop could not find it
         stack.stop()  # a named database and a given home are kept
-        end([psutil.Process(sink.pid)] if sink.poll() is None else [])
+        end([process for pid in helpers.values() if (process := alive_pid(pid))])
         if not isinstance(error, StackError | Refusal | SQLAlchemyError):
             raise
         raise Refusal(f"Airflow did not come up: {str(error).splitlines()[0]} (the logs: {shown(logs)})") from None
-    record(home / "running.json", stack.url,
-           {"smtp-sink": sink.pid, **{name: process.pid for name, process in stack.processes.items()}})
+    record(home / "running.json", stack.url, {**helpers, **{name: process.pid for name, process in stack.processes.items()}})
     print(f"Airflow is up at {stack.url}  (login {ADMIN} / {kept.password}; kept in {shown(home / 'secrets.json')})\n"
           f"  mail:   an SMTP sink on 127.0.0.1:{smtp_port}; each message lands in {shown(outbox)} as .eml\n"
           f"  logs:   {shown(logs)}: api-server.log, scheduler.log, dag-processor.log, triggerer.log, "
@@ -191,6 +196,7 @@ def start(home: Path, port: int, smtp_port: int, database: str, postgres_url: st
           f"  kept:   metadata database {database} on PostgreSQL, ERP {shown(erp_path)}, ledger {shown(ledger_path)}\n"
           f"  demo night: in the UI open invoice_mailing, Trigger (and unpause it on trigger), logical date "
           f"{demo.AS_OF} 01:00 UTC (the demo ERP's invoices are due that night)\n"
+          f"{bounce_lines(bounces)}"
           f"`make airflow-stop` ends it; `make airflow` again brings it back with the same login and history.")
 
 
@@ -214,6 +220,72 @@ def demo_connections(erp_path: Path, ledger_path: Path, smtp_port: int) -> dict[
         "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(smtp),
         "AIRFLOW_CONN_MAILING_ALERTS": json.dumps(alerts),
     }
+
+
+# --- a bounce, end to end: Postfix in front of the sink, Dovecot as the bounce mailbox ----------------
+
+BOUNCE_LOGIN = "bounces"
+BOUNCE_ADDRESS = "bounces@bounces.fjordlys.example"  # a domain of its own: the company's other addresses go on
+# The demo customer whose mail server no longer knows its addresses: Postfix takes the invoice, then fails it.
+GONE_CUSTOMER, GONE_DOMAIN = "10003", "nordlys-bakeri.example"
+GONE_ANSWER = "5.1.1 The email account that you tried to reach does not exist"
+
+
+def start_bounce_parts(home: Path, sink_port: int) -> dict | str:
+    """Postfix as the relay in front of the sink, failing ``GONE_DOMAIN``'s mail, and Dovecot as the bounce
+    mailbox its reports land in; their folders (queue, mailbox) are kept in ``home``. The processes to record
+    and the environment for Airflow; or, when they cannot run here, why (the stack then mails the sink directly)."""
+    from dev.dovecot import Dovecot, DovecotMissing
+    from dev.postfix import Postfix, PostfixMissing
+    from include.invoice_mailing.bounces import BOUNCE_KEY_VARIABLE
+
+    if os.geteuid() != 0:
+        return "Postfix and Dovecot are started as root only"
+    try:
+        mailbox = Dovecot(folder=home / "bounce-mailbox").start()
+    except DovecotMissing as missing:
+        return str(missing)
+    try:
+        relay = Postfix(home / "bounce-mailbox" / "mail", sink_port, refusing={GONE_DOMAIN: GONE_ANSWER},
+                        local_domain=BOUNCE_ADDRESS.split("@")[1], folder=home / "relay").start()
+    except PostfixMissing as missing:
+        mailbox.stop()
+        return str(missing)
+    relay.deliver_to(BOUNCE_ADDRESS, BOUNCE_LOGIN)
+    smtp = {"conn_type": "smtp", "host": "127.0.0.1", "port": relay.port,
+            "extra": {"disable_ssl": True, "disable_tls": True, "retry_limit": 0, "timeout": 10}}
+    return {"processes": {"dovecot": mailbox.master_pid(), "postfix": relay.master_pid()},
+            "env": {"AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(smtp),
+                    "AIRFLOW_CONN_MAILING_BOUNCES": json.dumps(mailbox.connection(BOUNCE_LOGIN, address=BOUNCE_ADDRESS)),
+                    BOUNCE_KEY_VARIABLE: kept_key(home / "bounce-key")},
+            "relay": relay.port, "imap": mailbox.port}
+
+
+def kept_key(path: Path) -> str:
+    """The VERP key of this instance: generated the first time, readable by its owner only, then kept."""
+    import secrets
+
+    if not path.exists():
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def bounce_lines(bounces: dict | str) -> str:
+    if isinstance(bounces, str):
+        return f"  bounces: not shown ({bounces}); invoices go to the sink directly\n"
+    return (f"  bounces: invoices go through a Postfix on 127.0.0.1:{bounces['relay']}, which passes them to the sink "
+            f"but fails customer {GONE_CUSTOMER}'s ({GONE_DOMAIN}: {GONE_ANSWER.split(' ', 1)[0]}) and sends its report "
+            f"to the invoice's VERP address, into the bounce mailbox (Dovecot, 127.0.0.1:{bounces['imap']}, login "
+            f"{BOUNCE_LOGIN}); invoice_mailing_bounces reads it at half past each hour (unpause it, or trigger it): "
+            f"the delivery turns bounced on the auditors' pages\n")
+
+
+def alive_pid(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
 
 
 def wait_for_sink(sink: subprocess.Popen, port: int, timeout: float = 30) -> None:

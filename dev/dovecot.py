@@ -94,9 +94,10 @@ class Dovecot:
     ``imap_capability``), e.g. without MOVE, to play an older server.
     """
 
-    def __init__(self, capabilities: str | None = None):
+    def __init__(self, capabilities: str | None = None, folder: Path | None = None):
         self.capabilities = capabilities
         self.port = 0
+        self.kept = folder  # `make airflow`'s mailbox: kept between starts; else a temporary folder
         self.folder: Path | None = None
 
     @property
@@ -107,10 +108,11 @@ class Dovecot:
         version = dovecot_version()
         if not version.startswith("2.3."):
             raise DovecotMissing(f"dovecot {version} is installed; dev/dovecot.py writes Dovecot 2.3's configuration")
-        self.folder = Path(tempfile.mkdtemp(prefix="invoice-mailing-dovecot-"))
+        self.folder = self.kept or Path(tempfile.mkdtemp(prefix="invoice-mailing-dovecot-"))
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.folder.chmod(0o755)  # mkdtemp's 0700 would lock out Dovecot's unprivileged processes
         mail = self.folder / "mail"
-        mail.mkdir()
+        mail.mkdir(exist_ok=True)
         shutil.chown(mail, MAIL_USER, MAIL_USER)
         self.port = free_port()
         capability = f"imap_capability = {self.capabilities}" if self.capabilities else ""
@@ -140,6 +142,10 @@ class Dovecot:
                                        f"{log.read_text()[-2000:] if log.exists() else 'no log'}") from None
                 time.sleep(0.05)
 
+    def master_pid(self) -> int:
+        """The pid of Dovecot's master process (it forked into the background)."""
+        return int((self.folder / "run" / "master.pid").read_text().split()[0])
+
     def stop(self) -> None:
         if self.folder is None:
             return
@@ -148,7 +154,8 @@ class Dovecot:
         deadline = time.monotonic() + 10
         while pid_file.exists() and time.monotonic() < deadline:  # the master removes it when it has ended
             time.sleep(0.05)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if not self.kept:
+            shutil.rmtree(self.folder, ignore_errors=True)
         self.folder = None
 
     def __enter__(self) -> Dovecot:

@@ -105,7 +105,8 @@ class Postfix:
     """
 
     def __init__(self, mail_folder: Path, relay_port: int, refusing: dict[str, str] | None = None,
-                 local_domain: str = "fjordlys.example"):
+                 local_domain: str = "fjordlys.example", folder: Path | None = None):
+        self.kept = folder  # `make airflow`'s relay: its queue kept between starts; else a temporary folder
         self.mail_folder = Path(mail_folder)
         self.relay_port = relay_port
         self.refusing = REFUSING if refusing is None else refusing
@@ -122,10 +123,11 @@ class Postfix:
         version = postfix_version()
         if not version.startswith("3."):
             raise PostfixMissing(f"postfix {version} is installed; dev/postfix.py writes Postfix 3's configuration")
-        self.folder = Path(tempfile.mkdtemp(prefix="invoice-mailing-postfix-"))
+        self.folder = self.kept or Path(tempfile.mkdtemp(prefix="invoice-mailing-postfix-"))
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.folder.chmod(0o755)  # root's, not writable by others: Postfix's own checks; its daemons enter it
         for name in ("etc", "spool", "data"):
-            (self.folder / name).mkdir()
+            (self.folder / name).mkdir(exist_ok=True)
         shutil.chown(self.folder / "data", "postfix")
         mail = pwd.getpwnam(MAIL_USER)
         self.port = free_port()
@@ -165,12 +167,17 @@ class Postfix:
                                        f"{self.log()[-2000:]}") from None
                 time.sleep(0.05)
 
+    def master_pid(self) -> int:
+        """The pid of Postfix's master process (it forked into the background)."""
+        return int((self.folder / "spool" / "pid" / "master.pid").read_text().split()[0])
+
     def stop(self) -> None:
         """Stop the master and its processes (``postfix stop`` waits until the master is gone)."""
         if self.folder is None:
             return
         subprocess.run([POSTFIX, "-c", str(self.config), "stop"], capture_output=True)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if not self.kept:
+            shutil.rmtree(self.folder, ignore_errors=True)
         self.folder = None
 
     def __enter__(self) -> Postfix:

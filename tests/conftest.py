@@ -120,7 +120,7 @@ def postgres_pair(admin) -> dict:
     return {"names": names, "engines": engines, "connections": connections, "cleanup": cleanup}
 
 
-def _package_missing(message: str):
+def package_missing(message: str):
     if IN_CI:
         pytest.fail(f"{message}. Under CI=true a missing package is a failure.")
     pytest.skip(message)
@@ -132,7 +132,7 @@ def faked_clock():
     from dev.airflow_stack import FAKETIME_LIBRARY
 
     if not FAKETIME_LIBRARY.exists():
-        _package_missing(f"libfaketime ({FAKETIME_LIBRARY}) is not installed: dev/system-packages install")
+        package_missing(f"libfaketime ({FAKETIME_LIBRARY}) is not installed: dev/system-packages install")
 
 
 def start_dovecot(capabilities: str | None = None):
@@ -142,7 +142,7 @@ def start_dovecot(capabilities: str | None = None):
     try:
         return Dovecot(capabilities).start()
     except DovecotMissing as exc:
-        _package_missing(f"{exc}; the IMAP tests need it")
+        package_missing(f"{exc}; the IMAP tests need it")
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def start_postfix(mail_folder: Path, relay_port: int):
     try:
         return Postfix(mail_folder, relay_port).start()
     except PostfixMissing as exc:
-        _package_missing(f"{exc}; the tests in which a real MTA writes the bounce need it")
+        package_missing(f"{exc}; the tests in which a real MTA writes the bounce need it")
 
 
 @pytest.fixture(scope="module")

@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import smtplib
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from email.message import EmailMessage
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 
 from dev.airflow_stack import ADMIN, free_port
-from tests.conftest import ROOT
+from dev.airflow_tool import BOUNCE_LOGIN, GONE_CUSTOMER, GONE_DOMAIN
+from include.invoice_mailing import ledger
+from tests.conftest import ROOT, package_missing
 
 DAG = "invoice_mailing"
+BOUNCES = "invoice_mailing_bounces"
 
 
 def tool(*args) -> subprocess.CompletedProcess:
@@ -49,13 +55,37 @@ def wait_for_dag(api: httpx.Client, timeout: float = 180) -> None:
 
 
 @pytest.fixture
-def instance(postgres_admin, tmp_path):
-    """The tool's arguments for an instance of this test's own; whatever runs is stopped, the database dropped."""
+def bounce_parts_installed():
+    """make airflow shows a bounce with Postfix and Dovecot: skip without them (fail under CI=true)."""
+    from dev.dovecot import DovecotMissing, dovecot_version
+    from dev.postfix import PostfixMissing, postfix_version
+
+    try:
+        dovecot_version(), postfix_version()
+    except (DovecotMissing, PostfixMissing) as missing:
+        package_missing(f"{missing}; make airflow's bounce needs it")
+
+
+def wait_for_run(api: httpx.Client, dag_id: str, run_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while (run := api.get(f"/dags/{dag_id}/dagRuns/{run_id}").json())["state"] not in ("success", "failed"):
+        assert time.monotonic() < deadline, f"{dag_id} {run_id} still {run['state']} after {timeout:.0f} s"
+        time.sleep(2)
+    return run
+
+
+@pytest.fixture
+def instance(postgres_admin, bounce_parts_installed):
+    """The tool's arguments for an instance of this test's own; whatever runs is stopped, the database dropped.
+    The home is open to others, as a checkout is: Postfix's and Dovecot's own users enter its relay and mailbox."""
     database = f"airflow_tool_test_{uuid.uuid4().hex[:8]}"
     port = free_port()
-    args = ["--home", tmp_path / "airflow", "--port", port, "--smtp-port", free_port(), "--database", database]
-    yield {"args": args, "home": tmp_path / "airflow", "url": f"http://127.0.0.1:{port}", "database": database}
+    home = Path(tempfile.mkdtemp(prefix="airflow-tool-test-"))
+    home.chmod(0o755)
+    args = ["--home", home / "airflow", "--port", port, "--smtp-port", free_port(), "--database", database]
+    yield {"args": args, "home": home / "airflow", "url": f"http://127.0.0.1:{port}", "database": database}
     tool("stop", *args)
+    shutil.rmtree(home, ignore_errors=True)
     with postgres_admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
 
@@ -72,8 +102,11 @@ def test_a_stop_and_a_start_keep_the_login_and_the_history(instance):
     # Detached: the command has returned, and the api-server and the SMTP sink still answer.
     api = log_in(url, password)
     wait_for_dag(api)
-    run = api.post(f"/dags/{DAG}/dagRuns", json={"logical_date": "2026-11-24T01:00:00Z", "conf": {}})
-    assert run.status_code == 200, run.text  # the DAG stays paused: the run waits in the history, nothing is sent
+    # The demo night of two customers: the DAG stays paused, so the run waits in the history, nothing is sent yet.
+    run = api.post(f"/dags/{DAG}/dagRuns", json={"logical_date": "2026-11-24T01:00:00Z",
+                                                  "conf": {"customers": ["10001", GONE_CUSTOMER]}})
+    assert run.status_code == 200, run.text
+    assert "bounces: invoices go through a Postfix" in first.stdout, first.stdout
     run_id = run.json()["dag_run_id"]
     smtp_port = args[args.index("--smtp-port") + 1]
     message = EmailMessage()
@@ -103,6 +136,30 @@ def test_a_stop_and_a_start_keep_the_login_and_the_history(instance):
     assert f"login {ADMIN} / {password}" in second.stdout
     runs = log_in(url, password).get(f"/dags/{DAG}/dagRuns").json()["dag_runs"]
     assert run_id in [r["dag_run_id"] for r in runs]
+
+    # A bounce, end to end, as the README's "Seeing a bounce" walks it: the night mails both customers through
+    # Postfix, which fails the bakery's mail and sends its report into the bounce mailbox; the hourly DAG
+    # applies it.
+    api = log_in(url, password)
+    assert api.patch(f"/dags/{DAG}", json={"is_paused": False}).status_code == 200
+    night = wait_for_run(api, DAG, run_id)
+    assert night["state"] in ("success", "failed"), night
+    reports = home / "bounce-mailbox" / "mail" / BOUNCE_LOGIN / "Maildir" / "new"
+    deadline = time.monotonic() + 60
+    while not list(reports.glob("*")):
+        assert time.monotonic() < deadline, f"no report from Postfix in {reports}"
+        time.sleep(0.5)
+    assert api.patch(f"/dags/{BOUNCES}", json={"is_paused": False}).status_code == 200
+    hourly = api.post(f"/dags/{BOUNCES}/dagRuns", json={"logical_date": None})
+    assert wait_for_run(api, BOUNCES, hourly.json()["dag_run_id"])["state"] == "success"
+    rows = ledger.all_deliveries(create_engine(f"sqlite:///{home / 'ledger.db'}"))
+    gone = [r for r in rows if r["customer_id"] == GONE_CUSTOMER]
+    assert gone and {(r["status"], r["reason"]) for r in gone} == {("bounced", "hard_bounce")}, gone
+    assert all(r["recipient"].endswith(f"@{GONE_DOMAIN}") and r["detail"].startswith("5.1.1") for r in gone)
+    assert {r["status"] for r in rows if r["customer_id"] == "10001"} == {"sent"}
+    arrived = " ".join(p.read_text(errors="replace") for p in (home / "outbox").glob("*.eml"))
+    assert all(r["recipient"] in arrived for r in rows if r["customer_id"] == "10001")
+    assert GONE_DOMAIN not in arrived  # Postfix failed the bakery's invoices: they never reached the sink
 
     assert tool("stop", *args).returncode == 0
     twice = tool("stop", *args)
