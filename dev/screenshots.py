@@ -11,6 +11,14 @@ Europe/Oslo in the user menu, takes what an operator and an auditor see:
     night-watch.png       the morning watch's mail about the same night (06:00 Oslo, here triggered at once)
     night-approval.png    the held night waiting: approve_night's Required Action tab, with its numbers
     audit-*.png           the auditors' pages (README, "Auditing in the Airflow UI")
+    audit-bounced.png     Deliveries filtered to bounced: Kari's invoice, after the relay's report came back
+    audit-bounce-report.png  that report's text, as the row's link shows it
+
+The invoices go out with VERP senders, the bounce mailbox is a Dovecot (``dev/dovecot.py``), and after
+the night a Postfix-shaped report for Kari's invoice is put in it and ``invoice_mailing_bounces`` is
+triggered, as its hourly run would. So that the nights page's chart has a history to draw, the ledger
+starts with the 59 nights before, generated (``seed_history``: about 40 deliveries a night, bounces
+slowly rising): the pictures' only invented data, and the nights page says nothing else about them.
 
 The pictures are written to a temporary folder first and copied into docs/ only when all of them were
 taken. It rewrites the repository, so it is no part of ``make test``; about two minutes (up to eight
@@ -34,11 +42,17 @@ from sqlalchemy import create_engine
 
 from dev import browser as chromium
 from dev.airflow_stack import ROOT, AirflowStack
+from dev.dovecot import Dovecot
 from dev.smtp_sink import SmtpSink
+from include.invoice_mailing import ledger
+from include.invoice_mailing.bounces import BOUNCE_KEY_VARIABLE
 from tests.erp import TinyErp
+from tests.test_bounce_collect import BOUNCES, KEY, postfix_dsn_for
 
 DAG = "invoice_mailing"
 WATCH = "invoice_mailing_watch"
+BOUNCES_DAG = "invoice_mailing_bounces"
+BOUNCED = "kari@bolgen.example"
 OPERATORS = "operators@fjordlys.example"
 REFUSED = "ola@fjellheimen.example"
 REFUSAL = f"550 5.1.1 <{REFUSED}>: user unknown"
@@ -61,6 +75,40 @@ def seed_erp(path: Path) -> None:
     for number, name, address in CUSTOMERS:
         erp.customer(number, name, invoice_email=address)
         erp.invoice(f"INV0{number}", number)
+
+
+def seed_history(path: Path, nights: int = 59) -> None:
+    """The nights before the red one, for the chart: runs and final deliveries in the ledger, about 40 a
+    night, a few skipped, a failure now and then, and bounces rising from none to a handful."""
+    import random
+    from datetime import UTC, datetime, timedelta
+
+    engine = create_engine(f"sqlite:///{path}")
+    ledger.ensure_schema(engine)
+    pick = random.Random(20261124)
+    first = datetime(2026, 11, 24, 1, tzinfo=UTC) - timedelta(days=nights)
+    runs, rows = [], []
+    for n in range(nights):
+        night = first + timedelta(days=n)
+        run_id = f"scheduled__{night.isoformat()}"
+        runs.append(dict(run_id=run_id, logical_date=night, mode="live", params={}, started_at=night,
+                         finished_at=night + timedelta(minutes=4)))
+        statuses = (["sent"] * pick.randint(30, 45) + ["skipped"] * pick.randint(1, 4)
+                    + ["failed"] * (pick.random() < 0.15) + ["bounced"] * pick.randint(0, 1 + n // 12))
+        for i, status in enumerate(statuses):
+            address = f"faktura@kunde{i}.example"
+            rows.append(dict(
+                run_id=run_id, last_run_id=run_id, doc_type="INV", ref_nbr=f"INV{n:03d}{i:03d}",
+                customer_id=f"2{i:04d}", mailing_id="INVOICE", recipient=address, recipient_key=address,
+                add_to="To", format="PDF", mode="live", generation=0, status=status, attempts=1,
+                reason={"skipped": "no_address", "failed": "recipient_rejected", "bounced": "hard_bounce"}.get(status),
+                sent_at=night if status in ("sent", "bounced") else None,
+                bounced_at=night + timedelta(hours=3) if status == "bounced" else None,
+                message_id=f"<{n}.{i}@fjordlys.example>", created_at=night, updated_at=night))
+    with engine.begin() as conn:
+        conn.execute(ledger.mailing_run.insert(), runs)
+        conn.execute(ledger.delivery.insert(), rows)
+    engine.dispose()
 
 
 def smtp(port: int, **extra) -> str:
@@ -160,6 +208,43 @@ def audit_pages(camera: Camera, run_id: str) -> None:
     camera.shoot("audit-night-deliveries")
 
 
+def bounce_comes_back(stack, api, mailbox: Dovecot, login: str, ledger_path: Path) -> None:
+    """The relay's report on Kari's invoice reaches the bounce mailbox; the hourly DAG applies it."""
+    engine = create_engine(f"sqlite:///{ledger_path}")
+    [kari] = ledger.all_deliveries(engine, ledger.delivery.c.recipient == BOUNCED)
+    engine.dispose()
+    mailbox.append(login, postfix_dsn_for(kari))
+    api.wait_for_dag(BOUNCES_DAG)
+    api.unpause(BOUNCES_DAG)
+    run_id = api.trigger(BOUNCES_DAG, logical_date=None)["dag_run_id"]
+    if api.wait_for_run(BOUNCES_DAG, run_id, {"success", "failed"}, timeout=180)["state"] != "success":
+        raise RuntimeError(f"{BOUNCES_DAG} {run_id} did not apply the report")
+
+
+def bounce_pages(camera: Camera) -> None:
+    """Deliveries filtered to bounced, and the text of the report behind the row."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import Select
+
+    driver, wait = camera.driver, camera.wait
+    frame = (By.TAG_NAME, "iframe")
+    driver.get(f"{camera.stack.url}/plugin/invoice-mailing")
+    wait.until(ready.frame_to_be_available_and_switch_to_it(frame))
+    driver.find_element(By.LINK_TEXT, "Deliveries").click()
+    Select(wait.until(ready.presence_of_element_located((By.NAME, "status")))).select_by_visible_text("bounced")
+    driver.find_element(By.ID, "apply").click()
+    wait.until(lambda d: "status=bounced" in d.execute_script("return location.href"))
+    report = wait.until(ready.presence_of_element_located(
+        (By.CSS_SELECTOR, "#deliveries tbody tr a[href*='bounce-reports']")))
+    href = report.get_attribute("href")
+    driver.switch_to.default_content()
+    camera.shoot("audit-bounced")
+    driver.get(href)
+    wait.until(ready.presence_of_element_located((By.XPATH, "//*[contains(text(), '5.1.1')]")))
+    camera.shoot("audit-bounce-report")
+
+
 def held_night(camera: Camera, api) -> None:
     """A live resend of every document: the brake holds it; nobody answers while the picture is taken."""
     logical_date, run_id = HELD_NIGHT
@@ -183,12 +268,16 @@ def alert_page(message) -> str:
 
 def take(folder: Path, work: Path) -> None:
     seed_erp(work / "erp.db")
-    with SmtpSink() as sink:
+    seed_history(work / "ledger.db")
+    with SmtpSink() as sink, Dovecot() as mailbox:
         sink.faults.rcpt_replies[REFUSED] = REFUSAL
+        login = mailbox.new_login()
         env = {"AIRFLOW_CONN_ERP_DB": json.dumps({"conn_type": "sqlite", "host": str(work / "erp.db")}),
                "AIRFLOW_CONN_MAILING_LEDGER": json.dumps({"conn_type": "sqlite", "host": str(work / "ledger.db")}),
                "AIRFLOW_CONN_SMTP_DEFAULT": smtp(sink.port),
                "AIRFLOW_CONN_MAILING_ALERTS": smtp(sink.port, to=OPERATORS, from_email="airflow@fjordlys.example"),
+               "AIRFLOW_CONN_MAILING_BOUNCES": json.dumps(mailbox.connection(login, address=BOUNCES)),
+               BOUNCE_KEY_VARIABLE: KEY,
                "INVOICE_MAILING_ARCHIVE": str(work / "archive")}
         with AirflowStack(extra_env=env) as stack:
             api = stack.client()
@@ -207,6 +296,8 @@ def take(folder: Path, work: Path) -> None:
             api.trigger(WATCH, logical_date=WATCH_MORNING)
             watch_alert = stack.wait_until("the morning watch's alert", lambda: next(
                 (m for m in sink.received if m.message["Subject"].startswith("Invoice mailing 2026-11-24:")), None), 240)
+            print("Kari's invoice bounces...", flush=True)
+            bounce_comes_back(stack, api, mailbox, login, work / "ledger.db")
 
             driver = chromium.chromium(window=WINDOW)
             try:
@@ -215,6 +306,7 @@ def take(folder: Path, work: Path) -> None:
                 camera = Camera(driver, stack, folder)
                 red_night(camera, run_id, refused, alert, watch_alert)
                 audit_pages(camera, run_id)
+                bounce_pages(camera)
                 print("The held night waits for approval...", flush=True)
                 held_night(camera, api)
             finally:

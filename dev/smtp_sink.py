@@ -70,6 +70,9 @@ class SinkHandler:
         self.received: list[Received] = []
         self.sessions_open = 0
         self.peak_sessions = 0  # the most SMTP sessions that were open at once
+        # For each MAIL FROM, what the client had sent after it when it was answered: the RCPT commands of a
+        # client that pipelines (RFC 2920), nothing from one that waits for each answer.
+        self.waiting_at_mail: list[bytes] = []
         self._lock = threading.Lock()
         if self.directory:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -89,6 +92,7 @@ class SinkHandler:
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.faults.mail_delays:
             await asyncio.sleep(self.faults.mail_delays.pop(0))
+        self.waiting_at_mail.append(bytes(server._reader._buffer))  # aiosmtpd's input not yet read
         if self.faults.mail_replies and (reply := self.faults.mail_replies.pop(0)) is not None:
             return reply
         envelope.mail_from = address
@@ -270,6 +274,10 @@ class SmtpSink:
     @property
     def peak_sessions(self) -> int:
         return self.handler.peak_sessions
+
+    @property
+    def waiting_at_mail(self) -> list[bytes]:
+        return self.handler.waiting_at_mail
 
     @property
     def port(self) -> int:

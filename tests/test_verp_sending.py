@@ -27,6 +27,13 @@ def dsn_sink():
         yield server
 
 
+@pytest.fixture(params=["waits", "pipelines"])
+def relay(request):
+    """A relay without PIPELINING (each command waits for its answer), then one offering it (and DSN)."""
+    with SmtpSink(dsn=request.param == "pipelines") as server:
+        yield server
+
+
 def verp_night(backend, sink, monkeypatch) -> tuple[Night, pipeline.BatchSettings]:
     night = Night(backend, sink, monkeypatch)
     kari_and_post(night)
@@ -100,7 +107,8 @@ def test_without_mailing_bounces_one_transaction_from_the_account_and_no_dsn(bac
     assert received.rcpt_options == [[], []]
 
 
-def test_a_recipient_refused_in_its_transaction_leaves_the_other_delivery_sent(backend, sink, monkeypatch):
+def test_a_recipient_refused_in_its_transaction_leaves_the_other_delivery_sent(backend, relay, monkeypatch):
+    sink = relay
     night, settings = verp_night(backend, sink, monkeypatch)
     sink.faults.rcpt_replies = {"kari@bolgen.example": "550 5.1.1 <kari@bolgen.example>: User unknown"}
 
@@ -113,7 +121,8 @@ def test_a_recipient_refused_in_its_transaction_leaves_the_other_delivery_sent(b
     assert (addresses(message, "To"), addresses(message, "Cc")) == (["kari@bolgen.example"], ["post@bolgen.example"])
 
 
-def test_a_deferred_recipient_is_retried_alone_and_the_other_is_not_sent_twice(backend, sink, monkeypatch):
+def test_a_deferred_recipient_is_retried_alone_and_the_other_is_not_sent_twice(backend, relay, monkeypatch):
+    sink = relay
     night, settings = verp_night(backend, sink, monkeypatch)
     sink.faults.rcpt_queue = {"kari@bolgen.example": ["451 4.2.0 try later"] * 3}  # the first try's attempts
 
@@ -124,6 +133,35 @@ def test_a_deferred_recipient_is_retried_alone_and_the_other_is_not_sent_twice(b
     ids = ids_by_recipient(night)
     assert {delivery_of(m.envelope_from, BOUNCES, KEY): m.envelope_to for m in sink.received} == {
         ids["kari@bolgen.example"]: ["kari@bolgen.example"], ids["post@bolgen.example"]: ["post@bolgen.example"]}
+
+
+def test_a_relay_offering_pipelining_gets_mail_and_rcpt_in_one_write_and_others_one_command_at_a_time(
+        backend, relay, monkeypatch):
+    """RFC 2920: with PIPELINING, a transaction's RCPT TO is already at the relay when it answers MAIL FROM
+    (one round trip, not two); without it the client waits for each answer."""
+    night, settings = verp_night(backend, relay, monkeypatch)
+    relay.faults.mail_delays = [0.3, 0.3]  # time enough for whatever the client sent at once to arrive
+
+    night.run(settings=settings)
+
+    assert night.status() == {KARI: ("sent", None), POST: ("sent", None)}
+    pipelines = "PIPELINING" in relay.faults.ehlo_add
+    for waiting, received in zip(relay.waiting_at_mail, relay.received, strict=True):
+        rcpt = f"RCPT TO:<{received.envelope_to[0]}>".upper().encode()
+        assert (rcpt in waiting.upper()) == pipelines, waiting
+        assert b"DATA" not in waiting.upper()  # DATA waits for its recipients' answers
+
+
+def test_a_sender_refused_in_a_pipelined_transaction_fails_that_delivery_and_the_session_goes_on(
+        backend, dsn_sink, monkeypatch):
+    night, settings = verp_night(backend, dsn_sink, monkeypatch)
+    dsn_sink.faults.mail_replies = ["553 5.7.1 <bounces@fjordlys.example>: Sender address rejected"]
+
+    night.run(settings=settings)
+
+    statuses = night.status()
+    assert sorted(statuses.values()) == [("failed", "sender_rejected"), ("sent", None)], statuses
+    assert len(dsn_sink.received) == 1 and dsn_sink.peak_sessions == 1
 
 
 def test_mailing_bounces_without_a_key_is_a_config_error_and_nothing_is_sent(backend, sink, monkeypatch):
