@@ -7,7 +7,11 @@
 3. The night: the real topology of ``make airflow`` (``dev/airflow_stack.py``: api-server,
    scheduler with the LocalExecutor, dag-processor, triggerer; PostgreSQL metadata, ERP and ledger)
    on free ports; the night is triggered through the REST API and waited for; the SMTP server counts
-   what arrives; the task processes' RSS is sampled every half second.
+   what arrives; the task processes' RSS is sampled every half second, and the CPU time of each
+   component (the task processes apart), of this process and of the whole machine is taken before and
+   after: where the night's core-seconds went, beside the plain loop's CPU per document. That line
+   says what moves the ratio: more CPU per document in the tasks than in the plain loop, the other
+   components' CPU, or cores left idle.
 
 Prints the figures, and as its last line:
 
@@ -216,6 +220,30 @@ class RssSampler(threading.Thread):
                     continue
 
 
+def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    """CPU seconds (user + system) so far: each component with every process below it, those that ended
+    included (a parent's reaped children), the scheduler's task processes apart from the scheduler itself;
+    this benchmark's own process (the SMTP server's thread, the sampler, the REST polling); and the machine."""
+    def of(process: psutil.Process, tree: bool = True) -> float:
+        total = 0.0
+        for member in [process, *(process.children(recursive=True) if tree else [])]:
+            try:
+                times = member.cpu_times()
+                total += times.user + times.system + (times.children_user + times.children_system if tree else 0)
+            except psutil.Error:
+                continue
+        return total
+
+    seconds = {name: of(process) for name, process in processes.items()}
+    seconds["tasks"] = seconds.pop("scheduler") - of(processes["scheduler"], tree=False)
+    seconds["scheduler"] = of(processes["scheduler"], tree=False)
+    own = psutil.Process().cpu_times()
+    seconds["benchmark"] = own.user + own.system
+    machine = psutil.cpu_times()
+    seconds["machine"] = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+    return seconds
+
+
 def night(dbs: Databases, documents: int, customers: int, released: datetime, timeout: float,
           bounces: dict[str, str]) -> dict:
     from dev.airflow_stack import AirflowStack
@@ -233,16 +261,20 @@ def night(dbs: Databases, documents: int, customers: int, released: datetime, ti
             client.unpause("invoice_mailing")
             sampler = RssSampler(stack.processes["scheduler"].pid)
             sampler.start()
+            components = {name: psutil.Process(process.pid) for name, process in stack.processes.items()}
+            before = cpu_seconds(components)
             started = time.perf_counter()
             run = client.trigger("invoice_mailing")
             finished = client.wait_for_run("invoice_mailing", run["dag_run_id"], {"success", "failed"}, timeout=timeout)
             wall = time.perf_counter() - started
+            after = cpu_seconds(components)
             sampler.stopped.set()
             instances = client.task_instances("invoice_mailing", run["dag_run_id"])
             counts = sink.handler.counts
     mapped = [ti for ti in instances if ti["task_id"] == "mail_customers"]
     return {"state": finished["state"], "wall": wall, "task_instances": len(instances), "mapped": len(mapped),
             "peak_rss_mb": sampler.peak_mb, "peak_process": sampler.peak_name,
+            "cpu": {name: after[name] - before[name] for name in after},
             "arrived": sum(counts.values()), "distinct": len(counts), "max_copies": max(counts.values(), default=0)}
 
 
@@ -279,6 +311,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{ideal:.1f} s; {result['mapped']} mapped instances; {result['arrived']} mails arrived for "
           f"{result['distinct']} (document, recipient) pairs, at most {result['max_copies']} each; peak RSS "
           f"{result['peak_rss_mb']:.0f} MB ({result['peak_process']})")
+    cpu, available = result["cpu"], result["wall"] * cores
+    overhead = {name: seconds for name, seconds in cpu.items() if name not in ("tasks", "machine")}
+    print(f"cpu: the night's {available:.0f} core-seconds: {cpu['machine']:.0f} busy ({cpu['machine'] / available:.0%}), "
+          f"{available - cpu['machine']:.0f} idle; task processes {cpu['tasks']:.0f} s "
+          f"({cpu['tasks'] / args.documents * 1000:.1f} ms a document; the plain loop "
+          f"{plain['cpu'] / plain['documents'] * 1000:.1f} ms CPU, {plain['per_doc'] * 1000:.1f} ms wall); "
+          + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in sorted(overhead.items(), key=lambda i: -i[1]))
+          + f"; other processes {cpu['machine'] - cpu['tasks'] - sum(overhead.values()):.0f} s")
     print(f"night: {args.documents} documents, {customers} customers, {result['task_instances']} task instances, "
           f"ratio {ratio:.2f}, peak_rss_mb {result['peak_rss_mb']:.0f}, sent_once {'yes' if once else 'no'}")
     return 0 if once else 1
