@@ -270,6 +270,8 @@ def test_one_pass_applies_the_good_reports_and_leaves_each_bad_one_as_it_was_wit
     assert [r["delivery_id"] for r in bounce_reports(ledger_db)] == [kari["id"], ordre["id"]]
     # One line each, naming the message by its UID and saying what was wrong with it.
     assert f"UID {uids['broken']} left in INBOX, unread: unreadable (broken MIME structure" in caplog.text
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert f"UID {uids['broken']} left in INBOX, unread: unreadable" in warnings  # not one more auto-reply
     assert (f"UID {uids['forged']} left in INBOX, unread: a hard report not applied: the report names no "
             "delivery of this ledger (no verified VERP address") in caplog.text
     assert f"UID {uids['nobody']} left in INBOX, unread: a hard report not applied: delivery 999 does not exist" in (

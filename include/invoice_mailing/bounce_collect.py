@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 
 from include.invoice_mailing.bounce_apply import apply_report
 from include.invoice_mailing.bounce_mailbox import BounceMailbox
-from include.invoice_mailing.bounces import read_report
+from include.invoice_mailing.bounces import Kind, read_report
 from include.invoice_mailing.masking import mask_text
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,10 @@ def collect(engine: Engine, mailbox: BounceMailbox, *, key: bytes | None, run_id
         report = read_report(message.raw)
         if not report.is_bounce:
             done.left += 1
-            log.info("%s: UID %d left in %s, unread: %s (%s)", where, message.uid, folder, report.kind.value,
-                     mask_text(report.reason))
+            # An auto-reply or a person's answer is expected there; a message that cannot be read is worth a look.
+            level = logging.WARNING if report.kind == Kind.UNREADABLE else logging.INFO
+            log.log(level, "%s: UID %d left in %s, unread: %s (%s)", where, message.uid, folder, report.kind.value,
+                    mask_text(report.reason))
             continue
         outcomes = apply_report(engine, report, message.raw, bounce_address=mailbox.settings.address, key=key,
                                 run_id=run_id)
