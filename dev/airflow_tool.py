@@ -171,19 +171,21 @@ def start(home: Path, port: int, smtp_port: int, database: str, postgres_url: st
 
     sink = start_sink(smtp_port, outbox, logs / "smtp-sink.log")
     helpers = {"smtp-sink": sink.pid}
-    env = demo_connections(erp_path, ledger_path, smtp_port)
-    stack = AirflowStack(home=home, port=port, database=database, stack_secrets=kept, logs=logs,
-                         postgres_admin_url=postgres_url, extra_env=env)
+    stack = None
     print(f"Starting Airflow (metadata database {database}, logs in {shown(logs)})...", flush=True)
     try:
         wait_for_sink(sink, smtp_port)
+        env = demo_connections(erp_path, ledger_path, smtp_port)
         bounces = start_bounce_parts(home, smtp_port)
         if isinstance(bounces, dict):
             helpers.update(bounces["processes"])
             env.update(bounces["env"])
+        stack = AirflowStack(home=home, port=port, database=database, stack_secrets=kept, logs=logs,
+                             postgres_admin_url=postgres_url, extra_env=env)
         stack.start()
     except BaseException as error:  # Ctrl-C too: nothing may run unrecorded, where stop could not find it
-        stack.stop()  # a named database and a given home are kept
+        if stack is not None:
+            stack.stop()  # a named database and a given home are kept
         end([process for pid in helpers.values() if (process := alive_pid(pid))])
         if not isinstance(error, StackError | Refusal | SQLAlchemyError):
             raise
