@@ -296,7 +296,8 @@ class AirflowStack:
             raise StackError(f"only the FAB auth manager keeps users in the database, not {self.auth_manager}")
         password = password or secrets.token_urlsafe(12)
         create = subprocess.run(
-            [sys.executable, "-m", "airflow", "users", "create", "--username", username, "--password", password,
+            # --password=...: token_urlsafe may begin with "-", which argparse would take for an option
+            [sys.executable, "-m", "airflow", "users", "create", "--username", username, f"--password={password}",
              "--role", role, "--email", f"{username}@airflow-stack.invalid", "--firstname", username,
              "--lastname", role],
             env=self.env, capture_output=True, text=True, timeout=300)

@@ -208,6 +208,25 @@ def test_a_run_cleared_before_the_failure_callback_runs_is_not_alerted_again(one
     assert len(alerting()) == 1
 
 
+def test_a_run_mended_before_the_failure_callback_runs_is_not_alerted_again(one_invoice, run_dag, alerting, sink):
+    """On a fast machine the operator's clear and its new tries can finish before the dag-processor comes
+    round to the failure callback (seen in CI): audit's new try removed its "alerted" and every instance is
+    green. The callback must stay silent then too, not mail "no reason recorded" about a mended night."""
+    from types import SimpleNamespace
+
+    from include.invoice_mailing.alerts import NightFailed
+
+    sink.faults.rcpt_replies["kari@bolgen.example"] = "451 4.7.1 <kari@bolgen.example>: greylisted"
+    run = run_dag()
+    assert run.state == "failed" and len(alerting()) == 1  # audit's list
+    sink.faults.rcpt_replies.clear()
+    assert run_dag(rerun=run).state == "success"  # cleared and mended
+
+    NightFailed()({"dag": SimpleNamespace(dag_id=run.dag_id), "run_id": run.run_id, "reason": "task_failure"})
+
+    assert len(alerting()) == 1
+
+
 def test_a_green_night_mails_no_alert_and_is_published_once(one_invoice, run_dag, alerting):
     run = run_dag()
     assert run.state == "success"

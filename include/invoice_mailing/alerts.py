@@ -181,11 +181,13 @@ def _cleared_since_it_failed(dag_id: str, run_id: str) -> bool:
     """Whether an operator cleared the run after it failed and before this callback ran (Airflow runs it
     in the dag-processor, seconds later). A cleared instance's XComs are gone at its next try, so
     ``audit``'s "alerted" could no longer be read: the run's new try decides, and alerts if it fails again.
-    Cleared: an instance is waiting or running again, or none is failed and some wait to be scheduled."""
+    Cleared: an instance is waiting or running again, or none is failed any more (some wait to be
+    scheduled, or the new tries already mended the run before the callback came round). A failed run of
+    this DAG always has a failed instance (it has no run timeout), so one without is one that was cleared."""
     states = list(_task_states(dag_id, run_id))
     if any(state in ACTIVE for state in states):
         return True
-    return not any(state in ("failed", "upstream_failed") for state in states) and None in states
+    return bool(states) and not any(state in ("failed", "upstream_failed") for state in states)
 
 
 def _without_task_sdk_channel() -> bool:
