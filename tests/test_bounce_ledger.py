@@ -78,14 +78,12 @@ def test_a_hard_bounce_moves_the_sent_delivery_to_bounced_once_and_keeps_the_rep
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_with_either_postgresql_driver_a_bounce_moves_the_delivery(backend, driver):
+def test_with_either_postgresql_driver_a_bounce_moves_the_delivery(postgres_databases, driver):
     """psycopg 3 reports no rowcount for an INSERT ... RETURNING: the report was once taken for applied
     before and the delivery stayed sent, in the real topology only (the tests ran psycopg2)."""
-    if backend["name"] != "postgresql":
-        pytest.skip("the drivers are PostgreSQL's")
     from sqlalchemy import create_engine
 
-    engine = create_engine(backend["engines"][1].url.set(drivername=f"postgresql+{driver}"))
+    engine = create_engine(postgres_databases["engines"][1].url.set(drivername=f"postgresql+{driver}"))
     ledger.ensure_schema(engine)
     name, row_id, recipient, message_id = HARD
     add(engine, sent_row(row_id, recipient, message_id))
