@@ -55,6 +55,11 @@ EXPECTED = [
     # No VERP address left: only the original Message-ID and the recipient name the delivery.
     ("exchange-legacy-no-verp.eml", Kind.HARD, None, "innkjop@kystnett.example", None,
      "<10061.pdf.5a4b3c2d1e0f9a8b7c6d5e4f@fjordlys.example>"),
+    # Yahoo's and GroupWise's own formats: flufl.bounce's detectors name the address, no status code.
+    ("yahoo-hard.eml", Kind.HARD, None, "lars.nyheim@yahoo.com", 116,
+     "<10076.pdf.8a7b6c5d4e3f201918273645@fjordlys.example>"),
+    ("groupwise-hard.eml", Kind.HARD, None, "faktura@kommune-nordby.example", 117,
+     "<10077.pdf.4c3b2a1908f7e6d5c4b3a291@fjordlys.example>"),
     ("unknown-charset.eml", Kind.HARD, "5.1.1", "ordre@bakke-verksted.example", 114,
      "<10074.pdf.2b3c4d5e6f708192a3b4c5d6@fjordlys.example>"),
 ]
