@@ -17,12 +17,12 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
+from dev.daemons import own_folder, run_forking, wait_until_answering
 from dev.smtp_sink import free_port
 
 PASSWORD = "secret"
@@ -108,9 +108,7 @@ class Dovecot:
         version = dovecot_version()
         if not version.startswith("2.3."):
             raise DovecotMissing(f"dovecot {version} is installed; dev/dovecot.py writes Dovecot 2.3's configuration")
-        self.folder = self.kept or Path(tempfile.mkdtemp(prefix="invoice-mailing-dovecot-"))
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.folder.chmod(0o755)  # mkdtemp's 0700 would lock out Dovecot's unprivileged processes
+        self.folder = own_folder(self.kept, "invoice-mailing-dovecot-")
         mail = self.folder / "mail"
         mail.mkdir(exist_ok=True)
         shutil.chown(mail, MAIL_USER, MAIL_USER)
@@ -119,28 +117,15 @@ class Dovecot:
         self.config.write_text(CONFIG_23.format(folder=self.folder, port=self.port, mail_user=MAIL_USER,
                                                 mail_uid=pwd.getpwnam(MAIL_USER).pw_uid, password=PASSWORD,
                                                 capability=capability))
-        # The master forks into the background and keeps its inherited output open: a pipe would never
-        # reach its end, so its start-up errors go to a file.
-        errors = self.folder / "start.err"
-        with errors.open("w") as stderr:
-            started = subprocess.run([DOVECOT, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=stderr)
-        if started.returncode != 0:
-            raise RuntimeError(f"dovecot did not start: {errors.read_text().strip()}")
-        self._wait_for_greeting()
+        run_forking([DOVECOT, "-c", str(self.config)], self.folder / "start.err",
+                    lambda errors: f"dovecot did not start: {errors}")
+        wait_until_answering(lambda: imaplib.IMAP4("127.0.0.1", self.port, timeout=2).shutdown(), (OSError,),
+                             f"dovecot on port {self.port}", self._log)
         return self
 
-    def _wait_for_greeting(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                imaplib.IMAP4("127.0.0.1", self.port, timeout=2).shutdown()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    log = self.folder / "dovecot.log"
-                    raise RuntimeError(f"dovecot did not listen on port {self.port} within {timeout:.0f} s: "
-                                       f"{log.read_text()[-2000:] if log.exists() else 'no log'}") from None
-                time.sleep(0.05)
+    def _log(self) -> str:
+        log = self.folder / "dovecot.log"
+        return log.read_text() if log.exists() else "no log"
 
     def master_pid(self) -> int:
         """The pid of Dovecot's master process (it forked into the background)."""

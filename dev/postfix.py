@@ -23,10 +23,10 @@ import pwd
 import shutil
 import smtplib
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
+from dev.daemons import own_folder, run_forking, wait_until_answering
 from dev.dovecot import MAIL_USER
 from dev.smtp_sink import free_port
 
@@ -123,9 +123,7 @@ class Postfix:
         version = postfix_version()
         if not version.startswith("3."):
             raise PostfixMissing(f"postfix {version} is installed; dev/postfix.py writes Postfix 3's configuration")
-        self.folder = self.kept or Path(tempfile.mkdtemp(prefix="invoice-mailing-postfix-"))
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.folder.chmod(0o755)  # root's, not writable by others: Postfix's own checks; its daemons enter it
+        self.folder = own_folder(self.kept, "invoice-mailing-postfix-")  # not writable by others: Postfix checks
         for name in ("etc", "spool", "data"):
             (self.folder / name).mkdir(exist_ok=True)
         shutil.chown(self.folder / "data", "postfix")
@@ -139,33 +137,17 @@ class Postfix:
                                                        for domain, answer in self.refusing.items()))
         self._write_mailboxes()
         self._postfix("start")
-        self._wait_for_greeting()
+        wait_until_answering(lambda: smtplib.SMTP("127.0.0.1", self.port, timeout=2).quit(),
+                             (OSError, smtplib.SMTPException), f"postfix on port {self.port}", self.log)
         return self
 
     def _postfix(self, command: str) -> None:
-        # The master forks into the background with its inherited output: a file, not a pipe (see dev/dovecot.py).
-        errors = self.folder / f"{command}.err"
-        with errors.open("w") as stderr:
-            done = subprocess.run([POSTFIX, "-c", str(self.config), command], stdout=subprocess.DEVNULL,
-                                  stderr=stderr)
-        if done.returncode != 0:
-            raise RuntimeError(f"postfix {command} failed: {errors.read_text().strip()}\n{self.log()[-2000:]}")
+        run_forking([POSTFIX, "-c", str(self.config), command], self.folder / f"{command}.err",
+                    lambda errors: f"postfix {command} failed: {errors}\n{self.log()[-2000:]}")
 
     def _write_mailboxes(self) -> None:
         (self.config / "mailboxes").write_text("".join(f"{address} {login}/Maildir/\n"
                                                        for address, login in self.mailboxes.items()))
-
-    def _wait_for_greeting(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                smtplib.SMTP("127.0.0.1", self.port, timeout=2).quit()
-                return
-            except (OSError, smtplib.SMTPException):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"postfix did not answer on port {self.port} within {timeout:.0f} s: "
-                                       f"{self.log()[-2000:]}") from None
-                time.sleep(0.05)
 
     def master_pid(self) -> int:
         """The pid of Postfix's master process (it forked into the background)."""
