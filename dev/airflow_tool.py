@@ -250,9 +250,11 @@ def start_bounce_parts(home: Path, sink_port: int) -> dict | str:
     try:
         relay = Postfix(home / "bounce-mailbox" / "mail", sink_port, refusing={GONE_DOMAIN: GONE_ANSWER},
                         local_domain=BOUNCE_ADDRESS.split("@")[1], folder=home / "relay").start()
-    except PostfixMissing as missing:
+    except BaseException as error:  # Dovecot runs already and nothing has recorded it: stop it here
         mailbox.stop()
-        return str(missing)
+        if isinstance(error, PostfixMissing):
+            return str(error)
+        raise
     relay.deliver_to(BOUNCE_ADDRESS, BOUNCE_LOGIN)
     smtp = {"conn_type": "smtp", "host": "127.0.0.1", "port": relay.port,
             "extra": {"disable_ssl": True, "disable_tls": True, "retry_limit": 0, "timeout": 10}}
