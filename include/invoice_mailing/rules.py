@@ -8,7 +8,8 @@ from decimal import Decimal
 
 from email_validator import EmailNotValidError, validate_email
 
-FORMATS = ("PDF", "HTML")
+FORMATS = ("PDF", "HTML", "FACTURX", "EHF")
+E_INVOICE_FORMATS = ("FACTURX", "EHF")  # carry the invoice as EN 16931 data (spec section 5)
 ADD_TO_STRENGTH = {"To": 0, "Cc": 1, "Bcc": 2}
 _ADD_TO_BY_FOLDED = {field.casefold(): field for field in ADD_TO_STRENGTH}
 DOC_TYPES = {"INV": "Invoice", "CRM": "Credit note", "DRM": "Debit note"}
@@ -54,6 +55,20 @@ class Customer:
     primary_contact_id: int | None = None
     invoice_contact_id: int | None = None
     send_invoices_by_email: bool = True
+
+
+@dataclass(frozen=True)
+class CustomerAddress:
+    """The customer's legal and postal details (``customer_address``), which e-invoices need; optional."""
+
+    customer_id: str
+    country_code: str
+    street: str | None = None
+    postal_code: str | None = None
+    city: str | None = None
+    org_number: str | None = None
+    vat_number: str | None = None
+    peppol_id: str | None = None
 
 
 @dataclass(frozen=True)

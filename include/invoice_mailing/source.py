@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    inspect,
     or_,
     select,
     tuple_,
@@ -31,6 +32,7 @@ from include.invoice_mailing.rules import (
     RELEASED_STATUSES,
     Contact,
     Customer,
+    CustomerAddress,
     Document,
     DocumentLine,
     EmailAccount,
@@ -142,6 +144,17 @@ invoice_line = Table(
     Column("vat_rate", Numeric(5, 2)),
     Column("amount", Numeric(18, 2)),
 )
+customer_address = Table(
+    "customer_address", erp,
+    Column("customer_id", String(10), primary_key=True),
+    Column("street", String(100)),
+    Column("postal_code", String(20)),
+    Column("city", String(60)),
+    Column("country_code", String(2)),
+    Column("org_number", String(30)),
+    Column("vat_number", String(30)),
+    Column("peppol_id", String(60)),
+)
 
 
 INVOICE_MAILING = "INVOICE"
@@ -226,6 +239,7 @@ class BatchData:
     reports: dict[str, Report] = field(default_factory=dict)
     templates: dict[tuple[str, str], NotificationTemplate] = field(default_factory=dict)
     documents: list[Document] = field(default_factory=list)
+    addresses: dict[str, CustomerAddress] = field(default_factory=dict)  # customer_address, where there is one
 
 
 def load_batch(engine: Engine, document_keys: Iterable[tuple[str, str]]) -> BatchData:
@@ -279,6 +293,14 @@ def load_batch(engine: Engine, document_keys: Iterable[tuple[str, str]]) -> Batc
             for row in conn.execute(select(customer).where(customer.c.customer_id.in_(chunk))).mappings():
                 data.customers[row["customer_id"]] = Customer(**row)
         class_ids = sorted({c.class_id for c in data.customers.values()})
+        # customer_address came with the e-invoice formats: an ERP database without it still mails PDF and
+        # HTML, and its FACTURX and EHF recipients fail for want of the buyer's address.
+        if inspect(conn).has_table("customer_address"):
+            for chunk in _chunks(customer_ids):
+                for row in conn.execute(
+                    select(customer_address).where(customer_address.c.customer_id.in_(chunk))
+                ).mappings():
+                    data.addresses[row["customer_id"]] = CustomerAddress(**row)
 
         setting_rows = []
         for chunk in _chunks(customer_ids):
