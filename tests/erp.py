@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import date, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 from sqlalchemy import Engine, insert
 
@@ -61,6 +61,14 @@ class TinyErp:
                              .values(invoice_contact_id=contact_id))
         return customer_id
 
+    def address(self, customer_id: str, country_code: str = "NO", **extra) -> dict:
+        """The customer's legal and postal details (customer_address), valid for an e-invoice unless told."""
+        values = dict(customer_id=customer_id, street="Bryggen 3", postal_code="5003", city="Bergen",
+                      country_code=country_code, org_number="987654325", vat_number="NO987654325MVA",
+                      peppol_id="0192:987654325")
+        values.update(extra)
+        return self.add("customer_address", **values)
+
     def setting(self, *, class_id: str | None = None, customer_id: str | None = None, **extra) -> int:
         setting_id = self._next("setting")
         values = dict(setting_id=setting_id, class_id=class_id, customer_id=customer_id, mailing_id="INVOICE",
@@ -81,8 +89,10 @@ class TinyErp:
                 doc_type: str | None = None, released: datetime | None = None, **extra) -> str:
         doc_type = doc_type or ref_nbr[:3]
         amounts = [(Decimal(q) * Decimal(p)).quantize(Decimal("0.01")) for _, _, q, p, _ in lines]
-        vat = sum(((a * Decimal(line[4]) / 100).quantize(Decimal("0.01")) for a, line in zip(amounts, lines, strict=True)),
-                  Decimal(0))
+        basis: dict[Decimal, Decimal] = {}  # VAT per rate on the document, as the ERP books it (EN 16931 BR-CO-17)
+        for amount, line in zip(amounts, lines, strict=True):
+            basis[Decimal(line[4])] = basis.get(Decimal(line[4]), Decimal(0)) + amount
+        vat = sum(((b * rate / 100).quantize(Decimal("0.01"), ROUND_HALF_UP) for rate, b in basis.items()), Decimal(0))
         released = released or datetime.combine(RUN_DATE - timedelta(days=2), datetime.min.time()).replace(hour=10)
         values = dict(doc_type=doc_type, ref_nbr=ref_nbr, customer_id=customer_id, status="Open",
                       released_at=released, doc_date=released.date(), due_date=released.date() + timedelta(days=14),

@@ -27,8 +27,16 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import _PassArg, generate_lorem_ipsum, missing, object_type_repr
 from markupsafe import Markup
 
+from include.invoice_mailing import facturx_pdf
 from include.invoice_mailing.i18n import Formats
-from include.invoice_mailing.rules import DOC_TYPES, Customer, Document, NotificationTemplate
+from include.invoice_mailing.rules import (
+    DOC_TYPES,
+    E_INVOICE_FORMATS,
+    Customer,
+    CustomerAddress,
+    Document,
+    NotificationTemplate,
+)
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "templates"
 REPORTS = "reports"
@@ -518,10 +526,14 @@ def document_label(doc_type: str, formats: Formats) -> str:
     return formats.gettext(DOC_TYPES.get(doc_type, "Invoice"))
 
 
+# A Factur-X invoice is a PDF and keeps the PDF's name; an EHF document is named like the PDF, with .xml.
+EXTENSIONS = {"PDF": "pdf", "HTML": "html", "FACTURX": "pdf", "EHF": "xml"}
+
+
 def attachment_filename(document: Document, fmt: str, formats: Formats) -> str:
     """``Invoice INV000123.pdf``, ``Kreditnota CRM000045.html``: localised, and safe as a file name."""
     number = re.sub(r"[^A-Za-z0-9._-]", "_", document.ref_nbr)
-    return f"{document_label(document.doc_type, formats)} {number}.{fmt.lower()}"
+    return f"{document_label(document.doc_type, formats)} {number}.{EXTENSIONS.get(fmt, fmt.lower())}"
 
 
 class _TextFromHtml(HTMLParser):
@@ -706,24 +718,50 @@ class Renderer:
             raise RenderError(f"report template {template_name!r} ({formats.locale}) failed: {describe(exc)}") from exc
 
     def attachment(self, document: Document, customer: Customer, attention: str | None, template_name: str,
-                   fmt: str, locale: str | None, report_id: str | None = None) -> Attachment:
-        """The document as the customer receives it: a PDF, or a self-contained HTML file."""
+                   fmt: str, locale: str | None, report_id: str | None = None,
+                   address: CustomerAddress | None = None) -> Attachment:
+        """The document as the customer receives it: a PDF, a self-contained HTML file, or an e-invoice
+        (``FACTURX``: the PDF with its CII embedded; ``EHF``: UBL with the PDF embedded), which is valid by
+        the EN 16931 rules or is not made at all (a RenderError that names the broken rules)."""
         formats = Formats(locale)
         context = self.document_context(document, customer, attention, formats)
-        html = self.report_html(template_name, context, for_pdf=fmt == "PDF", formats=formats)
+        html = self.report_html(template_name, context, for_pdf=fmt != "HTML", formats=formats)
         name = attachment_filename(document, fmt, formats)
         if fmt == "HTML":
             return Attachment(name, html.encode("utf-8"), "text", "html")
-        return Attachment(name, self.pdf(html, template_name, report_id), "application", "pdf")
+        if fmt == "PDF":
+            return Attachment(name, self.pdf(html, template_name, report_id), "application", "pdf")
+        if fmt not in E_INVOICE_FORMATS:
+            raise RenderError(f"format {fmt!r} is not one the pipeline can render")
+        from include.invoice_mailing import einvoice, einvoice_check
 
-    def pdf(self, html: str, template_name: str, report_id: str | None = None) -> bytes:
+        try:
+            invoice = einvoice.build(document, customer, address, self.company, context["payment_reference"])
+            if fmt == "FACTURX":  # the XML is checked first: a PDF is not rendered for an invoice that fails
+                xml = einvoice.to_cii(invoice)
+                einvoice_check.require_valid(xml, "CII")
+                return Attachment(name, self.pdf(html, template_name, report_id, factur_x=xml), "application", "pdf")
+            pdf = self.pdf(html, template_name, report_id)
+            xml = einvoice.to_ubl(invoice, pdf, attachment_filename(document, "PDF", formats))
+            einvoice_check.require_valid(xml, "UBL")
+            return Attachment(name, xml, "application", "xml")
+        except einvoice.EInvoiceError as exc:
+            raise RenderError(f"{fmt} for {document.doc_type} {document.ref_nbr} is not valid by EN 16931: {exc}") \
+                from exc
+
+    def pdf(self, html: str, template_name: str, report_id: str | None = None, factur_x: bytes | None = None) -> bytes:
+        """The report as PDF; with ``factur_x``, as PDF/A-3b with that CII embedded as ``factur-x.xml``."""
         from weasyprint import HTML
 
         options = self.report_settings.get(report_id or "", {})
         whole = self.whole_font_characters
+        extra = {"pdf_variant": options.get("pdf_variant")}
+        if factur_x is not None:
+            extra = {"pdf_variant": "pdf/a-3b", "attachments": [facturx_pdf.attachment(factur_x)],
+                     "finisher": facturx_pdf.finish}
         return HTML(string=html, base_url=str(self.templates_dir)).write_pdf(
             stylesheets=self.stylesheets(template_name), font_config=self.font_config,
-            pdf_variant=options.get("pdf_variant"), full_fonts=bool(whole) and set(html) <= whole)
+            full_fonts=bool(whole) and set(html) <= whole, **extra)
 
     # --- the notification -------------------------------------------------------------------
 

@@ -319,7 +319,7 @@ def choose_format(row: RecipientRow, contact: Contact | None, setting: MailingSe
             value = str(value).strip().upper()
             if value in FORMATS:
                 return value
-            return Refusal(CONFIG_ERROR, f"the {source} asks for format {value!r}; known are PDF and HTML",
+            return Refusal(CONFIG_ERROR, f"the {source} asks for format {value!r}; known are {', '.join(FORMATS)}",
                            "failed")
     return "PDF"
 

@@ -373,7 +373,7 @@ class _Mailer:
             try:
                 self.attachments[key] = self.renderer.attachment(
                     doc, customer, contact.display_name if contact else None, report.template_name, fmt,
-                    customer.locale, report.report_id)
+                    customer.locale, report.report_id, address=self.data.addresses.get(doc.customer_id))
             except RenderError as exc:
                 self.attachments[key] = exc
         return _value_or_raise(self.attachments[key])
