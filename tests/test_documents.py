@@ -8,7 +8,7 @@ import json
 import re
 import shutil
 from datetime import date, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 from pypdf import PdfReader
@@ -27,7 +27,8 @@ def document(lines: int = 3, doc_type: str = "INV", currency: str = "NOK") -> Do
         rows.append(DocumentLine(n, f"Kjølevare nr. {n} – «Åsen»", quantity, price, Decimal((25, 15, 12)[n % 3]),
                                  (quantity * price).quantize(Decimal("0.01"))))
     net = sum((r.amount for r in rows), Decimal(0))
-    vat = sum(((r.amount * r.vat_rate / 100).quantize(Decimal("0.01")) for r in rows), Decimal(0))
+    basis = {rate: sum((r.amount for r in rows if r.vat_rate == rate), Decimal(0)) for rate in {r.vat_rate for r in rows}}
+    vat = sum(((b * rate / 100).quantize(Decimal("0.01"), ROUND_HALF_UP) for rate, b in basis.items()), Decimal(0))
     return Document(doc_type, f"{doc_type}000123", "10001", "Open", DAY, DAY + timedelta(days=14), currency,
                     net + vat, vat, "Varelevering uke 47", "PO-4471", tuple(rows))
 

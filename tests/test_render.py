@@ -17,10 +17,11 @@ from include.invoice_mailing.render import (
     html_to_text,
     payment_reference,
 )
-from include.invoice_mailing.rules import Customer, Document, NotificationTemplate
+from include.invoice_mailing.rules import Customer, Document, DocumentLine, NotificationTemplate
 
 DOC = Document("CRM", "CRM000045", "10001", "Open", date(2026, 11, 23), None, "NOK", Decimal("1234567.89"),
-               Decimal("0"))
+               Decimal("0"), lines=(DocumentLine(1, "Kjølerom, retur", Decimal("1"), Decimal("1234567.89"), Decimal("0"),
+                                                 Decimal("1234567.89")),))
 CUSTOMER = Customer("10001", "Bølgen Kafé AS", "DOMESTIC", locale="nb_NO")
 
 

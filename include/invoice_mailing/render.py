@@ -11,12 +11,11 @@ import re
 import string
 import time
 import types
-from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sized
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import date
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from functools import cached_property, lru_cache, wraps
 from html.parser import HTMLParser
 from pathlib import Path
@@ -27,7 +26,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import _PassArg, generate_lorem_ipsum, missing, object_type_repr
 from markupsafe import Markup
 
-from include.invoice_mailing import facturx_pdf
+from include.invoice_mailing import einvoice, facturx_pdf
 from include.invoice_mailing.i18n import Formats
 from include.invoice_mailing.rules import (
     DOC_TYPES,
@@ -40,7 +39,6 @@ from include.invoice_mailing.rules import (
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "templates"
 REPORTS = "reports"
-CENT = Decimal("0.01")
 
 
 class _OnlyOnce(logging.Filter):
@@ -508,20 +506,6 @@ def payment_reference(customer_id: str, ref_nbr: str, locale: str) -> str:
     return digits + str((10 - total % 10) % 10)
 
 
-def vat_breakdown(document: Document) -> list[tuple[Decimal, Decimal, Decimal]]:
-    """(rate, basis, VAT) per rate. VAT is computed on each rate's basis; a rounding difference of a few
-    cents to the ERP's total VAT goes to the largest basis, so that the rows add up to the document."""
-    basis: dict[Decimal, Decimal] = defaultdict(Decimal)
-    for line in document.lines:
-        basis[line.vat_rate] += line.amount
-    vat = {rate: (amount * rate / 100).quantize(CENT, ROUND_HALF_UP) for rate, amount in basis.items()}
-    difference = document.vat_amount - sum(vat.values(), Decimal(0))
-    if vat and difference and abs(difference) <= CENT * len(document.lines):
-        largest = max(basis, key=lambda rate: (basis[rate] * rate, rate))
-        vat[largest] += difference
-    return [(rate, basis[rate], vat[rate]) for rate in sorted(basis)]
-
-
 def document_label(doc_type: str, formats: Formats) -> str:
     return formats.gettext(DOC_TYPES.get(doc_type, "Invoice"))
 
@@ -671,14 +655,18 @@ class Renderer:
         Each value has its friendly name and, where the ERP has a column for it, the column's name too
         (``document.number`` is ``document.ref_nbr``): the README lists them all.
         """
-        vat_rows = [Values("document.vat_breakdown[]", rate=formats.percent(rate), basis=formats.amount(basis),
-                           vat=formats.amount(vat))
-                    for rate, basis, vat in vat_breakdown(document)]
+        try:  # the one model of the document's numbers, which the PDF, the CII and the UBL all show
+            numbers = einvoice.figures(document)
+        except einvoice.EInvoiceError as exc:
+            raise RenderError(f"{document.doc_type} {document.ref_nbr}: {exc}") from exc
+        vat_rows = [Values("document.vat_breakdown[]", rate=formats.percent(row.rate), basis=formats.amount(row.basis),
+                           vat=formats.amount(row.vat))
+                    for row in numbers.rates]
         lines = [
             Values("line", nbr=line.line_nbr, line_nbr=line.line_nbr, description=line.description,
                    quantity=formats.quantity(line.quantity), unit_price=formats.amount(line.unit_price),
-                   vat_rate=formats.percent(line.vat_rate), amount=formats.amount(line.amount))
-            for line in document.lines
+                   vat_rate=formats.percent(line.vat_rate), amount=formats.amount(line.net))
+            for line in numbers.lines
         ]
         label = document_label(document.doc_type, formats)
         values = Values(
@@ -689,9 +677,10 @@ class Renderer:
             due_date=formats.date(document.due_date),
             customer_ref=document.customer_ref, description=document.description, currency=document.currency,
             is_credit=document.doc_type == "CRM", lines=lines, vat_breakdown=vat_rows,
-            total_excl_vat=formats.amount(document.amount - document.vat_amount),
-            total_vat=formats.amount(document.vat_amount), vat_amount=formats.amount(document.vat_amount),
-            amount=formats.amount(document.amount), total=formats.money(document.amount, document.currency),
+            total_excl_vat=formats.amount(numbers.total_excl_vat),
+            total_vat=formats.amount(numbers.vat_total), vat_amount=formats.amount(numbers.vat_total),
+            rounding=formats.amount(numbers.rounding) if numbers.rounding else None,
+            amount=formats.amount(numbers.payable), total=formats.money(numbers.payable, document.currency),
         )
         return {
             "document": values,
@@ -733,7 +722,7 @@ class Renderer:
             return Attachment(name, self.pdf(html, template_name, report_id), "application", "pdf")
         if fmt not in E_INVOICE_FORMATS:
             raise RenderError(f"format {fmt!r} is not one the pipeline can render")
-        from include.invoice_mailing import einvoice, einvoice_check
+        from include.invoice_mailing import einvoice_check
 
         try:
             invoice = einvoice.build(document, customer, address, self.company, context["payment_reference"])
