@@ -25,7 +25,8 @@ def test_only_the_processes_that_fork_task_processes_warm_up(argv, forks):
 
 def test_a_forked_task_process_inherits_the_warm_renderer_and_leaves_the_parents_fonts_alone():
     """As a LocalExecutor's scheduler: airflow_local_settings warms the renderer, then each task process
-    is a fork that renders without parsing a stylesheet again; its exit does not delete the parent's fonts."""
+    is a fork that renders without parsing a stylesheet again, and checks an e-invoice with the validator the
+    parent loaded (Saxon's compiled schematron survives the fork); its exit does not delete the parent's fonts."""
     script = textwrap.dedent('''
         import os, sys
         sys.argv = ["airflow", "scheduler"]
@@ -37,19 +38,30 @@ def test_a_forked_task_process_inherits_the_warm_renderer_and_leaves_the_parents
         renderer = tasks.renderer()
         folder = renderer.font_config._folder
         misses = renderer.stylesheets.cache_info().misses
-        doc = Document("INV", "INV000101", "10001", "Open", date(2026, 11, 23), None, "NOK", Decimal("100"), Decimal("20"))
+        from include.invoice_mailing import einvoice_check
+        from include.invoice_mailing.rules import CustomerAddress, DocumentLine
+        line = DocumentLine(1, "Kaffebønner", Decimal("1"), Decimal("80"), Decimal("25"), Decimal("80"))
+        doc = Document("INV", "INV000101", "10001", "Open", date(2026, 11, 23), None, "NOK", Decimal("100"), Decimal("20"),
+                       lines=(line,))
+        address = CustomerAddress("10001", "NO", "Bryggen 3", "5003", "Bergen", "987654325", "NO987654325MVA")
+        loaded = set(einvoice_check.checker()._loaded)
         for _ in range(2):
             pid = os.fork()
             if pid == 0:  # the task process
                 pdf = tasks.renderer().attachment(doc, Customer("10001", "Bølgen", "DOMESTIC"), None, "invoice", "PDF", "nb_NO")
                 fresh = tasks.renderer().stylesheets.cache_info().misses - misses
-                print(f"child pdf={pdf.content[:5]!r} parsed_again={fresh}", flush=True)
+                ehf = tasks.renderer().attachment(doc, Customer("10001", "Bølgen", "DOMESTIC"), None, "invoice", "EHF",
+                                                  "nb_NO", address=address)  # checked by the parent's validator
+                again = set(einvoice_check.checker()._loaded) - loaded
+                print(f"child pdf={pdf.content[:5]!r} parsed_again={fresh} ehf={ehf.content[:5]!r} "
+                      f"validator_loaded_again={sorted(again)}", flush=True)
                 sys.exit(0)  # a normal exit: finalisers run
             os.waitpid(pid, 0)
-        print(f"parent fonts_kept={folder is None or folder.exists()}")
+        print(f"parent fonts_kept={folder is None or folder.exists()} validator_warm={len(loaded) >= 5}")
     ''')
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                             env={"PYTHONPATH": f"{ROOT}:{ROOT / 'config'}", "PATH": "/usr/bin:/bin",
                                  "AIRFLOW_HOME": str(ROOT / "demo" / "preload-test")})
     lines = [line for line in result.stdout.splitlines() if line.startswith(("child", "parent"))]
-    assert lines == ["child pdf=b'%PDF-' parsed_again=0"] * 2 + ["parent fonts_kept=True"], result.stderr[-3000:]
+    assert lines == ["child pdf=b'%PDF-' parsed_again=0 ehf=b'<?xml' validator_loaded_again=[]"] * 2 + [
+        "parent fonts_kept=True validator_warm=True"], result.stderr[-3000:]
