@@ -57,8 +57,26 @@ LOCALES = ("nb_NO", "sv_SE", "da_DK", "fi_FI", "nl_NL", "en_GB")
 
 # --- the ERP ------------------------------------------------------------------------------------
 
-def seed_erp(engine, documents: int, customers: int, released: datetime, seed: int = 20261127) -> None:
-    """A synthetic ERP: ``customers`` customers (one invoicing contact each), ``documents`` invoices."""
+def parse_formats(text: str) -> list[tuple[str, float]]:
+    """``FACTURX:0.4,EHF:0.4,PDF:0.2`` -> the contacts' preferred formats and their shares."""
+    shares = [(name.strip().upper(), float(share)) for name, share in (part.split(":") for part in text.split(","))]
+    if abs(sum(share for _, share in shares) - 1) > 1e-6:
+        raise SystemExit(f"--formats: the shares add up to {sum(s for _, s in shares)}, not 1")
+    return shares
+
+
+def preferred_formats(customers: int, shares: list[tuple[str, float]]) -> list[str | None]:
+    """Each customer's contact's preferred format, in the given shares (None: the mailing's PDF)."""
+    chosen: list[str | None] = []
+    for name, share in shares:
+        chosen += [None if name == "PDF" else name] * round(customers * share)
+    return (chosen + [None] * customers)[:customers]
+
+
+def seed_erp(engine, documents: int, customers: int, released: datetime, seed: int = 20261127,
+             formats: list[tuple[str, float]] = (("PDF", 1.0),)) -> None:
+    """A synthetic ERP: ``customers`` customers (one invoicing contact each, who prefers a format in the
+    ``formats`` shares; those preferring an e-invoice have a ``customer_address``), ``documents`` invoices."""
     rng = random.Random(seed)
     source.create_erp_schema(engine)
     tables = source.erp.tables
@@ -79,13 +97,19 @@ def seed_erp(engine, documents: int, customers: int, released: datetime, seed: i
             recipient_id=1, setting_id=1, contact_type="Invoicing", contact_id=None, format=None, add_to="To",
             active=True))
         ids = [f"{20000 + c}" for c in range(customers)]
+        preferred = preferred_formats(customers, list(formats))
         conn.execute(insert(tables["contact"]), [
             dict(contact_id=c + 1, customer_id=cid, display_name=f"Innkjøp {cid}", email=f"faktura@k{cid}.example",
-                 preferred_format=None, is_employee=False, active=True) for c, cid in enumerate(ids)])
+                 preferred_format=preferred[c], is_employee=False, active=True) for c, cid in enumerate(ids)])
+        addresses = [dict(customer_id=cid, street=f"Strandkaien {c % 90 + 1}", postal_code="5013", city="Bergen",
+                          country_code="NO", org_number=orgnr, vat_number=f"NO{orgnr}MVA", peppol_id=f"0192:{orgnr}")
+                     for c, cid in enumerate(ids) if preferred[c] for orgnr in [org_number(c)]]
         conn.execute(insert(tables["customer"]), [
             dict(customer_id=cid, name=f"Kunde {cid} AS", class_id="DOMESTIC", status="Active",
                  locale=LOCALES[c % len(LOCALES)], email=None, primary_contact_id=None, invoice_contact_id=c + 1,
                  send_invoices_by_email=True) for c, cid in enumerate(ids)])
+        if addresses:
+            conn.execute(insert(tables["customer_address"]), addresses)
         for start in range(0, documents, 2000):
             heads, lines = [], []
             for n in range(start, min(documents, start + 2000)):
@@ -105,6 +129,17 @@ def seed_erp(engine, documents: int, customers: int, released: datetime, seed: i
                 lines += rows
             conn.execute(insert(tables["invoice"]), heads)
             conn.execute(insert(tables["invoice_line"]), lines)
+
+
+def org_number(n: int) -> str:
+    """A valid Norwegian organisation number (MOD11 check digit), a different one for each ``n``."""
+    from stdnum.no import orgnr
+
+    for base in range(90_000_000 + n * 10, 99_999_999):
+        for digit in "0123456789":
+            if orgnr.is_valid(f"{base}{digit}"):
+                return f"{base}{digit}"
+    raise ValueError(n)
 
 
 class Databases:
@@ -160,16 +195,21 @@ def smtp_connection(port: int) -> str:
 
 # --- 1. the plain loop --------------------------------------------------------------------------
 
-def plain_loop(dbs: Databases, documents: int, customers: int, released: datetime, bounces: bool) -> dict:
+def plain_loop(dbs: Databases, documents: int, customers: int, released: datetime, bounces: bool,
+               formats: list[tuple[str, float]]) -> dict:
     from include.invoice_mailing import pipeline, tasks
     from include.invoice_mailing.deliver import SmtpSender
 
     _, erp = dbs.new("plain_erp")
     _, ledger_db = dbs.new("plain_ledger")
-    seed_erp(erp, documents, customers, released)
+    seed_erp(erp, documents, customers, released, formats=formats)
     with counting_sink(dsn=bounces) as sink:
         os.environ["AIRFLOW_CONN_SMTP_DEFAULT"] = smtp_connection(sink.port)
         ctx = pipeline.RunContext.from_airflow("plain", None, datetime.now(UTC), {})
+        if any(name != "PDF" for name, _ in formats):  # loaded before the clock starts, as a warm worker has it
+            from include.invoice_mailing import einvoice_check
+
+            einvoice_check.checker().warm()
         wall, cpu = time.perf_counter(), time.process_time()
         [batch] = pipeline.extract(erp, ledger_db, ctx, max_batches=0, batch_documents=documents, max_instances=1)
         with SmtpSender() as sender:
@@ -261,12 +301,12 @@ def wait_unheld(client, run_id: str, timeout: float) -> dict:
 
 
 def night(dbs: Databases, documents: int, customers: int, released: datetime, timeout: float,
-          bounces: dict[str, str]) -> dict:
+          bounces: dict[str, str], formats: list[tuple[str, float]]) -> dict:
     from dev.airflow_stack import AirflowStack
 
     erp_name, erp = dbs.new("erp")
     ledger_name, _ = dbs.new("ledger")
-    seed_erp(erp, documents, customers, released)
+    seed_erp(erp, documents, customers, released, formats=formats)
     erp.dispose()
     with counting_sink(dsn=bool(bounces)) as sink:
         env = {"AIRFLOW_CONN_ERP_DB": dbs.connection(erp_name), "AIRFLOW_CONN_MAILING_LEDGER": dbs.connection(ledger_name),
@@ -305,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=4 * 3600)
     parser.add_argument("--bounces", action="store_true",
                         help="with mailing_bounces: one transaction per delivery, VERP senders, DSN (issue 16)")
+    parser.add_argument("--formats", type=parse_formats, default=[("PDF", 1.0)],
+                        help="the customers' formats and shares, e.g. FACTURX:0.4,EHF:0.4,PDF:0.2 (default PDF:1)")
     args = parser.parse_args(argv)
     # aiosmtpd logs every SMTP command at INFO (Airflow's logging configuration lets it through). The SMTP
     # server runs in this process, beside the plain loop: its log lines were the plain loop's cost, about
@@ -321,10 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     dbs = Databases()
     try:
         sample_docs = max(1, round(args.documents * args.sample))
-        plain = plain_loop(dbs, sample_docs, max(1, round(customers * args.sample)), released, args.bounces)
+        plain = plain_loop(dbs, sample_docs, max(1, round(customers * args.sample)), released, args.bounces,
+                           args.formats)
         print(f"plain loop: {plain['documents']} documents in {plain['wall']:.1f} s wall, {plain['cpu']:.1f} s CPU: "
               f"{plain['per_doc'] * 1000:.1f} ms a document ({plain['arrived']} arrived)", flush=True)
-        result = night(dbs, args.documents, customers, released, args.timeout, bounces)
+        result = night(dbs, args.documents, customers, released, args.timeout, bounces, args.formats)
     finally:
         dbs.drop()
     ideal = plain["per_doc"] * args.documents / cores

@@ -12,6 +12,7 @@
 
 Prints CPU ms per document for each (the median; the methods take turns on each document), what the
 templating costs in the sandbox and outside it, the PDF sizes, whether HarfBuzz subsetting was available, and as
+the cost of a ``FACTURX`` and an ``EHF`` document beside the PDF (and of their XML and its EN 16931 check), and as
 its last line: ``render: baseline X ms, floor F ms, project Y ms, speedup S, overhead O, pdf_kb K``
 (S = X / Y, O = Y / F) for the one-page invoice. Run: ``make bench`` or ``python bench/render.py``.
 """
@@ -26,7 +27,7 @@ import statistics
 import sys
 import time
 from datetime import date, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,7 +39,7 @@ from weasyprint.text.fonts import FontConfiguration  # noqa: E402
 
 from include.invoice_mailing.i18n import Formats  # noqa: E402
 from include.invoice_mailing.render import NamedUndefined, Renderer  # noqa: E402
-from include.invoice_mailing.rules import Customer, Document, DocumentLine  # noqa: E402
+from include.invoice_mailing.rules import Customer, CustomerAddress, Document, DocumentLine  # noqa: E402
 
 PRODUCTS = ("Kaffebønner, hele 1 kg", "Røkt laks, skivet (kg)", "Tyttebærsyltetøy 3 kg", "Kjølevitrine, leie",
             "Engangshansker nitril M, 100 stk", "Filterkaffe, malt 500 g", "Servietter hvite 33x33", "Havredrikk 1 l")
@@ -52,13 +53,52 @@ def invoice(number: int, lines: int) -> Document:
         rows.append(DocumentLine(n, PRODUCTS[n % len(PRODUCTS)], quantity, price, rate,
                                  (quantity * price).quantize(Decimal("0.01"))))
     net = sum((r.amount for r in rows), Decimal(0))
-    vat = sum(((r.amount * r.vat_rate / 100).quantize(Decimal("0.01")) for r in rows), Decimal(0))
+    basis = {rate: sum((r.amount for r in rows if r.vat_rate == rate), Decimal(0)) for rate in {r.vat_rate for r in rows}}
+    vat = sum(((b * rate / 100).quantize(Decimal("0.01"), ROUND_HALF_UP) for rate, b in basis.items()), Decimal(0))
     day = date(2026, 11, 23)
     return Document("INV", f"INV{number:06d}", "10001", "Open", day, day + timedelta(days=14), "NOK", net + vat, vat,
                     "Varelevering uke 47 – Bølgen Kafé", "PO-4471", tuple(rows))
 
 
 CUSTOMER = Customer("10001", "Bølgen Kafé & Bakeri AS", "DOMESTIC", locale="nb_NO")
+ADDRESS = CustomerAddress("10001", "NO", "Bryggen 3", "5003", "Bergen", "987654325", "NO987654325MVA", "0192:987654325")
+
+
+def measure_e_invoices(renderer: Renderer, documents: list[Document]) -> dict:
+    """CPU ms per document of each format as the DAG makes it, and of the parts an e-invoice adds: the
+    XML and its check against the XSD and the EN 16931 schematron (the validator loaded beforehand,
+    as a warm worker has it)."""
+    from include.invoice_mailing import einvoice, einvoice_check
+
+    checker = einvoice_check.checker()
+    started = time.perf_counter()
+    checker.warm()
+    load = time.perf_counter() - started
+    reference = "100011000100"
+
+    def built(doc):
+        return einvoice.build(doc, CUSTOMER, ADDRESS, renderer.company, reference)
+
+    pdf = {d.ref_nbr: renderer.attachment(d, CUSTOMER, None, "invoice", "PDF", "nb_NO").content for d in documents}
+    cii = {d.ref_nbr: einvoice.to_cii(built(d)) for d in documents}
+    ubl = {d.ref_nbr: einvoice.to_ubl(built(d), pdf[d.ref_nbr], "Faktura.pdf") for d in documents}
+
+    def attachment(fmt):
+        return lambda d: renderer.attachment(d, CUSTOMER, None, "invoice", fmt, "nb_NO", address=ADDRESS)
+
+    def nothing(output):
+        return None
+
+    results = timed({
+        "PDF": (attachment("PDF"), nothing),
+        "FACTURX": (attachment("FACTURX"), nothing),
+        "EHF": (attachment("EHF"), nothing),
+        "cii": (lambda d: einvoice.to_cii(built(d)), nothing),
+        "ubl": (lambda d: einvoice.to_ubl(built(d), pdf[d.ref_nbr], "Faktura.pdf"), nothing),
+        "check_cii": (lambda d: checker.check(cii[d.ref_nbr], "CII"), nothing),
+        "check_ubl": (lambda d: checker.check(ubl[d.ref_nbr], "UBL"), nothing),
+    }, documents)
+    return {"load": load, **{name: value for name, (value, _) in results.items()}}
 
 
 def timed(methods: dict, documents) -> dict[str, tuple[float, list]]:
@@ -165,6 +205,12 @@ def main() -> None:
           f"and templating take {one['project'] - one['warm']:.0f} ms")
     print(f"templating (values and report HTML): {one['templating']:.2f} ms in the sandbox, "
           f"{one['unsandboxed']:.2f} ms for the same template outside it")
+    e = measure_e_invoices(renderer, [invoice(700 + i, 8) for i in range(args.n)])
+    print(f"validator: loaded in {e['load']:.2f} s once per worker (Saxon-HE compiling the schematron, the XSDs)")
+    print(f"e-invoice (one-page invoice, {args.n} documents): PDF {e['PDF']:.0f} ms, "
+          f"FACTURX {e['FACTURX']:.0f} ms (CII {e['cii']:.1f} ms, its check {e['check_cii']:.1f} ms), "
+          f"EHF {e['EHF']:.0f} ms (UBL with the PDF {e['ubl']:.1f} ms, its check {e['check_ubl']:.1f} ms); "
+          f"FACTURX/PDF {e['FACTURX'] / e['PDF']:.2f}, EHF/PDF {e['EHF'] / e['PDF']:.2f}")
     print(f"render: baseline {one['baseline']:.0f} ms, floor {one['floor']:.0f} ms, project {one['project']:.0f} ms, "
           f"speedup {one['baseline'] / one['project']:.2f}, overhead {one['project'] / one['floor']:.2f}, "
           f"pdf_kb {one['pdf_kb']:.1f}")
