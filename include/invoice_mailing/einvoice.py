@@ -116,7 +116,7 @@ def figures(document: Document) -> Figures:
         if abs(expected - line.net) > ROUNDING_STEP:
             problems.append(Violation(
                 "ERP-LINE", "fatal", f"line {line.line_nbr}: quantity {_plain(line.quantity)} x unit price "
-                f"{_price(line.unit_price)} is {expected}, but the ERP's line amount is {line.net}"))
+                f"{_price(line.unit_price)} is {expected}, but the ERP's line amount is {_amount(line.net)}"))
     bases: dict[Decimal, Decimal] = {}
     for line in lines:
         bases[line.vat_rate] = bases.get(line.vat_rate, Decimal(0)) + line.net
@@ -126,14 +126,15 @@ def figures(document: Document) -> Figures:
     total_incl_vat = line_total + vat_total
     if abs(document.vat_amount - vat_total) > ROUNDING_STEP:
         problems.append(Violation(
-            "ERP-TOTALS", "fatal", f"the ERP's VAT {document.vat_amount} disagrees with its lines' VAT "
-            f"{vat_total} (BR-CO-17: per rate, basis x rate rounded once: "
-            + ", ".join(f"{_plain(r.rate)}% of {r.basis} = {r.vat}" for r in rates) + ")"))
+            "ERP-TOTALS", "fatal", f"the ERP's VAT {_amount(document.vat_amount)} disagrees with its lines' VAT "
+            f"{_amount(vat_total)} (BR-CO-17: per rate, basis x rate rounded once: "
+            + ", ".join(f"{_plain(r.rate)}% of {_amount(r.basis)} = {_amount(r.vat)}" for r in rates) + ")"))
     rounding = document.amount - total_incl_vat
     if abs(rounding) > ROUNDING_STEP:
         problems.append(Violation(
-            "ERP-TOTALS", "fatal", f"the ERP's amount {document.amount} disagrees with its lines' total "
-            f"{total_incl_vat} ({line_total} + VAT {vat_total}) by more than one rounding step"))
+            "ERP-TOTALS", "fatal", f"the ERP's amount {_amount(document.amount)} disagrees with its lines' total "
+            f"{_amount(total_incl_vat)} ({_amount(line_total)} + VAT {_amount(vat_total)}) by more than one rounding "
+            "step"))
     if problems:
         raise EInvoiceError(problems)
     return Figures(document.currency, lines, rates, line_total, vat_total, line_total, total_incl_vat,
