@@ -116,7 +116,7 @@ def figures(document: Document) -> Figures:
         if abs(expected - line.net) > ROUNDING_STEP:
             problems.append(Violation(
                 "ERP-LINE", "fatal", f"line {line.line_nbr}: quantity {_plain(line.quantity)} x unit price "
-                f"{_plain(line.unit_price)} is {expected}, but the ERP's line amount is {line.net}"))
+                f"{_price(line.unit_price)} is {expected}, but the ERP's line amount is {_amount(line.net)}"))
     bases: dict[Decimal, Decimal] = {}
     for line in lines:
         bases[line.vat_rate] = bases.get(line.vat_rate, Decimal(0)) + line.net
@@ -126,14 +126,15 @@ def figures(document: Document) -> Figures:
     total_incl_vat = line_total + vat_total
     if abs(document.vat_amount - vat_total) > ROUNDING_STEP:
         problems.append(Violation(
-            "ERP-TOTALS", "fatal", f"the ERP's VAT {document.vat_amount} disagrees with its lines' VAT "
-            f"{vat_total} (BR-CO-17: per rate, basis x rate rounded once: "
-            + ", ".join(f"{_plain(r.rate)}% of {r.basis} = {r.vat}" for r in rates) + ")"))
+            "ERP-TOTALS", "fatal", f"the ERP's VAT {_amount(document.vat_amount)} disagrees with its lines' VAT "
+            f"{_amount(vat_total)} (BR-CO-17: per rate, basis x rate rounded once: "
+            + ", ".join(f"{_plain(r.rate)}% of {_amount(r.basis)} = {_amount(r.vat)}" for r in rates) + ")"))
     rounding = document.amount - total_incl_vat
     if abs(rounding) > ROUNDING_STEP:
         problems.append(Violation(
-            "ERP-TOTALS", "fatal", f"the ERP's amount {document.amount} disagrees with its lines' total "
-            f"{total_incl_vat} ({line_total} + VAT {vat_total}) by more than one rounding step"))
+            "ERP-TOTALS", "fatal", f"the ERP's amount {_amount(document.amount)} disagrees with its lines' total "
+            f"{_amount(total_incl_vat)} ({_amount(line_total)} + VAT {_amount(vat_total)}) by more than one rounding "
+            "step"))
     if problems:
         raise EInvoiceError(problems)
     return Figures(document.currency, lines, rates, line_total, vat_total, line_total, total_incl_vat,
@@ -218,6 +219,8 @@ class EInvoice:
     buyer: Party
     payment: Payment
     payment_terms: str | None  # BT-20: what a document without a due date says instead
+    delivery_date: date | None = None  # BT-72, given only where a category needs it (K: BR-IC-11)
+    delivery_country: str | None = None  # BT-80 (K: BR-IC-12)
 
     @property
     def is_credit_note(self) -> bool:
@@ -285,6 +288,9 @@ def build(document: Document, customer: Customer, address: CustomerAddress | Non
     sepa_euro = document.currency == "EUR" and seller_country in SEPA and buyer_country in SEPA
     payment = Payment("58" if sepa_euro and iban else "30", iban, _clean(company.get("bic")), payment_reference)
     taxes = tuple(TaxRow(categories[r.rate], r.rate, r.basis, r.vat) for r in numbers.rates)
+    # The ERP has no delivery date; an intra-community supply must state one, and the document date is the
+    # date the ERP's users treat as the supply's.
+    intra_community = any(c.code == "K" for c in categories.values())
     return EInvoice(
         number=document.ref_nbr, type_code=TYPE_CODES[document.doc_type], doc_type=document.doc_type,
         issue_date=document.doc_date, due_date=document.due_date, note=_clean(document.description),
@@ -293,7 +299,9 @@ def build(document: Document, customer: Customer, address: CustomerAddress | Non
         line_categories=tuple(categories[line.vat_rate] for line in numbers.lines),
         seller=seller, buyer=buyer, payment=payment,
         payment_terms=None if document.due_date else CREDIT_NOTE_TERMS if document.doc_type == "CRM" else
-        "Payable on receipt.")
+        "Payable on receipt.",
+        delivery_date=document.doc_date if intra_community else None,
+        delivery_country=buyer_country if intra_community else None)
 
 
 # --- Number formats ---------------------------------------------------------------------------
@@ -430,7 +438,13 @@ def to_cii(inv: EInvoice) -> bytes:
     _cii_party(w, agreement, "ram:BuyerTradeParty", inv.buyer, with_contact=False)
     if inv.order_reference:
         w.el(w.el(agreement, "ram:BuyerOrderReferencedDocument"), "ram:IssuerAssignedID", inv.order_reference)
-    w.el(transaction, "ram:ApplicableHeaderTradeDelivery")
+    delivery = w.el(transaction, "ram:ApplicableHeaderTradeDelivery")
+    if inv.delivery_country:
+        ship_to = w.el(w.el(delivery, "ram:ShipToTradeParty"), "ram:PostalTradeAddress")
+        w.el(ship_to, "ram:CountryID", inv.delivery_country)
+    if inv.delivery_date:
+        _cii_date(w, w.el(delivery, "ram:ActualDeliverySupplyChainEvent"), "ram:OccurrenceDateTime",
+                  inv.delivery_date)
 
     settlement = w.el(transaction, "ram:ApplicableHeaderTradeSettlement")
     w.el(settlement, "ram:PaymentReference", inv.payment.reference)
@@ -541,6 +555,12 @@ def to_ubl(inv: EInvoice, pdf: bytes, pdf_name: str) -> bytes:
     _ubl_party(w, root, "cac:AccountingSupplierParty", inv.seller, with_contact=True)
     _ubl_party(w, root, "cac:AccountingCustomerParty", inv.buyer, with_contact=False)
 
+    if inv.delivery_date or inv.delivery_country:
+        delivery = w.el(root, "cac:Delivery")
+        w.opt(delivery, "cbc:ActualDeliveryDate", inv.delivery_date.isoformat() if inv.delivery_date else None)
+        if inv.delivery_country:
+            location = w.el(w.el(delivery, "cac:DeliveryLocation"), "cac:Address")
+            w.el(w.el(location, "cac:Country"), "cbc:IdentificationCode", inv.delivery_country)
     means = w.el(root, "cac:PaymentMeans")
     w.el(means, "cbc:PaymentMeansCode", inv.payment.means_code)
     if inv.due_date and credit:

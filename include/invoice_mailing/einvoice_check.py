@@ -159,8 +159,18 @@ def parse_svrl(report: str | None) -> list[Violation]:
             if failed.find(f"{{{SVRL}}}text") is not None else ""
         rule = failed.get("id") or "SCHEMATRON"
         text = re.sub(rf"^\[{re.escape(rule)}\]\s*-?\s*", "", text)  # CII's texts repeat the id in brackets
-        violations.append(Violation(rule, failed.get("flag") or "fatal", text, failed.get("location") or ""))
+        location = failed.get("location") or ""
+        if rule.startswith("FX-SCH"):  # Factur-X's code-list checks say "Value of 'ram:CountryID'", not whose
+            text = f"{text} ({short_path(location)})"
+        violations.append(Violation(rule, failed.get("flag") or "fatal", text, location))
     return violations
+
+
+def short_path(location: str) -> str:
+    """``/*:CrossIndustryInvoice[namespace-uri()='…'][1]/*:SupplyChainTradeTransaction[…][1]/…`` as
+    ``…/BuyerTradeParty/PostalTradeAddress/CountryID``: the last four steps, without predicates."""
+    steps = [re.sub(r"\[.*", "", step).split(":")[-1] for step in re.split(r"/(?![^\[]*\])", location) if step]
+    return "/".join(["…", *steps[-4:]] if len(steps) > 4 else steps)
 
 
 @functools.cache
