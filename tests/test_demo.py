@@ -85,3 +85,16 @@ def test_the_e_invoice_customers_documents_have_mixed_rates_with_zero_and_fracti
     assert {line.vat_rate for d in documents if d.currency == "EUR" for line in d.lines} == {
         Decimal(19), Decimal(7), Decimal(0)}
     assert any(line.quantity != line.quantity.to_integral_value() for d in documents for line in d.lines)
+
+
+def test_make_demo_shows_the_deliveries_per_format_and_each_failure_with_the_rule_that_failed():
+    row = dict(customer_id="10050", ref_nbr="INV000241", reason=None, detail=None, last_error=None)
+    deliveries = [{**row, "format": "EHF", "status": "failed", "reason": "config_error",
+                   "detail": "BR-07 An Invoice shall contain the Buyer name ... " + "x" * 200},
+                  {**row, "format": "PDF", "status": "sent"}, {**row, "format": "FACTURX", "status": "sent"},
+                  {**row, "format": "", "status": "skipped"}]
+    assert demo.formats_sent(deliveries).splitlines()[3:] == [
+        "  EHF            0      1", "  FACTURX        1      0", "  PDF            1      0"]
+    [failure] = demo.failures(deliveries).splitlines()[2:]
+    assert failure.startswith("  10050 INV000241 EHF config_error: BR-07 An Invoice shall contain the Buyer name")
+    assert len(failure) == 150 and failure.endswith("…")

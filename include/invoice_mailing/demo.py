@@ -19,6 +19,7 @@ from typing import NamedTuple
 from sqlalchemy import Engine, create_engine, delete, func, insert, inspect, select
 
 from include.invoice_mailing import source
+from include.invoice_mailing.rules import E_INVOICE_FORMATS
 
 AS_OF = date(2026, 11, 24)
 SEED = 20261124
@@ -26,8 +27,9 @@ CENT = Decimal("0.01")
 TEMPLATE_ID = "InvoiceNotification"
 AUDIT_URL = "http://localhost:8080/plugin/invoice-mailing"
 # Child tables first: the order rows are deleted in; inserts go the other way round.
-TABLES = (source.invoice_line, source.invoice, source.mailing_recipient, source.mailing_setting,
-          source.customer_address, source.customer, source.contact, source.notification_template, source.report, source.email_account, source.customer_class)
+TABLES = (source.invoice_line, source.invoice, source.mailing_recipient, source.mailing_setting, source.customer_address,
+          source.customer, source.contact, source.notification_template, source.report, source.email_account,
+          source.customer_class)
 
 CLASSES = (("DOMESTIC", "Domestic customers (Norway)"), ("NORDIC", "Nordic customers (Sweden, Denmark, Finland)"),
            ("EXPORT", "Export customers (EU and UK)"), ("INTERNAL", "Internal accounts (no invoice mailing)"))
@@ -503,18 +505,16 @@ def seed(engine: Engine, *, as_of: date = AS_OF) -> dict:
     by_id = {c[0]: c for c in CUSTOMERS + E_INVOICE_CUSTOMERS}
     for doc_type, ref_nbr, moment in documents:
         customer = by_id[owner[ref_nbr]]
-        country = "nb_NO" if customer[2] in ("DOMESTIC", "INTERNAL") else customer[3]
         _add_document(rows, rng, doc_type, ref_nbr, moment, customer, as_of,
-                      _lines(rng, doc_type, ref_nbr, customer[3], country))
+                      _lines(rng, doc_type, ref_nbr, customer[3], _market(customer)))
     # The e-invoice customers' documents: numbered on from the rest, released after them on the last working day.
     last_day = max(d for d in (as_of - timedelta(days=n) for n in range(1, 8)) if d.weekday() < 5)
     numbers = {doc_type: first + count for doc_type, first, count in DOCUMENTS}
     for minute, (doc_type, customer_id) in enumerate(E_INVOICE_DOCUMENTS):
         customer = by_id[customer_id]
-        country = "nb_NO" if customer[2] == "DOMESTIC" else customer[3]
         ref_nbr, numbers[doc_type] = f"{doc_type}{numbers[doc_type]:06d}", numbers[doc_type] + 1
         _add_document(rows, e_rng, doc_type, ref_nbr, datetime.combine(last_day, time(16, minute * 7)), customer,
-                      as_of, _e_invoice_lines(e_rng, doc_type, customer[3], country))
+                      as_of, _e_invoice_lines(e_rng, doc_type, customer[3], _market(customer)))
 
     with engine.begin() as conn:
         for table in reversed(TABLES):
@@ -523,12 +523,17 @@ def seed(engine: Engine, *, as_of: date = AS_OF) -> dict:
     return {table.name: len(rows[table.name]) for table in reversed(TABLES)}
 
 
+def _market(customer: tuple) -> str:
+    """The market a customer is invoiced in: Norway for domestic customers whatever their language."""
+    return "nb_NO" if customer[2] in ("DOMESTIC", "INTERNAL") else customer[3]
+
+
 def _add_document(rows: dict[str, list[dict]], rng: random.Random, doc_type: str, ref_nbr: str, moment: datetime,
                   customer: tuple, as_of: date, lines: list[tuple]) -> None:
     """The invoice row and its lines. Each line's amount is quantity x unit price rounded to the cent, and the
     VAT is computed per rate on the document (``vat_per_rate``), as the e-invoice rules check them."""
     customer_id, _, class_id, locale = customer
-    country = "nb_NO" if class_id in ("DOMESTIC", "INTERNAL") else locale
+    country = _market(customer)
     lines = [(text, qty, price, rate, (qty * price).quantize(CENT, ROUND_HALF_UP)) for text, qty, price, rate in lines]
     net = sum((line[4] for line in lines), Decimal(0))
     vat = vat_per_rate([(amount, rate) for *_, rate, amount in lines])
@@ -617,18 +622,24 @@ def report(ledger_path: Path, outbox: Path, new_mail: list[Path], log_path: Path
     deliveries = ledger.all_deliveries(engine, ledger.delivery.c.last_run_id == run.run_id) if run else []
     print(formats_sent(deliveries), end="")
     print(failures(deliveries), end="")
+    # A Factur-X PDF keeps the plain PDF's name: the e-invoices go to a folder per format, by the ledger's format
+    # of the message that carried them.
+    format_of = {row["message_id"]: row["format"] for row in deliveries if row["message_id"]}
     attachments = outbox / "attachments"
     attachments.mkdir(parents=True, exist_ok=True)
     kinds: Counter[str] = Counter()
     for path in new_mail:
         message = message_from_bytes(path.read_bytes(), policy=policy.default)
+        fmt = format_of.get((message["Message-ID"] or "").strip(), "")
+        folder = attachments / fmt if fmt in E_INVOICE_FORMATS else attachments
+        folder.mkdir(exist_ok=True)
         for part in message.iter_attachments():
-            (attachments / part.get_filename()).write_bytes(part.get_content().encode()
-                                                            if isinstance(part.get_content(), str)
-                                                            else part.get_content())
-            kinds[Path(part.get_filename()).suffix.lstrip(".").upper() or "?"] += 1
+            content = part.get_content()
+            (folder / part.get_filename()).write_bytes(content.encode() if isinstance(content, str) else content)
+            kinds[fmt or Path(part.get_filename()).suffix.lstrip(".").upper()] += 1
     if kinds:
-        print("\nAttachments by kind: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())))
+        print("\nAttachments by format: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+              + "".join(f"\n  {fmt}: {attachments / fmt}" for fmt in E_INVOICE_FORMATS if kinds[fmt]))
     sent = summary["by_status"].get("sent", 0)
     if not new_mail and runs > 1:
         print("\nNothing was sent this time: every due document was delivered by an earlier run "
