@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import unicodedata
+from collections import Counter
 from datetime import date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import NamedTuple
 from sqlalchemy import Engine, create_engine, delete, func, insert, inspect, select
 
 from include.invoice_mailing import source
+from include.invoice_mailing.rules import E_INVOICE_FORMATS
 
 AS_OF = date(2026, 11, 24)
 SEED = 20261124
@@ -25,8 +27,9 @@ CENT = Decimal("0.01")
 TEMPLATE_ID = "InvoiceNotification"
 AUDIT_URL = "http://localhost:8080/plugin/invoice-mailing"
 # Child tables first: the order rows are deleted in; inserts go the other way round.
-TABLES = (source.invoice_line, source.invoice, source.mailing_recipient, source.mailing_setting, source.customer,
-          source.contact, source.notification_template, source.report, source.email_account, source.customer_class)
+TABLES = (source.invoice_line, source.invoice, source.mailing_recipient, source.mailing_setting, source.customer_address,
+          source.customer, source.contact, source.notification_template, source.report, source.email_account,
+          source.customer_class)
 
 CLASSES = (("DOMESTIC", "Domestic customers (Norway)"), ("NORDIC", "Nordic customers (Sweden, Denmark, Finland)"),
            ("EXPORT", "Export customers (EU and UK)"), ("INTERNAL", "Internal accounts (no invoice mailing)"))
@@ -115,13 +118,19 @@ MARKETS = {
                     ("Sanne", "Joost", "Femke", "Pieter", "Anouk", "Bram"),
                     ("de Vries", "Jansen", "van Dijk", "Bakker", "Visser", "Smit"),
                     ("Levering week {week}", "Creditering retour week {week}", "Naberekening vracht week {week}")),
+    # No German catalog of labels (i18n.SUPPORTED) and so no German notification template: the German customer
+    # reads English, with German numbers and dates, as from many a Nordic supplier.
+    "de_DE": Market("EUR", Decimal("0.085"), ("19", "7", "7"), "info",
+                    ("Julia", "Matthias", "Katrin", "Stefan", "Anja", "Jürgen"),
+                    ("Müller", "Schäfer", "Weiß", "Köhler", "Becker", "Hoffmann"),
+                    ("Warenlieferung KW {week}", "Gutschrift Retoure KW {week}", "Nachbelastung Fracht KW {week}")),
     "en_GB": Market("GBP", Decimal("0.072"), ("20", "0", "0"), "accounts",
                     ("Olivia", "James", "Emily", "Tom", "Charlotte", "Harry"),
                     ("Smith", "Taylor", "Brown", "O'Neill", "Walker", "Hughes"),
                     ("Goods delivery week {week}", "Credit for returned goods, week {week}",
                      "Additional freight charge, week {week}")),
 }
-ENGLISH_ITEMS = ("fi_FI", "nl_NL", "en_GB")  # the item master is Norwegian, with English translations
+ENGLISH_ITEMS = ("fi_FI", "nl_NL", "de_DE", "en_GB")  # the item master is Norwegian, with English translations
 
 # (id, name, class, locale). Domestic customers are invoiced in NOK with Norwegian VAT whatever their language.
 CUSTOMERS = (
@@ -172,6 +181,35 @@ CUSTOMERS = (
     ("10045", "Cornish Fika Ltd", "EXPORT", "en_GB"),
     ("10046", "Fjordlys Handel AS – Personalkantine", "INTERNAL", "nb_NO"),  # its class has no mailing: no_mailing
 )
+# Customers who book e-invoices (spec section 5), each format chosen one of the three ways the ERP allows:
+# the customer's mailing (10047), its invoice contact's preference (10048, 10050), a recipient row (10049).
+# They are seeded from a random stream of their own, so that the customers above keep their contacts and
+# documents whatever is added here.
+E_INVOICE_CUSTOMERS = (
+    ("10047", "Havbris Kantinedrift AS", "DOMESTIC", "nb_NO"),       # EHF by its mailing's format
+    ("10048", "Nordkapp Sjømat AS", "DOMESTIC", "nb_NO"),            # EHF by its invoice contact's preference
+    ("10049", "Kaffeehaus Brenner GmbH", "EXPORT", "de_DE"),         # FACTURX by a recipient row's format
+    ("10050", "Fjellbris Storkjøkken AS", "DOMESTIC", "nb_NO"),      # EHF preferred, but no customer_address
+)
+# customer_address: the e-invoice customers but 10050, and a few PDF and HTML customers, for whom it is optional.
+# (customer, street, postal code, city, country, org number, VAT number, PEPPOL id): valid by python-stdnum.
+ADDRESSES = (
+    ("10002", "Fjellheimvegen 41", "2680", "Vågå", "NO", "975308626", "NO975308626MVA", None),
+    ("10004", "Løvenskiolds gate 8", "0263", "Oslo", "NO", "938512744", "NO938512744MVA", "0192:938512744"),
+    ("10010", "Bryggen 27", "5003", "Bergen", "NO", "994027611", None, None),
+    ("10047", "Kaigaten 4", "5015", "Bergen", "NO", "964128707", "NO964128707MVA", "0192:964128707"),
+    ("10048", "Fiskeriveien 12", "9750", "Honningsvåg", "NO", "991827331", "NO991827331MVA", "0192:991827331"),
+    ("10049", "Speicherstadt, Am Sandtorkai 23", "20457", "Hamburg", "DE", "HRB 187654", "DE812345673",
+     "9930:DE812345673"),
+)
+E_INVOICE_SEED = SEED + 1
+# A line without VAT on the e-invoice customers' documents, once per delivery (insurance is exempt from VAT in
+# Norway and Germany alike).
+FREIGHT_INSURANCE = ("Transportforsikring", "Freight insurance", "185.00")
+# (type, customer): a credit note and a debit note among them (an EHF CreditNote, a debit note as an invoice).
+E_INVOICE_DOCUMENTS = (("INV", "10047"), ("CRM", "10047"), ("INV", "10048"), ("DRM", "10048"), ("INV", "10049"),
+                       ("INV", "10049"), ("CRM", "10049"), ("INV", "10050"))
+E_INVOICE_OWNERS = {c[0] for c in E_INVOICE_CUSTOMERS}
 STATUS = {"10007": "CreditHold", "10026": "CreditHold", "10016": "OnHold", "10033": "OnHold",
           "10019": "Inactive", "10042": "Inactive"}
 NO_EMAIL_INVOICES = ("10014", "10039")
@@ -193,6 +231,9 @@ CONTACT_QUIRKS = {
     ("10022", 1): {"display_name": "Anna Lindqvist (inköp)", "email": "Anna.Lindqvist@{slug}.example"},
     ("10036", 1): {"preferred_format": "HTML"},
     ("10040", 0): {"display_name": "Accounts Payable", "email": "accounts@{slug}.example"},
+    ("10047", 0): {"preferred_format": None},   # the mailing's EHF decides
+    ("10048", 0): {"preferred_format": "EHF"},
+    ("10050", 0): {"preferred_format": "EHF"},
 }
 
 
@@ -223,6 +264,8 @@ CUSTOMER_MAILINGS = (
     (18, "10036", {}, (Rcpt("Contact", ("10036", 1)), Rcpt("Invoicing", add_to="Cc"), Rcpt("Customer", add_to="Bcc"))),
     (19, "10041", {}, (Rcpt("Primary"), Rcpt("Invoicing", format="HTML", add_to="Cc"))),
     (20, "10001", {"mailing_id": "STATEMENT", "report_id": None, "template_id": None}, (Rcpt("Customer"),)),
+    (21, "10047", {"format": "EHF"}, ()),                                     # the bookkeeper's Bcc stays PDF
+    (22, "10049", {}, (Rcpt("Invoicing", format="FACTURX"), Rcpt("Customer", add_to="Cc"))),
 )
 
 # (Norwegian, English, NOK list price, VAT class 0 standard / 1 food / 2 reduced, sold by weight or time)
@@ -269,13 +312,14 @@ BIG_DOCUMENT = ("INV000230", (("Kjølerom, komplett installasjon", "1", "987654.
                               ("Frakt og montering, Bergen–Tromsø", "1", "12500.00", "25")))
 
 
-LEGAL_FORMS = ("as", "ab", "aps", "oy", "bv", "vof", "ltd")
+LEGAL_FORMS = ("as", "ab", "aps", "oy", "bv", "vof", "ltd", "gmbh")
 
 
 def slug(name: str) -> str:
     """``Bølgen Kafé AS`` -> ``bolgen-kafe``: the company's mail domain, without markup or legal form."""
     text = re.sub(r"<[^>]*>", " ", name).replace(".", "").replace("A/S", "AS").lower()
-    text = unicodedata.normalize("NFKD", text.replace("æ", "ae").replace("ø", "o")).encode("ascii", "ignore")
+    text = unicodedata.normalize("NFKD", text.replace("æ", "ae").replace("ø", "o").replace("ß", "ss")).encode(
+        "ascii", "ignore")
     return "-".join(w for w in re.findall(r"[a-z0-9]+", text.decode()) if w not in LEGAL_FORMS)
 
 
@@ -327,6 +371,30 @@ def _lines(rng: random.Random, doc_type: str, ref_nbr: str, locale: str, country
     else:
         count = rng.randint(1, 3) if doc_type == "CRM" else rng.choices(range(1, 9), (4, 5, 5, 4, 3, 2, 1, 1))[0]
         items = rng.sample(PRODUCTS, count)
+    return _priced(rng, items, locale, country)
+
+
+def _e_invoice_lines(rng: random.Random, doc_type: str, locale: str, country: str) -> list[tuple]:
+    """Lines that exercise an e-invoice's VAT breakdown: every rate of the market and 0, and a quantity by
+    weight or time (fractional)."""
+    if doc_type == "DRM":
+        return _priced(rng, DEBIT_ITEMS, locale, country) + [_insurance(locale, country)]
+    by_class = [rng.choice([p for p in PRODUCTS if p[3] == vat_class and not p[4]]) for vat_class in (0, 1, 2)]
+    by_measure = rng.choice([p for p in PRODUCTS if p[4]])
+    if doc_type == "CRM":
+        return _priced(rng, [by_class[0], by_measure], locale, country)
+    return _priced(rng, [*by_class, by_measure], locale, country) + [_insurance(locale, country)]
+
+
+def _insurance(locale: str, country: str) -> tuple:
+    norwegian, english, price = FREIGHT_INSURANCE
+    market = MARKETS[country]
+    return (english if locale in ENGLISH_ITEMS else norwegian, Decimal(1),
+            (Decimal(price) * market.fx).quantize(CENT, ROUND_HALF_UP), Decimal(0))
+
+
+def _priced(rng: random.Random, items, locale: str, country: str) -> list[tuple]:
+    """(description, quantity, unit price, VAT rate) of the items, in the country's currency and rates."""
     market = MARKETS[country]
     lines = []
     for norwegian, english, price, vat_class, by_measure in items:
@@ -340,15 +408,26 @@ def _lines(rng: random.Random, doc_type: str, ref_nbr: str, locale: str, country
     return lines
 
 
+def vat_per_rate(lines: list[tuple[Decimal, Decimal]]) -> Decimal:
+    """The document's VAT from its (amount, rate) lines: each rate's basis times the rate, rounded half up once
+    per rate (EN 16931 BR-CO-17), as an ERP computes tax per tax category on the document. Rounding per line
+    instead can differ by a cent per line, and an e-invoice whose VAT disagrees with its lines is refused."""
+    basis: dict[Decimal, Decimal] = {}
+    for amount, rate in lines:
+        basis[rate] = basis.get(rate, Decimal(0)) + amount
+    return sum(((total * rate / 100).quantize(CENT, ROUND_HALF_UP) for rate, total in basis.items()), Decimal(0))
+
+
 def seed(engine: Engine, *, as_of: date = AS_OF) -> dict:
     """Create (or empty) the ERP tables and fill them with the demo company; the same rows every time."""
     if inspect(engine).has_table("customer"):
         with engine.begin() as conn:
+            source.customer_address.create(conn, checkfirst=True)  # a demo ERP seeded before the table came
             for table in TABLES:
                 conn.execute(delete(table))
     else:
         source.create_erp_schema(engine)
-    rng = random.Random(SEED)
+    rng, e_rng = random.Random(SEED), random.Random(E_INVOICE_SEED)
     rows: dict[str, list[dict]] = {table.name: [] for table in TABLES}
 
     rows["customer_class"] = [dict(class_id=c, description=d) for c, d in CLASSES]
@@ -368,9 +447,10 @@ def seed(engine: Engine, *, as_of: date = AS_OF) -> dict:
                             is_employee=True, active=True) for i, n, e in EMPLOYEES]
     contacts_of: dict[str, list[int]] = {}
     needed = _needed_contacts()
-    for customer_id, name, class_id, locale in CUSTOMERS:
-        count = max(rng.randint(1, 3), needed.get(customer_id, 1))
-        for person in _people(rng, customer_id, name, locale, count):
+    for customer_id, name, class_id, locale in CUSTOMERS + E_INVOICE_CUSTOMERS:
+        stream = e_rng if customer_id in E_INVOICE_OWNERS else rng
+        count = max(stream.randint(1, 3), needed.get(customer_id, 1))
+        for person in _people(stream, customer_id, name, locale, count):
             contact_id = 101 + len(rows["contact"]) - len(EMPLOYEES)
             rows["contact"].append(dict(contact_id=contact_id, **person))
             contacts_of.setdefault(customer_id, []).append(contact_id)
@@ -382,6 +462,9 @@ def seed(engine: Engine, *, as_of: date = AS_OF) -> dict:
             primary_contact_id=None if customer_id in NO_PRIMARY_CONTACT else ids[min(1, len(ids) - 1)],
             invoice_contact_id=None if customer_id in NO_INVOICE_CONTACT else ids[0],
             send_invoices_by_email=customer_id not in NO_EMAIL_INVOICES))
+    rows["customer_address"] = [dict(customer_id=c, street=street, postal_code=postal_code, city=city, country_code=cc,
+                                     org_number=org, vat_number=vat, peppol_id=peppol)
+                                for c, street, postal_code, city, cc, org, vat, peppol in ADDRESSES]
 
     # Mailing settings: one INVOICE row per class, then the customers' own rows.
     def add_recipients(setting_id: int, recipients: tuple[Rcpt, ...]) -> None:
@@ -398,7 +481,7 @@ def seed(engine: Engine, *, as_of: date = AS_OF) -> dict:
                                     format="PDF", active=True)
         rows["mailing_setting"].append(class_rows[class_id])
         add_recipients(setting_id, recipients)
-    class_of = {c[0]: c[2] for c in CUSTOMERS}
+    class_of = {c[0]: c[2] for c in CUSTOMERS + E_INVOICE_CUSTOMERS}
     for setting_id, customer_id, changes, recipients in CUSTOMER_MAILINGS:
         rows["mailing_setting"].append({**class_rows[class_of[customer_id]], "setting_id": setting_id, "class_id": None,
                                         "customer_id": customer_id, **changes})
@@ -419,40 +502,61 @@ def seed(engine: Engine, *, as_of: date = AS_OF) -> dict:
     rest = [ref_nbr for _, ref_nbr, _ in documents if ref_nbr not in owner]
     weights = [rng.randint(1, 6) for _ in customer_ids]
     owner |= dict(zip(rest, rng.choices(customer_ids, weights, k=len(rest)), strict=True))
-    by_id = {c[0]: c for c in CUSTOMERS}
+    by_id = {c[0]: c for c in CUSTOMERS + E_INVOICE_CUSTOMERS}
     for doc_type, ref_nbr, moment in documents:
-        customer_id, name, class_id, locale = by_id[owner[ref_nbr]]
-        country = "nb_NO" if class_id in ("DOMESTIC", "INTERNAL") else locale
-        lines = [(text, qty, price, rate, (qty * price).quantize(CENT, ROUND_HALF_UP))
-                 for text, qty, price, rate in _lines(rng, doc_type, ref_nbr, locale, country)]
-        net = sum((line[4] for line in lines), Decimal(0))
-        vat = sum(((amount * rate / 100).quantize(CENT, ROUND_HALF_UP) for *_, rate, amount in lines), Decimal(0))
-        age = (as_of - moment.date()).days
-        status = UNRELEASED.get(ref_nbr) or ("Voided" if ref_nbr in VOIDED else "Open" if ref_nbr in PINNED else
-                                             "Closed" if rng.random() < (0.6 if age > 20 else 0.1) else "Open")
-        doc_date = moment.date() - timedelta(days=1 if rng.random() < 0.25 else 0)
-        terms = 14 if class_id in ("DOMESTIC", "INTERNAL") else 30
-        wording = MARKETS[locale].texts[("INV", "CRM", "DRM").index(doc_type)]
-        rows["invoice"].append(dict(
-            doc_type=doc_type, ref_nbr=ref_nbr, customer_id=customer_id, status=status,
-            released_at=None if ref_nbr in UNRELEASED else moment, doc_date=doc_date,
-            due_date=None if doc_type == "CRM" else doc_date + timedelta(days=terms),
-            currency=MARKETS[country].currency,
-            amount=net + vat, vat_amount=vat,
-            description=SCRIPT_DESCRIPTION[1] if ref_nbr == SCRIPT_DESCRIPTION[0] else
-            wording.format(week=doc_date.isocalendar()[1]),
-            customer_ref=f"PO-{rng.randint(1000, 9999)}" if rng.random() < 0.6 else None,
-            dont_email=ref_nbr in DONT_EMAIL, emailed=ref_nbr in EMAILED))
-        rows["invoice_line"] += [
-            dict(doc_type=doc_type, ref_nbr=ref_nbr, line_nbr=n, description=text, quantity=quantity,
-                 unit_price=price, vat_rate=rate, amount=amount)
-            for n, (text, quantity, price, rate, amount) in enumerate(lines, start=1)]
+        customer = by_id[owner[ref_nbr]]
+        _add_document(rows, rng, doc_type, ref_nbr, moment, customer, as_of,
+                      _lines(rng, doc_type, ref_nbr, customer[3], _market(customer)))
+    # The e-invoice customers' documents: numbered on from the rest, released after them on the last working day.
+    last_day = max(d for d in (as_of - timedelta(days=n) for n in range(1, 8)) if d.weekday() < 5)
+    numbers = {doc_type: first + count for doc_type, first, count in DOCUMENTS}
+    for minute, (doc_type, customer_id) in enumerate(E_INVOICE_DOCUMENTS):
+        customer = by_id[customer_id]
+        ref_nbr, numbers[doc_type] = f"{doc_type}{numbers[doc_type]:06d}", numbers[doc_type] + 1
+        _add_document(rows, e_rng, doc_type, ref_nbr, datetime.combine(last_day, time(16, minute * 7)), customer,
+                      as_of, _e_invoice_lines(e_rng, doc_type, customer[3], _market(customer)))
 
     with engine.begin() as conn:
         for table in reversed(TABLES):
             if rows[table.name]:
                 conn.execute(insert(table), rows[table.name])
     return {table.name: len(rows[table.name]) for table in reversed(TABLES)}
+
+
+def _market(customer: tuple) -> str:
+    """The market a customer is invoiced in: Norway for domestic customers whatever their language."""
+    return "nb_NO" if customer[2] in ("DOMESTIC", "INTERNAL") else customer[3]
+
+
+def _add_document(rows: dict[str, list[dict]], rng: random.Random, doc_type: str, ref_nbr: str, moment: datetime,
+                  customer: tuple, as_of: date, lines: list[tuple]) -> None:
+    """The invoice row and its lines. Each line's amount is quantity x unit price rounded to the cent, and the
+    VAT is computed per rate on the document (``vat_per_rate``), as the e-invoice rules check them."""
+    customer_id, _, class_id, locale = customer
+    country = _market(customer)
+    lines = [(text, qty, price, rate, (qty * price).quantize(CENT, ROUND_HALF_UP)) for text, qty, price, rate in lines]
+    net = sum((line[4] for line in lines), Decimal(0))
+    vat = vat_per_rate([(amount, rate) for *_, rate, amount in lines])
+    age = (as_of - moment.date()).days
+    status = UNRELEASED.get(ref_nbr) or ("Voided" if ref_nbr in VOIDED else "Open" if ref_nbr in PINNED else
+                                         "Closed" if rng.random() < (0.6 if age > 20 else 0.1) else "Open")
+    doc_date = moment.date() - timedelta(days=1 if rng.random() < 0.25 else 0)
+    terms = 14 if class_id in ("DOMESTIC", "INTERNAL") else 30
+    wording = MARKETS[locale].texts[("INV", "CRM", "DRM").index(doc_type)]
+    rows["invoice"].append(dict(
+        doc_type=doc_type, ref_nbr=ref_nbr, customer_id=customer_id, status=status,
+        released_at=None if ref_nbr in UNRELEASED else moment, doc_date=doc_date,
+        due_date=None if doc_type == "CRM" else doc_date + timedelta(days=terms),
+        currency=MARKETS[country].currency,
+        amount=net + vat, vat_amount=vat,
+        description=SCRIPT_DESCRIPTION[1] if ref_nbr == SCRIPT_DESCRIPTION[0] else
+        wording.format(week=doc_date.isocalendar()[1]),
+        customer_ref=f"PO-{rng.randint(1000, 9999)}" if rng.random() < 0.6 else None,
+        dont_email=ref_nbr in DONT_EMAIL, emailed=ref_nbr in EMAILED))
+    rows["invoice_line"] += [
+        dict(doc_type=doc_type, ref_nbr=ref_nbr, line_nbr=n, description=text, quantity=quantity,
+             unit_price=price, vat_rate=rate, amount=amount)
+        for n, (text, quantity, price, rate, amount) in enumerate(lines, start=1)]
 
 
 # --- make demo: seed, run the DAG once against a local SMTP sink, show what was sent -----------------
@@ -515,14 +619,27 @@ def report(ledger_path: Path, outbox: Path, new_mail: list[Path], log_path: Path
     print(f"  {'status':<9} {'reason':<20} {'deliveries':>10} {'documents':>9}")
     for row in summary["rows"]:
         print(f"  {row['status']:<9} {row['reason'] or '-':<20} {row['deliveries']:>10} {row['documents']:>9}")
+    deliveries = ledger.all_deliveries(engine, ledger.delivery.c.last_run_id == run.run_id) if run else []
+    print(formats_sent(deliveries), end="")
+    print(failures(deliveries), end="")
+    # A Factur-X PDF keeps the plain PDF's name: the e-invoices go to a folder per format, by the ledger's format
+    # of the message that carried them.
+    format_of = {row["message_id"]: row["format"] for row in deliveries if row["message_id"]}
     attachments = outbox / "attachments"
     attachments.mkdir(parents=True, exist_ok=True)
+    kinds: Counter[str] = Counter()
     for path in new_mail:
         message = message_from_bytes(path.read_bytes(), policy=policy.default)
+        fmt = format_of.get((message["Message-ID"] or "").strip(), "")
+        folder = attachments / fmt if fmt in E_INVOICE_FORMATS else attachments
+        folder.mkdir(exist_ok=True)
         for part in message.iter_attachments():
-            (attachments / part.get_filename()).write_bytes(part.get_content().encode()
-                                                            if isinstance(part.get_content(), str)
-                                                            else part.get_content())
+            content = part.get_content()
+            (folder / part.get_filename()).write_bytes(content.encode() if isinstance(content, str) else content)
+            kinds[fmt or Path(part.get_filename()).suffix.lstrip(".").upper()] += 1
+    if kinds:
+        print("\nAttachments by format: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+              + "".join(f"\n  {fmt}: {attachments / fmt}" for fmt in E_INVOICE_FORMATS if kinds[fmt]))
     sent = summary["by_status"].get("sent", 0)
     if not new_mail and runs > 1:
         print("\nNothing was sent this time: every due document was delivered by an earlier run "
@@ -533,6 +650,33 @@ def report(ledger_path: Path, outbox: Path, new_mail: list[Path], log_path: Path
           f"\n  Airflow log:    {log_path}")
     print(f"\nAuditors' pages (the invoice_mailing_audit plugin): run `make audit-ui`, then open {AUDIT_URL}\n"
           f"  (login admin, password in {ledger_path.parent / 'airflow' / 'simple_auth_manager_passwords.json.generated'})")
+
+
+def formats_sent(deliveries: list[dict]) -> str:
+    """Per format, how many deliveries were sent and how many failed: the e-invoice formats beside PDF and HTML."""
+    by_format: dict[str, Counter[str]] = {}
+    for row in deliveries:
+        if row["format"]:
+            by_format.setdefault(row["format"], Counter())[row["status"]] += 1
+    if not by_format:
+        return ""
+    lines = ["\nBy format (the recipient's row, else the contact's preference, else the mailing's)",
+             f"  {'format':<9} {'sent':>6} {'failed':>6}"]
+    lines += [f"  {fmt:<9} {counts['sent']:>6} {counts['failed']:>6}" for fmt, counts in sorted(by_format.items())]
+    return "\n".join(lines) + "\n"
+
+
+def failures(deliveries: list[dict], width: int = 150) -> str:
+    """Each failed delivery with its reason and the words that say what to fix (e.g. an e-invoice rule)."""
+    failed = [row for row in deliveries if row["status"] == "failed"]
+    if not failed:
+        return ""
+    lines = ["\nFailed, and why (the ledger's detail)"]
+    for row in failed:
+        head = f"  {row['customer_id']} {row['ref_nbr']} {row['format'] or '-'} {row['reason']}: "
+        detail = " ".join((row["detail"] or row["last_error"] or "").split())
+        lines.append(head + (detail if len(head + detail) <= width else detail[:width - len(head) - 1] + "…"))
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from markupsafe import Markup
 
 from include.invoice_mailing import einvoice, facturx_pdf
 from include.invoice_mailing.i18n import Formats
+from include.invoice_mailing.identifiers import kid_check_digit
 from include.invoice_mailing.rules import (
     DOC_TYPES,
     E_INVOICE_FORMATS,
@@ -492,18 +493,18 @@ class Notification:
 
 
 def payment_reference(customer_id: str, ref_nbr: str, locale: str) -> str:
-    """A KID/OCR-style reference: customer and document digits with a check digit the banks verify."""
+    """A KID/OCR-style reference: customer and document digits with a check digit the banks verify.
+
+    MOD10 (Luhn) for the Norwegian KID and the Swedish OCR, by python-stdnum. The Finnish reference number
+    (viitenumero, weights 7, 3, 1 from the right) stays written out: stdnum has no module for it.
+    """
     digits = re.sub(r"\D", "", customer_id) + re.sub(r"\D", "", ref_nbr)
     digits = digits or "0"
-    if locale == "fi_FI":  # Finnish reference number: weights 7, 3, 1 from the right
+    if locale == "fi_FI":
         weights = (7, 3, 1)
         total = sum(int(d) * weights[i % 3] for i, d in enumerate(reversed(digits)))
         return digits + str((10 - total % 10) % 10)
-    total = 0
-    for i, d in enumerate(reversed(digits)):  # MOD10 (Luhn), as Norwegian KID and Swedish OCR
-        n = int(d) * (2 if i % 2 == 0 else 1)
-        total += n - 9 if n > 9 else n
-    return digits + str((10 - total % 10) % 10)
+    return digits + kid_check_digit(digits)
 
 
 def document_label(doc_type: str, formats: Formats) -> str:
