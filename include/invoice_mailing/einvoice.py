@@ -18,6 +18,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 from lxml import etree
 
+from include.invoice_mailing import identifiers
 from include.invoice_mailing.rules import Customer, CustomerAddress, Document
 
 CENT = Decimal("0.01")
@@ -239,6 +240,28 @@ def _clean(text: str | None) -> str | None:
     return text.strip() if text and text.strip() else None
 
 
+# The business term (EN 16931) each seller setting and customer_address column carries: a wrong check digit
+# is reported under it, as the schematron reports its rules.
+SELLER_TERMS = {"name": "BT-27", "org_number": "BT-30", "vat_number": "BT-31", "register": "BT-33",
+                "peppol_id": "BT-34", "street": "BT-35", "city": "BT-37", "postal_code": "BT-38",
+                "country_code": "BT-40", "iban": "BT-84", "bank_account": "BT-84", "bic": "BT-86"}
+BUYER_TERMS = {"org_number": "BT-47", "vat_number": "BT-48", "peppol_id": "BT-49", "street": "BT-50",
+               "city": "BT-52", "postal_code": "BT-53", "country_code": "BT-55"}
+_NAMED = re.compile(r"(company\.json(?: has no)?|customer_address\.)\s*(\w+)")
+
+
+def _identifier_violations(company: Mapping, address: CustomerAddress) -> list[Violation]:
+    """The seller's settings and the buyer's columns as python-stdnum checks them (``identifiers``), each
+    problem under the business term its value fills (``BT-48 customer_address.vat_number ...``)."""
+    found = []
+    for problems, terms in ((identifiers.seller_problems(company), SELLER_TERMS),
+                            (identifiers.buyer_problems(address), BUYER_TERMS)):
+        for sentence in problems:
+            named = _NAMED.search(sentence)
+            found.append(Violation(terms.get(named.group(2), "BT") if named else "BT", "fatal", sentence))
+    return found
+
+
 def build(document: Document, customer: Customer, address: CustomerAddress | None, company: Mapping,
           payment_reference: str) -> EInvoice:
     """The e-invoice of ``document``: figures, parties, categories and payment; raises ``EInvoiceError``."""
@@ -246,6 +269,9 @@ def build(document: Document, customer: Customer, address: CustomerAddress | Non
         raise _fatal("BR-11", f"the buyer's country code is required, and customer {customer.customer_id} "
                               "has no customer_address row")
     numbers = figures(document)
+    identifiers_wrong = _identifier_violations(company, address)
+    if identifiers_wrong:
+        raise EInvoiceError(identifiers_wrong)
     seller_country = (company.get("country_code") or "").strip().upper()
     buyer_country = (address.country_code or "").strip().upper()
     categories = {r.rate: vat_category(r.rate, seller_country, buyer_country) for r in numbers.rates}
