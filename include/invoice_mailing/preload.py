@@ -39,6 +39,8 @@ def warm() -> float:
     from include.invoice_mailing import einvoice_check
 
     einvoice_check.checker().warm()
+    log.info("Invoice mailing: e-invoices are checked with %s",
+             ", ".join(f"{name} {version}" for name, version in einvoice_check.artefacts()))
     # A forked child inherits the font configuration's folder of @font-face files. Task processes end
     # with os._exit (no finaliser runs); any other forked child must not delete the parent's folder.
     os.register_at_fork(after_in_child=tasks.renderer().disown_font_files)
