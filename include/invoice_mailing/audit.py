@@ -22,14 +22,14 @@ from pathlib import Path
 
 from sqlalchemy import URL, Engine, and_, create_engine, func, make_url, select
 
-from include.invoice_mailing import clock
+from include.invoice_mailing import clock, rules
 from include.invoice_mailing.clock import night_of
 from include.invoice_mailing.ledger import BOUNCED, bounce_report, delivery, mailing_run, mailing_task
 from include.invoice_mailing.masking import mask_address, mask_text
 
 STATUSES = ("pending", "sending", "sent", "failed", "skipped", "bounced")
 MODES = ("live", "dry_run", "redirect")
-FORMATS = ("PDF", "HTML")
+FORMATS = rules.FORMATS  # PDF, HTML and the e-invoices FACTURX and EHF
 MAX_ROWS = 5000  # a page or a download; narrow the filter for more
 
 # The columns of the CSV and JSON Lines exports, in order (documented in the README).
