@@ -29,6 +29,8 @@ from dev.airflow_tool import BOUNCE_LOGIN, GONE_CUSTOMER, GONE_DOMAIN
 from include.invoice_mailing import ledger
 from tests.conftest import ROOT, package_missing
 
+E_INVOICED = ("10047", "10049")  # the demo's customers who get EHF by their mailing and Factur-X by a recipient row
+
 DAG = "invoice_mailing"
 BOUNCES = "invoice_mailing_bounces"
 
@@ -102,9 +104,10 @@ def test_a_stop_and_a_start_keep_the_login_and_the_history(instance):
     # Detached: the command has returned, and the api-server and the SMTP sink still answer.
     api = log_in(url, password)
     wait_for_dag(api)
-    # The demo night of two customers: the DAG stays paused, so the run waits in the history, nothing is sent yet.
+    # The demo night of four customers, two of them getting e-invoices (10047 EHF, 10049 Factur-X): the DAG
+    # stays paused, so the run waits in the history, nothing is sent yet.
     run = api.post(f"/dags/{DAG}/dagRuns", json={"logical_date": "2026-11-24T01:00:00Z",
-                                                  "conf": {"customers": ["10001", GONE_CUSTOMER]}})
+                                                  "conf": {"customers": ["10001", GONE_CUSTOMER, *E_INVOICED]}})
     assert run.status_code == 200, run.text
     assert "bounces: invoices go through a Postfix" in first.stdout, first.stdout
     run_id = run.json()["dag_run_id"]
@@ -160,7 +163,10 @@ def test_a_stop_and_a_start_keep_the_login_and_the_history(instance):
     assert {r["status"] for r in rows if r not in gone} == {"sent"}  # the other customer, the bookkeeper's copies
     arrived = {line.split(":", 1)[1].strip() for p in (home / "outbox").glob("*.eml")
                for line in p.read_text(errors="replace").splitlines() if line.startswith("X-Envelope-To:")}
-    assert {r["recipient"] for r in rows if r["customer_id"] == "10001"} <= arrived
+    assert {r["recipient"] for r in rows if r["customer_id"] in ("10001", *E_INVOICED)} <= arrived
+    # The e-invoices were made and checked in task processes forked from the warm scheduler (its validator)
+    assert {(r["customer_id"], r["format"]) for r in rows if r["customer_id"] in E_INVOICED} >= {
+        ("10047", "EHF"), ("10049", "FACTURX")}
     # Postfix failed the bakery's invoices: they never reached the sink (the bookkeeper's copies did)
     assert not [to for to in arrived if GONE_DOMAIN in to], arrived
 
