@@ -3,6 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Test processes: each takes whole test files (module fixtures such as Dovecot start once); `make test TEST_WORKERS=0` runs one.
+TEST_WORKERS ?= 2
 export PYTHONPATH := $(CURDIR)
 
 .PHONY: venv catalogs demo airflow airflow-stop test e2e-celery lint bench bench-night clean audit-export audit-ui screenshots
@@ -31,7 +33,7 @@ airflow-stop: venv
 	$(PY) -m dev.airflow_tool stop
 
 test: venv catalogs
-	$(PY) -m pytest -q --durations=15 --ignore=tests/e2e/test_celery.py
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 --ignore=tests/e2e/test_celery.py
 
 # The distributed engine without Docker: Airflow's components and two Celery workers as processes,
 # PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379; a night with one worker SIGKILLed (about 2 minutes).
