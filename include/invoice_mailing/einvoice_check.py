@@ -64,6 +64,22 @@ def _validator_error(text: str) -> EInvoiceError:
     return EInvoiceError([Violation("VALIDATOR", "fatal", text)])
 
 
+# The process that started Saxon's GraalVM isolate (one per process). The isolate does not survive os.fork:
+# in a forked child its garbage collector meets stack frames it does not know and aborts the whole process
+# ("GC must not encounter unknown frames", seen in a real Airflow night when the scheduler had loaded the
+# validator before forking its task processes). So Saxon is started in the process that checks, after any
+# fork, and a child of a process that started it refuses to check rather than crash.
+_saxon_pid: int | None = None
+
+
+def _saxon_usable_here() -> None:
+    if _saxon_pid is not None and _saxon_pid != os.getpid():
+        raise _validator_error(
+            f"Saxon was started in process {_saxon_pid}, which this process was forked from; its GraalVM "
+            "isolate does not survive a fork, so this process cannot check e-invoices (start Saxon only in the "
+            "process that checks, after forking)")
+
+
 @dataclass
 class Checker:
     """Validates CII and UBL documents; each XSD and stylesheet is loaded at most once per process."""
@@ -83,16 +99,19 @@ class Checker:
             return self._loaded[name]
 
     def _stylesheet(self, name: str):
+        global _saxon_pid
         with self._lock:
             if name not in self._loaded:
                 path = self.paths[name]
                 if not path.is_file():  # Saxon would report this less plainly
                     raise _validator_error(f"the schematron stylesheet {path} does not exist")
+                _saxon_usable_here()
                 try:
                     from saxonche import PySaxonProcessor
 
                     if self._saxon is None:
                         self._saxon = PySaxonProcessor(license=False)
+                        _saxon_pid = _saxon_pid or os.getpid()
                     compiler = self._saxon.new_xslt30_processor()
                     self._loaded[name] = self._compile(compiler, path)
                 except Exception as error:  # saxonche raises PySaxonApiError and friends
@@ -152,6 +171,7 @@ class Checker:
         return [*result.fatal, *result.warnings]
 
     def _svrl(self, xml: bytes, stylesheet: str) -> list[Violation]:
+        _saxon_usable_here()
         executable = self._stylesheet(stylesheet)
         try:
             with self._lock:  # a Saxon processor is not documented as thread-safe

@@ -2,7 +2,7 @@
 
 A LocalExecutor's workers are forked from the scheduler, and each task process is forked from a
 worker (a Celery worker forks its pool the same way). Importing the pipeline and building the
-renderer there once (WeasyPrint, its fonts, the parsed stylesheets, the compiled templates, the e-invoice validator) lets
+renderer there once (WeasyPrint, its fonts, the parsed stylesheets, the compiled templates) lets
 every task process inherit them instead of paying for them again: ``config/airflow_local_settings.py``
 calls ``warm()`` in the scheduler and in Celery workers. ``INVOICE_MAILING_PRELOAD=false`` turns it off.
 """
@@ -34,13 +34,9 @@ def warm() -> float:
     from include.invoice_mailing import tasks
 
     tasks.renderer().warm()
-    # The EN 16931 validator (Saxon-HE's compiled schematron, the XSDs) costs about 2 s to load and survives
-    # fork: loaded here, no task process pays for it.
-    from include.invoice_mailing import einvoice_check
+    # Not the EN 16931 validator: Saxon's GraalVM isolate does not survive a fork (its garbage collector
+    # aborts the forked task process), so each task process that checks e-invoices starts its own.
 
-    einvoice_check.checker().warm()
-    log.info("Invoice mailing: e-invoices are checked with %s",
-             ", ".join(f"{name} {version}" for name, version in einvoice_check.artefacts()))
     # A forked child inherits the font configuration's folder of @font-face files. Task processes end
     # with os._exit (no finaliser runs); any other forked child must not delete the parent's folder.
     os.register_at_fork(after_in_child=tasks.renderer().disown_font_files)
