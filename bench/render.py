@@ -12,7 +12,8 @@
 
 Prints CPU ms per document for each (the median; the methods take turns on each document), what the
 templating costs in the sandbox and outside it, the PDF sizes, whether HarfBuzz subsetting was available, and as
-the cost of a ``FACTURX`` and an ``EHF`` document beside the PDF (and of their XML and its EN 16931 check), and as
+the cost of a ``FACTURX`` and an ``EHF`` document beside the PDF (and of their XML and its EN 16931 check, in the
+process and through a worker's validator process), and as
 its last line: ``render: baseline X ms, floor F ms, project Y ms, speedup S, overhead O, pdf_kb K``
 (S = X / Y, O = Y / F) for the one-page invoice. Run: ``make bench`` or ``python bench/render.py``.
 """
@@ -98,7 +99,42 @@ def measure_e_invoices(renderer: Renderer, documents: list[Document]) -> dict:
         "check_cii": (lambda d: checker.check(cii[d.ref_nbr], "CII"), nothing),
         "check_ubl": (lambda d: checker.check(ubl[d.ref_nbr], "UBL"), nothing),
     }, documents)
-    return {"load": load, **{name: value for name, (value, _) in results.items()}}
+    return {"load": load, **{name: value for name, (value, _) in results.items()},
+            **measure_service(list(cii.values()), list(ubl.values()))}
+
+
+def measure_service(cii: list[bytes], ubl: list[bytes]) -> dict:
+    """A check as a task process in a worker makes it: sent to the worker's validator process. Wall ms a
+    check (the task process waits for it; the validator's CPU is spent in the other process), the task
+    process's own CPU ms for it, and the validator process's memory (the Saxon no task process holds)."""
+    import os
+
+    import psutil
+
+    from include.invoice_mailing import validator_service
+
+    [validator] = validator_service.start(processes=1)
+    remote = validator_service.ServiceChecker(os.environ.pop(validator_service.SOCKET_ENV))
+    started = time.perf_counter()
+    remote.warm()
+    ready = time.perf_counter() - started
+    figures = {}
+    for name, syntax, documents in (("cii", "CII", cii), ("ubl", "UBL", ubl)):
+        remote.result(documents[0], syntax)
+        wall, cpu = [], []
+        for xml in documents:
+            w, c = time.perf_counter(), time.process_time()
+            assert remote.result(xml, syntax).ok, "a valid document is refused"
+            wall.append((time.perf_counter() - w) * 1000)
+            cpu.append((time.process_time() - c) * 1000)
+        figures[f"service_{name}"] = statistics.median(wall)
+        figures[f"service_{name}_cpu"] = statistics.median(cpu)
+    assert not remote.local, "the validator process did not answer"
+    figures["service_ready"] = ready
+    figures["service_rss"] = psutil.Process(validator.pid).memory_info().rss / 2**20
+    validator.terminate()
+    validator.wait(10)
+    return figures
 
 
 def timed(methods: dict, documents) -> dict[str, tuple[float, list]]:
@@ -206,8 +242,12 @@ def main() -> None:
     print(f"templating (values and report HTML): {one['templating']:.2f} ms in the sandbox, "
           f"{one['unsandboxed']:.2f} ms for the same template outside it")
     e = measure_e_invoices(renderer, [invoice(700 + i, 8) for i in range(args.n)])
-    print(f"validator: loaded in {e['load']:.2f} s, once per task process that checks e-invoices "
-          "(Saxon-HE compiling the schematron, the XSDs)")
+    print(f"validator: loaded in {e['load']:.2f} s (Saxon-HE compiling the schematron, the XSDs); in a worker, "
+          f"once by its validator process (answering {e['service_ready']:.2f} s after its start, "
+          f"RSS {e['service_rss']:.0f} MB), not by the task processes")
+    print(f"check through the worker's validator process: CII {e['service_cii']:.1f} ms, UBL {e['service_ubl']:.1f} ms "
+          f"a document (wall, the task process waiting; its own CPU {e['service_cii_cpu']:.2f} ms, "
+          f"{e['service_ubl_cpu']:.2f} ms); in-process CPU: CII {e['check_cii']:.1f} ms, UBL {e['check_ubl']:.1f} ms")
     print(f"e-invoice (one-page invoice, {args.n} documents): PDF {e['PDF']:.0f} ms, "
           f"FACTURX {e['FACTURX']:.0f} ms (CII {e['cii']:.1f} ms, its check {e['check_cii']:.1f} ms), "
           f"EHF {e['EHF']:.0f} ms (UBL with the PDF {e['ubl']:.1f} ms, its check {e['check_ubl']:.1f} ms); "

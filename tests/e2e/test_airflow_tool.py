@@ -164,9 +164,13 @@ def test_a_stop_and_a_start_keep_the_login_and_the_history(instance):
     arrived = {line.split(":", 1)[1].strip() for p in (home / "outbox").glob("*.eml")
                for line in p.read_text(errors="replace").splitlines() if line.startswith("X-Envelope-To:")}
     assert {r["recipient"] for r in rows if r["customer_id"] in ("10001", *E_INVOICED)} <= arrived
-    # The e-invoices were made and checked in task processes forked from the warm scheduler (its validator)
+    # The e-invoices were made in task processes forked from the warm scheduler, and checked by the validator
+    # process it spawned, as their logs say: none of them loaded Saxon or fell back to checking by itself
     assert {(r["customer_id"], r["format"]) for r in rows if r["customer_id"] in E_INVOICED} >= {
         ("10047", "EHF"), ("10049", "FACTURX")}
+    task_logs = "".join(p.read_text(errors="replace") for p in (home / "logs").glob(f"dag_id={DAG}/**/*.log"))
+    assert "EN 16931 checks by the worker's validator process" in task_logs
+    assert "did not answer" not in task_logs
     # Postfix failed the bakery's invoices: they never reached the sink (the bookkeeper's copies did)
     assert not [to for to in arrived if GONE_DOMAIN in to], arrived
 

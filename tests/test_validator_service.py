@@ -1,0 +1,145 @@
+"""The worker's EN 16931 validators: task processes check through them, get what an in-process check finds,
+and check by themselves (never skip) when the validators cannot answer; the validators end with their worker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from include.invoice_mailing import validator_service
+from include.invoice_mailing.einvoice import EInvoiceError
+from include.invoice_mailing.einvoice_check import Checker
+from include.invoice_mailing.validator_service import SOCKET_ENV, ServiceChecker
+from tests.conftest import ROOT
+from tests.test_einvoice import document, render, slipped_past
+
+
+@pytest.fixture(scope="module")
+def service():
+    """One validator process, as a worker starts it; this test process is its worker."""
+    before = os.environ.pop(SOCKET_ENV, None)
+    children = validator_service.start(processes=1)
+    path = os.environ.pop(SOCKET_ENV)
+    if before is not None:
+        os.environ[SOCKET_ENV] = before
+    yield path
+    for child in children:
+        child.terminate()
+        child.wait(10)
+
+
+@pytest.fixture(scope="module")
+def local() -> Checker:
+    return Checker().warm()
+
+
+@pytest.mark.parametrize("syntax", ["CII", "UBL"])
+def test_the_validator_service_reports_exactly_what_a_check_in_the_task_process_reports(service, local, syntax):
+    """A valid invoice, a buyer in no country (a code-list rule), a VAT number without its country prefix
+    (BR-CO-09) and totals that disagree (BR-CO-15): the same rule ids, texts and flags by the service as in
+    this process, answered by another process."""
+    remote = ServiceChecker(service)
+    valid = render(syntax, document())
+    no_country = slipped_past(syntax, document(), country_code="XX")
+    bare_vat = slipped_past(syntax, document(), vat_number="987654325")
+    broken_total = render(syntax, document()).replace(b">5789.86<", b">5789.96<")
+    for xml in (valid, no_country, bare_vat, broken_total):
+        assert remote.result(xml, syntax) == local.result(xml, syntax)
+    assert remote.result(valid, syntax).ok
+    assert "BR-CO-09" in {v.rule for v in remote.result(bare_vat, syntax).fatal}
+    assert {v.rule for v in remote.result(broken_total, syntax).fatal} >= {"BR-CO-15"}
+    assert remote.ask(valid, syntax)["pid"] != os.getpid()
+    assert not remote.local
+
+
+def test_a_task_process_that_cannot_reach_the_service_checks_by_itself_and_says_so(tmp_path, caplog, local):
+    remote = ServiceChecker(str(tmp_path / "no-such-socket"))
+    caplog.set_level(logging.WARNING, logger="include.invoice_mailing.validator_service")
+    broken_total = render("CII", document()).replace(b">5789.86<", b">5789.96<")
+    assert {v.rule for v in remote.result(broken_total, "CII").fatal} >= {"BR-CO-15"}  # still checked: fails
+    assert remote.local
+    assert remote.result(render("CII", document()), "CII").ok
+    assert "did not answer" in caplog.text and "checks its e-invoices itself" in caplog.text
+
+
+def answering(tmp_path: Path, reply: bytes) -> str:
+    """A socket that answers every request with ``reply`` (a service gone wrong)."""
+    path = str(tmp_path / "odd.socket")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+
+    def run():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(1 << 20)
+                connection.sendall(reply)
+
+    threading.Thread(target=run, daemon=True).start()
+    return path
+
+
+def test_an_answer_that_cannot_be_read_is_no_pass(tmp_path, local):
+    remote = ServiceChecker(answering(tmp_path, b"\x00\x00\x00\x05{\"ok\""))
+    broken_total = render("UBL", document()).replace(b">5789.86<", b">5789.96<")
+    assert {v.rule for v in remote.result(broken_total, "UBL").fatal} >= {"BR-CO-15"}
+    assert remote.local
+
+
+def test_a_check_the_service_could_not_run_fails_the_document(tmp_path):
+    """The validator could not load its stylesheet: the task process raises it (VALIDATOR), it does not pass."""
+    error = {"error": [["VALIDATOR", "fatal", "cannot compile the schematron x.xslt", ""]], "pid": 1}
+    body = json.dumps(error).encode()
+    remote = ServiceChecker(answering(tmp_path, len(body).to_bytes(4, "big") + body))
+    with pytest.raises(EInvoiceError, match="VALIDATOR cannot compile"):
+        remote.result(render("CII", document()), "CII")
+
+
+def test_a_service_with_a_broken_artefact_answers_validator_not_pass(tmp_path):
+    broken = Checker({**Checker().paths, "CII-schematron": tmp_path / "missing.xslt"})
+    reply = validator_service.answer(broken, "CII", render("CII", document()))
+    assert reply["error"][0][0] == "VALIDATOR" and "fatal" not in reply
+
+
+def running(pid: str) -> bool:
+    """Alive and not a zombie (a container's first process may not reap the orphans it adopts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_the_validators_end_with_the_worker_that_started_them():
+    """A worker killed with SIGKILL runs no clean-up: its validators notice and exit, and remove the socket."""
+    script = textwrap.dedent('''
+        import os, time
+        from include.invoice_mailing import validator_service
+        children = validator_service.start(processes=2)
+        print(" ".join(str(c.pid) for c in children), os.environ["INVOICE_MAILING_VALIDATOR_SOCKET"], flush=True)
+        time.sleep(600)
+    ''')
+    worker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    *pids, path = worker.stdout.readline().split()
+    assert len(pids) == 2 and Path(path).exists()
+    worker.kill()
+    worker.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(running(pid) for pid in pids):
+        time.sleep(0.2)
+    assert not [pid for pid in pids if running(pid)], "validators outlived their worker"
+    assert not Path(path).parent.exists()
