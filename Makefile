@@ -33,7 +33,7 @@ airflow-stop: venv
 	$(PY) -m dev.airflow_tool stop
 
 test: venv catalogs
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 --ignore=tests/e2e/test_celery.py
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 --ignore=tests/e2e/test_celery.py
 
 # The distributed engine without Docker: Airflow's components and two Celery workers as processes,
 # PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379; a night with one worker SIGKILLed (about 2 minutes).
