@@ -247,19 +247,15 @@ SELLER_TERMS = {"name": "BT-27", "org_number": "BT-30", "vat_number": "BT-31", "
                 "country_code": "BT-40", "iban": "BT-84", "bank_account": "BT-84", "bic": "BT-86"}
 BUYER_TERMS = {"org_number": "BT-47", "vat_number": "BT-48", "peppol_id": "BT-49", "street": "BT-50",
                "city": "BT-52", "postal_code": "BT-53", "country_code": "BT-55"}
-_NAMED = re.compile(r"(company\.json(?: has no)?|customer_address\.)\s*(\w+)")
 
 
 def _identifier_violations(company: Mapping, address: CustomerAddress) -> list[Violation]:
     """The seller's settings and the buyer's columns as python-stdnum checks them (``identifiers``), each
     problem under the business term its value fills (``BT-48 customer_address.vat_number ...``)."""
-    found = []
-    for problems, terms in ((identifiers.seller_problems(company), SELLER_TERMS),
-                            (identifiers.buyer_problems(address), BUYER_TERMS)):
-        for sentence in problems:
-            named = _NAMED.search(sentence)
-            found.append(Violation(terms.get(named.group(2), "BT") if named else "BT", "fatal", sentence))
-    return found
+    return [Violation(terms.get(problem.column, "BT"), "fatal", problem.text)
+            for problems, terms in ((identifiers.seller_problems(company), SELLER_TERMS),
+                                    (identifiers.buyer_problems(address), BUYER_TERMS))
+            for problem in problems]
 
 
 def build(document: Document, customer: Customer, address: CustomerAddress | None, company: Mapping,

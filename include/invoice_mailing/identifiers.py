@@ -4,7 +4,8 @@ An e-invoice is booked by a machine, so a wrong check digit in an organisation n
 an account is not a typo a person reads past: the receiving system rejects the document, or worse, pays
 into the wrong account. python-stdnum knows the check digits of each of these numbers; this module says
 in one sentence per problem which setting or column is wrong and how, for ``config_error`` details and
-for whoever fixes ``company.json`` or the ERP. Pure functions: values in, sentences out.
+for whoever fixes ``company.json`` or the ERP. Pure functions: values in, problems out, each a ``Problem``
+(the setting or column, and the sentence).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Mapping
 from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
+from typing import NamedTuple
 
 from babel import Locale
 from stdnum import bic, ean, iban, luhn, vatin
@@ -25,6 +27,18 @@ from stdnum.no import kontonr, mva, orgnr
 from stdnum.se import orgnr as se_orgnr
 
 from include.invoice_mailing.rules import CustomerAddress
+
+
+class Problem(NamedTuple):
+    """One wrong value: the ``company.json`` key or ``customer_address`` column it is in, and the sentence
+    that says where and why (``str()`` of it)."""
+
+    column: str
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
 
 SELLER_REQUIRED = ("name", "street", "postal_code", "city", "country_code", "org_number", "vat_number", "iban")
 
@@ -71,13 +85,14 @@ def _why(error: ValidationError) -> str:
     return "it is not valid"
 
 
-def _check(validate: Callable[[str], str], value: str, what: str, where: str, shown: str | None = None) -> list[str]:
-    """No problem if ``validate`` accepts ``value``, else the sentence that names where it is and why it is
-    wrong (showing ``shown``, the whole setting, when the number is only part of it)."""
+def _check(validate: Callable[[str], str], value: str, what: str, column: str, where: str,
+           shown: str | None = None) -> list[Problem]:
+    """No problem if ``validate`` accepts ``value``, else the one that names where it is and why it is wrong
+    (showing ``shown``, the whole setting, when the number is only part of it)."""
     try:
         validate(value)
     except ValidationError as error:
-        return [f"{where} {shown or repr(value)} is not a valid {what}: {_why(error)}."]
+        return [Problem(column, f"{where} {shown or repr(value)} is not a valid {what}: {_why(error)}.")]
     return []
 
 
@@ -87,19 +102,20 @@ def _text(value: object) -> str:
 
 # --- the seller: company.json --------------------------------------------------------------------------
 
-def seller_problems(company: Mapping) -> list[str]:
+def seller_problems(company: Mapping) -> list[Problem]:
     """What is wrong with the company's settings for e-invoices; an empty list when nothing is.
 
     Norwegian rules for a Norwegian seller (organisation number, ``NO<org number>MVA``, the 11-digit
     account); other countries get the checks stdnum has for any country (VAT number, IBAN, BIC).
     """
     value = {key: _text(company.get(key)) for key in (*SELLER_REQUIRED, "bic", "bank_account")}
-    problems = [f"company.json has no {key}: e-invoices must name it." for key in SELLER_REQUIRED if not value[key]]
+    problems = [Problem(key, f"company.json has no {key}: e-invoices must name it.")
+                for key in SELLER_REQUIRED if not value[key]]
     country = value["country_code"].upper()
     norwegian = country == "NO"
     if country and country not in country_codes():
-        problems.append(f"company.json country_code {value['country_code']!r} is not an ISO 3166-1 alpha-2 "
-                        "country code (e.g. NO, DE).")
+        problems.append(Problem("country_code", f"company.json country_code {value['country_code']!r} is not an "
+                                "ISO 3166-1 alpha-2 country code (e.g. NO, DE)."))
     checks = [
         ("org_number", orgnr.validate if norwegian else None, "Norwegian organisation number"),
         ("vat_number", mva.validate if norwegian else vatin.validate,
@@ -110,17 +126,17 @@ def seller_problems(company: Mapping) -> list[str]:
     ]
     for key, validate, what in checks:
         if value[key] and validate:
-            problems += _check(validate, value[key], what, f"company.json {key}")
+            problems += _check(validate, value[key], what, key, f"company.json {key}")
     if norwegian and orgnr.is_valid(value["org_number"]) and mva.is_valid(value["vat_number"]):
         expected = f"NO{orgnr.compact(value['org_number'])}MVA"
         if re.sub(r"[\s.]", "", value["vat_number"]).upper() != expected:
-            problems.append(f"company.json vat_number {value['vat_number']!r} does not match org_number "
-                            f"{value['org_number']!r}: a Norwegian VAT number is {expected}.")
+            problems.append(Problem("vat_number", f"company.json vat_number {value['vat_number']!r} does not match "
+                                    f"org_number {value['org_number']!r}: a Norwegian VAT number is {expected}."))
     if norwegian and iban.is_valid(value["iban"]) and kontonr.is_valid(value["bank_account"]):
         compact = iban.compact(value["iban"])
         if not compact.startswith("NO") or compact[4:] != kontonr.compact(value["bank_account"]):
-            problems.append(f"company.json iban {value['iban']!r} is not the IBAN of bank_account "
-                            f"{value['bank_account']!r}: a payment would go to another account.")
+            problems.append(Problem("iban", f"company.json iban {value['iban']!r} is not the IBAN of bank_account "
+                                    f"{value['bank_account']!r}: a payment would go to another account."))
     return problems
 
 
@@ -141,7 +157,7 @@ _VAT_SCHEMES = frozenset({"9914", "9925", "9926", "9928", "9929", "9930", "9931"
                           "9939", "9943", "9944", "9945", "9946", "9947", "9949", "9950", "9955", "9957", "9910"})
 
 
-def buyer_problems(address: CustomerAddress) -> list[str]:
+def buyer_problems(address: CustomerAddress) -> list[Problem]:
     """What in the customer's ``customer_address`` row an e-invoice cannot carry; empty when nothing.
 
     Each sentence names the column and its value, so that whoever fixes the ERP finds it.
@@ -150,35 +166,37 @@ def buyer_problems(address: CustomerAddress) -> list[str]:
     problems = []
     country = _text(address.country_code).upper()
     if country not in country_codes():
-        problems.append(f"{where.format('country_code')} {address.country_code!r} is not an ISO 3166-1 alpha-2 "
-                        "country code (e.g. NO, DE).")
+        problems.append(Problem("country_code", f"{where.format('country_code')} {address.country_code!r} is not "
+                                "an ISO 3166-1 alpha-2 country code (e.g. NO, DE)."))
     org_number, vat_number, peppol_id = (_text(address.org_number), _text(address.vat_number),
                                          _text(address.peppol_id))
     if org_number and country == "NO":
-        problems += _check(orgnr.validate, org_number, "Norwegian organisation number", where.format("org_number"))
+        problems += _check(orgnr.validate, org_number, "Norwegian organisation number", "org_number",
+                           where.format("org_number"))
     if vat_number:
         validate, what = (mva.validate, "Norwegian VAT number") if vat_number.upper().startswith("NO") else \
             (vatin.validate, "VAT number with its country prefix")
-        problems += _check(validate, vat_number, what, where.format("vat_number"))
+        problems += _check(validate, vat_number, what, "vat_number", where.format("vat_number"))
     if peppol_id:
         problems += _peppol_problems(peppol_id, where.format("peppol_id"))
     return problems
 
 
-def _peppol_problems(peppol_id: str, where: str) -> list[str]:
+def _peppol_problems(peppol_id: str, where: str) -> list[Problem]:
     scheme, colon, value = peppol_id.partition(":")
     if not colon or not re.fullmatch(r"\d{4}", scheme) or not value or re.search(r"\s", value):
-        return [f"{where} {peppol_id!r} is not an electronic address: it is written scheme:value, the scheme "
-                "the 4-digit ISO 6523 code (e.g. 0192:923456783 for a Norwegian organisation number)."]
+        return [Problem("peppol_id", f"{where} {peppol_id!r} is not an electronic address: it is written "
+                        "scheme:value, the scheme the 4-digit ISO 6523 code (e.g. 0192:923456783 for a Norwegian "
+                        "organisation number).")]
     if scheme not in peppol_schemes():
-        return [f"{where} {peppol_id!r} has scheme {scheme}, which is not in the EN 16931 electronic address "
-                "scheme list (BR-CL-25)."]
+        return [Problem("peppol_id", f"{where} {peppol_id!r} has scheme {scheme}, which is not in the EN 16931 "
+                        "electronic address scheme list (BR-CL-25).")]
     if scheme in _SCHEME_CHECKS:
         validate, what = _SCHEME_CHECKS[scheme]
-        return _check(validate, value, f"{what} after scheme {scheme}", where, repr(peppol_id))
+        return _check(validate, value, f"{what} after scheme {scheme}", "peppol_id", where, repr(peppol_id))
     if scheme in _VAT_SCHEMES:
-        return _check(vatin.validate, value, f"VAT number with its country prefix after scheme {scheme}", where,
-                      repr(peppol_id))
+        return _check(vatin.validate, value, f"VAT number with its country prefix after scheme {scheme}",
+                      "peppol_id", where, repr(peppol_id))
     return []
 
 
