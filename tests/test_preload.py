@@ -23,6 +23,17 @@ def test_only_the_processes_that_fork_task_processes_warm_up(argv, forks):
     assert preload.forks_task_processes(argv) is forks
 
 
+@pytest.mark.parametrize("argv, executors, checks", [
+    (["airflow", "scheduler"], "LocalExecutor", True),
+    (["airflow", "scheduler"], "CeleryExecutor,LocalExecutor", True),
+    (["airflow", "scheduler"], "airflow.executors.local_executor.LocalExecutor", True),
+    (["airflow", "scheduler"], "CeleryExecutor", False),  # docker-compose: the workers check, not the scheduler
+    (["airflow", "celery", "worker"], "CeleryExecutor", True),
+])
+def test_validators_are_started_only_where_task_processes_check(argv, executors, checks):
+    assert preload.checks_here(argv, executors) is checks
+
+
 def test_a_forked_task_process_inherits_the_warm_renderer_and_leaves_the_parents_fonts_alone():
     """As a LocalExecutor's scheduler: airflow_local_settings warms the renderer, then each task process
     is a fork that renders without parsing a stylesheet again; the parent never starts Saxon (its GraalVM

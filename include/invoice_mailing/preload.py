@@ -24,6 +24,19 @@ def forks_task_processes(argv: list[str]) -> bool:
     return words[:1] == ["scheduler"] or words[:2] == ["celery", "worker"]
 
 
+def checks_here(argv: list[str] | None = None, executors: str | None = None) -> bool:
+    """Whether this process's task processes will check e-invoices: a Celery worker's do; a scheduler's only
+    with a LocalExecutor among its executors (with Celery alone, its validators would idle in the scheduler)."""
+    words = [a for a in (sys.argv if argv is None else argv)[1:] if not a.startswith("-")]
+    if words[:1] != ["scheduler"]:
+        return True
+    if executors is None:
+        from airflow.configuration import conf
+
+        executors = conf.get("core", "executor", fallback="LocalExecutor")
+    return any(name.strip().rsplit(".", 1)[-1].split(":")[-1] == "LocalExecutor" for name in executors.split(","))
+
+
 def wanted(argv: list[str] | None = None) -> bool:
     enabled = os.environ.get("INVOICE_MAILING_PRELOAD", "true").lower() not in ("0", "false", "no")
     return enabled and forks_task_processes(sys.argv if argv is None else argv)
@@ -40,7 +53,7 @@ def warm() -> float:
     # task processes this process forks; they find them through the environment they inherit.
     from include.invoice_mailing import validator_service
 
-    if validator_service.enabled():
+    if validator_service.enabled() and checks_here():
         validator_service.start()
 
     # A forked child inherits the font configuration's folder of @font-face files. Task processes end
