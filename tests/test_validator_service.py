@@ -143,3 +143,23 @@ def test_the_validators_end_with_the_worker_that_started_them():
         time.sleep(0.2)
     assert not [pid for pid in pids if running(pid)], "validators outlived their worker"
     assert not Path(path).parent.exists()
+
+
+def test_a_worker_that_mails_no_e_invoice_never_holds_saxon():
+    """The validator loads Saxon (about 200 MB) at its first check, not at its start."""
+    import psutil
+
+    before = os.environ.pop(SOCKET_ENV, None)
+    [validator] = validator_service.start(processes=1)
+    path = os.environ.pop(SOCKET_ENV)
+    if before is not None:
+        os.environ[SOCKET_ENV] = before
+    try:
+        time.sleep(5)  # an eager validator would have loaded everything by now (1.5 s here)
+        idle = psutil.Process(validator.pid).memory_info().rss
+        ServiceChecker(path).warm()
+        checked = psutil.Process(validator.pid).memory_info().rss
+    finally:
+        validator.terminate()
+        validator.wait(10)
+    assert idle < 120 * 2**20 < checked, (idle / 2**20, checked / 2**20)

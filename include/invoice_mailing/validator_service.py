@@ -81,10 +81,11 @@ def answer(checker: Checker, syntax: str, xml: bytes) -> dict:
 
 
 def serve(listener: socket.socket, parent: int, folder: str | None = None) -> None:
-    """A validator process: load the artefacts, then answer one connection at a time until the parent exits."""
-    started = time.perf_counter()
-    checker = Checker().warm()
-    log.info("EN 16931 validator %d ready in %.1f s", os.getpid(), time.perf_counter() - started)
+    """A validator process: answer one connection at a time until the parent exits. The artefacts are loaded
+    at the first check (about 2 s, the task processes that ask meanwhile wait in the socket's queue), so that
+    a worker that mails no e-invoice never holds Saxon's 200 MB."""
+    checker = Checker()
+    log.info("EN 16931 validator %d listening for the task processes of pid %d", os.getpid(), parent)
     threading.Thread(target=_exit_with, args=(parent, folder), daemon=True, name="parent-watch").start()
     while True:
         connection, _ = listener.accept()
