@@ -261,26 +261,28 @@ class RssSampler(threading.Thread):
             for child in children:
                 try:
                     rss = child.memory_info().rss / 2**20
-                    name = " ".join(child.cmdline())
-                    if "validator_service" in name:  # the worker's EN 16931 validators, apart
+                    if is_validator(child):  # the worker's EN 16931 validators, apart
                         self.validator_mb = max(self.validator_mb, rss)
                     elif rss > self.peak_mb:
-                        self.peak_mb, self.peak_name = rss, name[:80]
+                        self.peak_mb, self.peak_name = rss, " ".join(child.cmdline())[:80]
                     if tick % 4 == 0:
                         self.peak_pss_mb = max(self.peak_pss_mb, child.memory_full_info().pss / 2**20)
                 except psutil.Error:
                     continue
 
 
-def _validators(scheduler: psutil.Process) -> list[psutil.Process]:
-    found = []
-    for child in scheduler.children():
+_VALIDATORS: dict[int, bool] = {}
+
+
+def is_validator(process: psutil.Process) -> bool:
+    """An EN 16931 validator process (``validator_service``); each command line is read once; False for a
+    process that has ended."""
+    if process.pid not in _VALIDATORS:
         try:
-            if "validator_service" in " ".join(child.cmdline()):
-                found.append(child)
+            _VALIDATORS[process.pid] = "validator_service" in " ".join(process.cmdline())
         except psutil.Error:
-            continue
-    return found
+            return False
+    return _VALIDATORS[process.pid]
 
 
 def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
@@ -300,7 +302,8 @@ def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
 
     seconds = {name: of(process) for name, process in processes.items()}
     seconds["tasks"] = seconds.pop("scheduler") - of(processes["scheduler"], tree=False)
-    seconds["validators"] = sum(of(child, tree=False) for child in _validators(processes["scheduler"]))
+    seconds["validators"] = sum(of(child, tree=False) for child in processes["scheduler"].children()
+                                if is_validator(child))
     seconds["scheduler"] = of(processes["scheduler"], tree=False)
     own = psutil.Process().cpu_times()
     seconds["benchmark"] = own.user + own.system

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 __all__ = ["Checker", "EInvoiceError", "Result", "Violation", "artefacts", "checker", "require_valid"]
 
 SVRL = "http://purl.oclc.org/dsdl/svrl"
+# Set in a task process's environment by its worker (``validator_service.start``): the worker's validators.
+SOCKET_ENV = "INVOICE_MAILING_VALIDATOR_SOCKET"
 SYNTAXES = ("CII", "UBL")
 UBL_ROOTS = {
     "{urn:oasis:names:specification:ubl:schema:xsd:Invoice-2}Invoice": "UBL-Invoice",
@@ -220,10 +222,10 @@ def short_path(location: str) -> str:
 def checker() -> Checker | ServiceChecker:
     """The process's one checker: the worker's validator service where it started one for this process's
     parent (``validator_service``), else a Checker in this process."""
-    if os.environ.get("INVOICE_MAILING_VALIDATOR_SOCKET"):
+    if os.environ.get(SOCKET_ENV):
         from include.invoice_mailing.validator_service import ServiceChecker
 
-        return ServiceChecker(os.environ["INVOICE_MAILING_VALIDATOR_SOCKET"])
+        return ServiceChecker(os.environ[SOCKET_ENV])
     return Checker()
 
 

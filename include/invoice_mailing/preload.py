@@ -18,17 +18,25 @@ import time
 log = logging.getLogger(__name__)
 
 
+def _command(argv: list[str] | None) -> list[str]:
+    """``airflow``'s command words, without options: ``["celery", "worker"]``."""
+    return [a for a in (sys.argv if argv is None else argv)[1:] if not a.startswith("-")]
+
+
+def _switched_on(name: str) -> bool:
+    return os.environ.get(name, "true").lower() not in ("0", "false", "no")
+
+
 def forks_task_processes(argv: list[str]) -> bool:
     """``airflow scheduler`` (LocalExecutor workers fork from it) or ``airflow celery worker``."""
-    words = [a for a in argv[1:] if not a.startswith("-")]
+    words = _command(argv)
     return words[:1] == ["scheduler"] or words[:2] == ["celery", "worker"]
 
 
 def checks_here(argv: list[str] | None = None, executors: str | None = None) -> bool:
     """Whether this process's task processes will check e-invoices: a Celery worker's do; a scheduler's only
     with a LocalExecutor among its executors (with Celery alone, its validators would idle in the scheduler)."""
-    words = [a for a in (sys.argv if argv is None else argv)[1:] if not a.startswith("-")]
-    if words[:1] != ["scheduler"]:
+    if _command(argv)[:1] != ["scheduler"]:
         return True
     if executors is None:
         from airflow.configuration import conf
@@ -38,8 +46,7 @@ def checks_here(argv: list[str] | None = None, executors: str | None = None) -> 
 
 
 def wanted(argv: list[str] | None = None) -> bool:
-    enabled = os.environ.get("INVOICE_MAILING_PRELOAD", "true").lower() not in ("0", "false", "no")
-    return enabled and forks_task_processes(sys.argv if argv is None else argv)
+    return _switched_on("INVOICE_MAILING_PRELOAD") and forks_task_processes(argv)
 
 
 def warm() -> float:
@@ -53,7 +60,7 @@ def warm() -> float:
     # task processes this process forks; they find them through the environment they inherit.
     from include.invoice_mailing import validator_service
 
-    if validator_service.enabled() and checks_here():
+    if _switched_on(validator_service.ENABLED_ENV) and checks_here():
         validator_service.start()
 
     # A forked child inherits the font configuration's folder of @font-face files. Task processes end

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import json
 import logging
 import os
@@ -33,11 +34,10 @@ import time
 from pathlib import Path
 
 from include.invoice_mailing.einvoice import EInvoiceError, Violation
-from include.invoice_mailing.einvoice_check import SYNTAXES, Checker, Result
+from include.invoice_mailing.einvoice_check import SOCKET_ENV, SYNTAXES, Checker, Result
 
 log = logging.getLogger(__name__)
 
-SOCKET_ENV = "INVOICE_MAILING_VALIDATOR_SOCKET"
 PROCESSES_ENV = "INVOICE_MAILING_VALIDATOR_PROCESSES"
 ENABLED_ENV = "INVOICE_MAILING_VALIDATOR_SERVICE"
 ANSWER_TIMEOUT = 120.0  # seconds for one answer: the validators' start (2 s, more on a loaded host) and a queue
@@ -67,8 +67,8 @@ def _violations(rows) -> tuple[Violation, ...]:
     return tuple(Violation(*row) for row in rows)
 
 
-def _rows(violations) -> list[list[str]]:
-    return [[v.rule, v.flag, v.text, v.location] for v in violations]
+def _rows(violations) -> list[tuple[str, ...]]:
+    return [dataclasses.astuple(v) for v in violations]
 
 
 def answer(checker: Checker, syntax: str, xml: bytes) -> dict:
@@ -116,10 +116,6 @@ def wanted_processes() -> int:
     if value:
         return max(1, int(value))
     return max(1, (os.cpu_count() or 1) // 8)
-
-
-def enabled() -> bool:
-    return os.environ.get(ENABLED_ENV, "true").lower() not in ("0", "false", "no")
 
 
 def start(processes: int | None = None) -> list[subprocess.Popen]:
@@ -201,10 +197,6 @@ class ServiceChecker:
                             "its e-invoices itself from now on", self.path, type(error).__name__, error)
                 self._local = Checker()
         return self._local.result(xml, syntax)
-
-    def check(self, xml: bytes, syntax: str) -> list[Violation]:
-        result = self.result(xml, syntax)
-        return [*result.fatal, *result.warnings]
 
     def warm(self) -> ServiceChecker:
         """Wait until a validator answers (or this process has loaded its own)."""
