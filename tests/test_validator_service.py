@@ -3,9 +3,11 @@ and check by themselves (never skip) when the validators cannot answer; the vali
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,12 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from include.invoice_mailing import validator_service
+from include.invoice_mailing import einvoice, einvoice_check, ledger, validator_service
 from include.invoice_mailing.einvoice import EInvoiceError
 from include.invoice_mailing.einvoice_check import Checker
 from include.invoice_mailing.validator_service import SOCKET_ENV, ServiceChecker
 from tests.conftest import ROOT
 from tests.test_einvoice import document, render, slipped_past
+from tests.test_einvoice_mailing import MIXED
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +62,20 @@ def test_the_validator_service_reports_exactly_what_a_check_in_the_task_process_
     assert "BR-CO-09" in {v.rule for v in remote.result(bare_vat, syntax).fatal}
     assert {v.rule for v in remote.result(broken_total, syntax).fatal} >= {"BR-CO-15"}
     assert remote.ask(valid, syntax)["pid"] != os.getpid()
+    assert not remote.local
+
+
+def test_checks_sent_one_after_another_are_each_answered_with_their_own_result(service, local):
+    """A task process sends the next document's check before it reads this one's answer: each answer is its
+    own document's, in whichever order they are read."""
+    remote = ServiceChecker(service)
+    valid = render("UBL", document())
+    broken_total = render("CII", document()).replace(b">5789.86<", b">5789.96<")
+    bare_vat = slipped_past("UBL", document(), vat_number="987654325")
+    verdicts = [remote.submit(valid, "UBL"), remote.submit(broken_total, "CII"), remote.submit(bare_vat, "UBL")]
+    assert verdicts[2]() == local.result(bare_vat, "UBL")
+    assert verdicts[0]().ok
+    assert verdicts[1]() == local.result(broken_total, "CII")
     assert not remote.local
 
 
@@ -127,7 +144,7 @@ def test_the_validators_end_with_the_worker_that_started_them():
     """A worker killed with SIGKILL runs no clean-up: its validators notice and exit, and remove the socket."""
     script = textwrap.dedent('''
         import os, time
-        from include.invoice_mailing import validator_service
+        from include.invoice_mailing import einvoice, einvoice_check, ledger, validator_service
         children = validator_service.start(processes=2)
         print(" ".join(str(c.pid) for c in children), os.environ["INVOICE_MAILING_VALIDATOR_SOCKET"], flush=True)
         time.sleep(600)
@@ -163,3 +180,67 @@ def test_a_worker_that_mails_no_e_invoice_never_holds_saxon():
         validator.terminate()
         validator.wait(10)
     assert idle < 120 * 2**20 < checked, (idle / 2**20, checked / 2**20)
+
+
+def test_a_night_renders_the_next_document_while_one_is_checked_and_claims_it_only_after_the_answer(
+        service, erp, run_dag, sink, ledger_db, monkeypatch):
+    """Three EHF invoices in one batch, checked by the worker's validator: each document's check is sent before
+    the previous one's answer is read (the task process rendered it meanwhile), and a document is claimed only
+    after its own answer was read. The broken one in the middle is never claimed and fails naming its rule,
+    while its neighbours go out."""
+    contact = erp.contact("10001", "kari@bolgen.example", preferred_format="EHF")
+    erp.customer("10001", invoice_contact_id=contact)  # one customer: one batch, one task process
+    erp.address("10001")
+    erp.recipient(erp.setting(class_id="DOMESTIC"), "Invoicing", "To")
+    for ref in ("INV000101", "INV000102", "INV000103"):
+        erp.invoice(ref, "10001", lines=MIXED)
+
+    built = einvoice.build  # a buyer VAT number without its country prefix that slipped past build()'s check
+
+    def build(document, *args):
+        invoice = built(document, *args)
+        if document.ref_nbr != "INV000102":
+            return invoice
+        return dataclasses.replace(invoice, buyer=dataclasses.replace(invoice.buyer, vat_number="987654325"))
+
+    events: list[tuple[str, str]] = []
+    remote = ServiceChecker(service)
+
+    class Recording:
+        def submit(self, xml: bytes, syntax: str):
+            ref = re.search(rb"INV\d{6}", xml).group().decode()
+            events.append(("check sent", ref))
+            verdict = remote.submit(xml, syntax)
+
+            def answer():
+                result = verdict()
+                events.append(("answer read", ref))
+                return result
+
+            return answer
+
+    claim = ledger.claim
+
+    def claiming(db, ids, *args, **kwargs):
+        refs = {r["ref_nbr"] for r in ledger.all_deliveries(db) if r["id"] in ids}
+        events.extend(("claimed", ref) for ref in sorted(refs))
+        return claim(db, ids, *args, **kwargs)
+
+    monkeypatch.setattr(einvoice, "build", build)
+    monkeypatch.setattr(einvoice_check, "checker", Recording)
+    monkeypatch.setattr(ledger, "claim", claiming)
+
+    run_dag()
+
+    assert sorted(m.message["X-Invoice-Document"] for m in sink.received) == ["INV INV000101", "INV INV000103"]
+    (failed,) = ledger.all_deliveries(ledger_db, ledger.delivery.c.ref_nbr == "INV000102")
+    assert (failed["status"], failed["reason"]) == ("failed", "config_error")
+    assert "BR-CO-09" in failed["detail"]
+    at = {event: position for position, event in enumerate(events)}
+    assert len(at) == len(events) == 8, events  # each check sent and read once; the two valid ones claimed once
+    assert ("claimed", "INV000102") not in at
+    for ref in ("INV000101", "INV000103"):
+        assert at[("check sent", ref)] < at[("answer read", ref)] < at[("claimed", ref)], events
+    assert at[("check sent", "INV000102")] < at[("answer read", "INV000101")], events
+    assert at[("check sent", "INV000103")] < at[("answer read", "INV000102")], events
+    assert not remote.local

@@ -12,7 +12,7 @@ import functools
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -25,7 +25,7 @@ from include.invoice_mailing.einvoice import EInvoiceError, Violation
 if TYPE_CHECKING:
     from include.invoice_mailing.validator_service import ServiceChecker
 
-__all__ = ["Checker", "EInvoiceError", "Result", "Violation", "artefacts", "checker", "require_valid"]
+__all__ = ["Checker", "EInvoiceError", "Result", "Violation", "artefacts", "checker", "require_valid", "valid_later"]
 
 SVRL = "http://purl.oclc.org/dsdl/svrl"
 # Set in a task process's environment by its worker (``validator_service.start``): the worker's validators.
@@ -171,6 +171,12 @@ class Checker:
             (fatal if violation.flag in ("fatal", "error") else warnings).append(violation)
         return Result(tuple(fatal), tuple(warnings))
 
+    def submit(self, xml: bytes, syntax: str) -> Callable[[], Result]:
+        """The check as ``ServiceChecker.submit`` offers it; here it runs when its result is asked for."""
+        if syntax not in SYNTAXES:
+            raise ValueError(f"syntax must be one of {SYNTAXES}, not {syntax!r}")
+        return functools.partial(self.result, xml, syntax)
+
     def check(self, xml: bytes, syntax: str) -> list[Violation]:
         """Every violation, fatal and warning; raises ``EInvoiceError`` (VALIDATOR) if it cannot check."""
         result = self.result(xml, syntax)
@@ -229,12 +235,24 @@ def checker() -> Checker | ServiceChecker:
     return Checker()
 
 
+def valid_later(xml: bytes, syntax: str, using: Checker | ServiceChecker | None = None) -> Callable[[], Result]:
+    """Start the check; the returned function waits for it and gives its result if nothing fatal was found
+    (its warnings are for the log), else raises ``EInvoiceError``. Through the worker's validators the check
+    runs while the caller goes on (renders the next document, say); nothing may be sent before it returned."""
+    verdict = (using or checker()).submit(xml, syntax)
+
+    def require() -> Result:
+        result = verdict()
+        if not result.ok:
+            raise EInvoiceError(result.fatal, result.warnings)
+        return result
+
+    return require
+
+
 def require_valid(xml: bytes, syntax: str, using: Checker | ServiceChecker | None = None) -> Result:
     """The check's result if nothing fatal was found (its warnings are for the log); else ``EInvoiceError``."""
-    result = (using or checker()).result(xml, syntax)
-    if not result.ok:
-        raise EInvoiceError(result.fatal, result.warnings)
-    return result
+    return valid_later(xml, syntax, using)()
 
 
 def _version(path: Path, pattern: str) -> str:

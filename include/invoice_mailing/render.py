@@ -11,12 +11,12 @@ import re
 import string
 import time
 import types
-from collections.abc import Iterator, Mapping, Sized
+from collections.abc import Callable, Iterator, Mapping, Sized
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
-from functools import cached_property, lru_cache, wraps
+from functools import cached_property, lru_cache, partial, wraps
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -713,31 +713,53 @@ class Renderer:
         """The document as the customer receives it: a PDF, a self-contained HTML file, or an e-invoice
         (``FACTURX``: the PDF with its CII embedded; ``EHF``: UBL with the PDF embedded), which is valid by
         the EN 16931 rules or is not made at all (a RenderError that names the broken rules)."""
+        return self.start_attachment(document, customer, attention, template_name, fmt, locale, report_id,
+                                     address)()
+
+    def start_attachment(self, document: Document, customer: Customer, attention: str | None, template_name: str,
+                         fmt: str, locale: str | None, report_id: str | None = None,
+                         address: CustomerAddress | None = None) -> Callable[[], Attachment]:
+        """``attachment()`` in two steps: this renders, and starts an e-invoice's EN 16931 check; the function it
+        returns waits for the check and gives the attachment, or raises the RenderError that names the broken
+        rules. In a worker the check runs in its validator process, so the caller can render the next document
+        meanwhile; it must call the function, and have the attachment, before it claims anything."""
         formats = Formats(locale)
         context = self.document_context(document, customer, attention, formats)
         html = self.report_html(template_name, context, for_pdf=fmt != "HTML", formats=formats)
         name = attachment_filename(document, fmt, formats)
         if fmt == "HTML":
-            return Attachment(name, html.encode("utf-8"), "text", "html")
+            return partial(Attachment, name, html.encode("utf-8"), "text", "html")
         if fmt == "PDF":
-            return Attachment(name, self.pdf(html, template_name, report_id), "application", "pdf")
+            return partial(Attachment, name, self.pdf(html, template_name, report_id), "application", "pdf")
         if fmt not in E_INVOICE_FORMATS:
             raise RenderError(f"format {fmt!r} is not one the pipeline can render")
         from include.invoice_mailing import einvoice_check
 
+        def invalid(exc: einvoice.EInvoiceError) -> RenderError:
+            return RenderError(f"{fmt} for {document.doc_type} {document.ref_nbr} is not valid by EN 16931: {exc}")
+
         try:
             invoice = einvoice.build(document, customer, address, self.company, context["payment_reference"])
-            if fmt == "FACTURX":  # the XML is checked first: a PDF is not rendered for an invoice that fails
+            if fmt == "FACTURX":  # the CII is checked while its PDF renders
                 xml = einvoice.to_cii(invoice)
-                einvoice_check.require_valid(xml, "CII")
-                return Attachment(name, self.pdf(html, template_name, report_id, factur_x=xml), "application", "pdf")
-            pdf = self.pdf(html, template_name, report_id)
-            xml = einvoice.to_ubl(invoice, pdf, attachment_filename(document, "PDF", formats))
-            einvoice_check.require_valid(xml, "UBL")
-            return Attachment(name, xml, "application", "xml")
+                verdict = einvoice_check.valid_later(xml, "CII")
+                made = Attachment(name, self.pdf(html, template_name, report_id, factur_x=xml), "application", "pdf")
+            else:
+                pdf = self.pdf(html, template_name, report_id)
+                xml = einvoice.to_ubl(invoice, pdf, attachment_filename(document, "PDF", formats))
+                verdict = einvoice_check.valid_later(xml, "UBL")
+                made = Attachment(name, xml, "application", "xml")
         except einvoice.EInvoiceError as exc:
-            raise RenderError(f"{fmt} for {document.doc_type} {document.ref_nbr} is not valid by EN 16931: {exc}") \
-                from exc
+            raise invalid(exc) from exc
+
+        def checked() -> Attachment:
+            try:
+                verdict()
+            except einvoice.EInvoiceError as exc:
+                raise invalid(exc) from exc
+            return made
+
+        return checked
 
     def pdf(self, html: str, template_name: str, report_id: str | None = None, factur_x: bytes | None = None) -> bytes:
         """The report as PDF; with ``factur_x``, as PDF/A-3b with that CII embedded as ``factur-x.xml``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from email.message import EmailMessage
@@ -150,15 +151,22 @@ def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, 
                   if reason == "no_longer_due" else
                   "the ERP no longer names this recipient, format or document for mailing")
         mailer.settle_unsent(rows, SKIPPED, reason, detail)
-    current = None
+    queue = []
     for message_id, members in sorted(messages.items(), key=lambda m: (m[1][0]["doc_type"], m[1][0]["ref_nbr"])):
         todo = [r for r in members if r["status"] in (PENDING, ledger.SENDING)]
         if todo:
-            doc_key = (todo[0]["doc_type"], todo[0]["ref_nbr"])
-            if doc_key != current:  # one document's attachments in memory at a time
-                mailer.forget()
-                current = doc_key
-            mailer.mail(by_key[doc_key], message_id, members, todo)
+            queue.append((by_key[(todo[0]["doc_type"], todo[0]["ref_nbr"])], message_id, members, todo))
+    for position, (plan, message_id, members, todo) in enumerate(queue):
+        # The next message's attachment is rendered while this one's e-invoice is checked (in the worker's
+        # validator); this one is claimed and sent only once its check has answered.
+        mailer.prepare(plan, todo[0]["format"])
+        documents = {plan.document.key}
+        if position + 1 < len(queue):
+            after, _, _, after_todo = queue[position + 1]
+            mailer.prepare(after, after_todo[0]["format"])
+            documents.add(after.document.key)
+        mailer.keep(documents)
+        mailer.mail(plan, message_id, members, todo)
 
     if settings.write_back and mode == "live":
         # Only a document whose every live delivery is settled: a deferred recipient is retried tomorrow.
@@ -186,7 +194,8 @@ class _Mailer:
         self.ctx, self.data, self.renderer, self.sender = ctx, data, renderer, sender
         self.ledger_db, self.settings = ledger_db, settings
         self.token = ledger.claimant()
-        self.attachments: dict[tuple, Attachment | RenderError] = {}
+        # (document, format, locale) -> the attachment, its RenderError, or the function that waits for its check
+        self.attachments: dict[tuple, Attachment | RenderError | Callable[[], Attachment]] = {}
         self.notifications: dict[tuple, Notification | RenderError] = {}
         self.counts: dict[str, int] = defaultdict(int)
         self.not_sent: list[NotSent] = []
@@ -196,10 +205,10 @@ class _Mailer:
         self.counts[count_as or status] += done
         return done
 
-    def forget(self) -> None:
-        """Drop the rendered attachments and notification of the document just mailed."""
-        self.attachments.clear()
-        self.notifications.clear()
+    def keep(self, documents: set[tuple]) -> None:
+        """Drop the rendered attachments and notifications of every other document: two at most in memory."""
+        self.attachments = {key: value for key, value in self.attachments.items() if key[0] in documents}
+        self.notifications = {key: value for key, value in self.notifications.items() if key in documents}
 
     def not_sending(self, rows: list[dict], status: str, reason: str, answer: str | None) -> None:
         """One log line per delivery that did not go out, with the server's answer."""
@@ -363,17 +372,28 @@ class _Mailer:
                 self.notifications[doc.key] = exc
         return _value_or_raise(self.notifications[doc.key])
 
-    def attachment(self, plan: rules.DocumentPlan, fmt: str) -> Attachment:
-        """Rendered once per document and format, for all its recipients and messages."""
+    def prepare(self, plan: rules.DocumentPlan, fmt: str) -> None:
+        """Render the document in this format, once for all its recipients and messages, and start its e-invoice
+        check; a failure is remembered too."""
         doc, report = plan.document, plan.mailing.report
         customer = self.data.customers[doc.customer_id]
         key = (doc.key, fmt, customer.locale)
         if key not in self.attachments:
             contact = self.data.contacts.get(customer.invoice_contact_id)
             try:
-                self.attachments[key] = self.renderer.attachment(
+                self.attachments[key] = self.renderer.start_attachment(
                     doc, customer, contact.display_name if contact else None, report.template_name, fmt,
                     customer.locale, report.report_id, address=self.data.addresses.get(doc.customer_id))
+            except RenderError as exc:
+                self.attachments[key] = exc
+
+    def attachment(self, plan: rules.DocumentPlan, fmt: str) -> Attachment:
+        """The prepared attachment, once its check has answered."""
+        self.prepare(plan, fmt)
+        key = (plan.document.key, fmt, self.data.customers[plan.document.customer_id].locale)
+        if callable(self.attachments[key]):
+            try:
+                self.attachments[key] = self.attachments[key]()
             except RenderError as exc:
                 self.attachments[key] = exc
         return _value_or_raise(self.attachments[key])

@@ -6,7 +6,9 @@ worker) cannot load it for its children. Instead ``start()``, called there by ``
 listening Unix socket in a private folder and spawns validator processes, new interpreters (``python -m``,
 not forks) that accept on it; the socket's path goes into the environment (``INVOICE_MAILING_VALIDATOR_SOCKET``)
 that the task processes inherit, and their ``einvoice_check.checker()`` is then a ``ServiceChecker``: it sends
-each XML there and gets the violations back. The validators exit with the process that started them.
+each XML there and reads the violations back later (``submit``), so that a task process renders the next
+document while a validator checks this one, and reads the answer before anything of this one is claimed.
+The validators exit with the process that started them.
 
 Fail closed: a task process that cannot reach the service (gone, no answer within the timeout, an answer it
 cannot read) checks in its own process, and logs why; a check is never skipped.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -31,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from include.invoice_mailing.einvoice import EInvoiceError, Violation
@@ -172,31 +176,61 @@ class ServiceChecker:
         self._local: Checker | None = None  # once the service failed, the rest of this process checks here
         self._answered = False
 
-    def ask(self, xml: bytes, syntax: str) -> dict:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+    def _send(self, xml: bytes, syntax: str) -> socket.socket:
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
             connection.settimeout(self.timeout)
             connection.connect(self.path)
             connection.sendall(_REQUEST.pack(syntax.encode("ascii"), len(xml)) + xml)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    @staticmethod
+    def _reply(connection: socket.socket) -> dict:
+        with connection:
             (size,) = _LENGTH.unpack(_receive(connection, _LENGTH.size))
             return json.loads(_receive(connection, size))
 
-    def result(self, xml: bytes, syntax: str) -> Result:
+    def ask(self, xml: bytes, syntax: str) -> dict:
+        """One request and its answer, as the validator sends it."""
+        return self._reply(self._send(xml, syntax))
+
+    def submit(self, xml: bytes, syntax: str) -> Callable[[], Result]:
+        """Send the XML to a validator and return at once; the returned function reads the answer, waiting for it
+        if need be (a validator answers in the order it accepted). A request or an answer that fails is checked
+        in this process instead: a check is never skipped."""
         if syntax not in SYNTAXES:
             raise ValueError(f"syntax must be one of {SYNTAXES}, not {syntax!r}")
         if self._local is None:
             try:
-                reply = self.ask(xml, syntax)
-                if not self._answered:
-                    log.info("EN 16931 checks by the worker's validator process %s (%s)", reply["pid"], self.path)
-                    self._answered = True
-                if "error" in reply:
-                    raise EInvoiceError(_violations(reply["error"]))
-                return Result(_violations(reply["fatal"]), _violations(reply["warnings"]))
-            except (OSError, ProtocolError, ValueError, KeyError, TypeError, struct.error) as error:
-                log.warning("The EN 16931 validator service at %s did not answer (%s: %s); this process checks "
-                            "its e-invoices itself from now on", self.path, type(error).__name__, error)
-                self._local = Checker()
+                return functools.partial(self._answer, self._send(xml, syntax), xml, syntax)
+            except OSError as error:
+                self._fall_back(error)
+        return functools.partial(self._local.result, xml, syntax)
+
+    def result(self, xml: bytes, syntax: str) -> Result:
+        return self.submit(xml, syntax)()
+
+    def _answer(self, connection: socket.socket, xml: bytes, syntax: str) -> Result:
+        try:
+            reply = self._reply(connection)
+            if not self._answered:
+                log.info("EN 16931 checks by the worker's validator process %s (%s)", reply["pid"], self.path)
+                self._answered = True
+            if "error" in reply:
+                raise EInvoiceError(_violations(reply["error"]))
+            return Result(_violations(reply["fatal"]), _violations(reply["warnings"]))
+        except (OSError, ProtocolError, ValueError, KeyError, TypeError, struct.error) as error:
+            self._fall_back(error)
         return self._local.result(xml, syntax)
+
+    def _fall_back(self, error: Exception) -> None:
+        if self._local is None:
+            log.warning("The EN 16931 validator service at %s did not answer (%s: %s); this process checks "
+                        "its e-invoices itself from now on", self.path, type(error).__name__, error)
+            self._local = Checker()
 
     def warm(self) -> ServiceChecker:
         """Wait until a validator answers (or this process has loaded its own)."""
