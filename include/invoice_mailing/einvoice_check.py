@@ -66,6 +66,11 @@ class Result:
         return not self.fatal
 
 
+def require_syntax(syntax: str) -> None:
+    if syntax not in SYNTAXES:
+        raise ValueError(f"syntax must be one of {SYNTAXES}, not {syntax!r}")
+
+
 def _validator_error(text: str) -> EInvoiceError:
     return EInvoiceError([Violation("VALIDATOR", "fatal", text)])
 
@@ -152,8 +157,7 @@ class Checker:
         return self
 
     def result(self, xml: bytes, syntax: str) -> Result:
-        if syntax not in SYNTAXES:
-            raise ValueError(f"syntax must be one of {SYNTAXES}, not {syntax!r}")
+        require_syntax(syntax)
         try:
             tree = etree.fromstring(xml, etree.XMLParser(resolve_entities=False, no_network=True))
         except etree.XMLSyntaxError as error:
@@ -173,8 +177,7 @@ class Checker:
 
     def submit(self, xml: bytes, syntax: str) -> Callable[[], Result]:
         """The check as ``ServiceChecker.submit`` offers it; here it runs when its result is asked for."""
-        if syntax not in SYNTAXES:
-            raise ValueError(f"syntax must be one of {SYNTAXES}, not {syntax!r}")
+        require_syntax(syntax)
         return functools.partial(self.result, xml, syntax)
 
     def check(self, xml: bytes, syntax: str) -> list[Violation]:

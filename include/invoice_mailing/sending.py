@@ -372,9 +372,9 @@ class _Mailer:
                 self.notifications[doc.key] = exc
         return _value_or_raise(self.notifications[doc.key])
 
-    def prepare(self, plan: rules.DocumentPlan, fmt: str) -> None:
+    def prepare(self, plan: rules.DocumentPlan, fmt: str) -> tuple:
         """Render the document in this format, once for all its recipients and messages, and start its e-invoice
-        check; a failure is remembered too."""
+        check; a failure is remembered too. Returns its key in ``attachments``."""
         doc, report = plan.document, plan.mailing.report
         customer = self.data.customers[doc.customer_id]
         key = (doc.key, fmt, customer.locale)
@@ -386,11 +386,11 @@ class _Mailer:
                     customer.locale, report.report_id, address=self.data.addresses.get(doc.customer_id))
             except RenderError as exc:
                 self.attachments[key] = exc
+        return key
 
     def attachment(self, plan: rules.DocumentPlan, fmt: str) -> Attachment:
         """The prepared attachment, once its check has answered."""
-        self.prepare(plan, fmt)
-        key = (plan.document.key, fmt, self.data.customers[plan.document.customer_id].locale)
+        key = self.prepare(plan, fmt)
         if callable(self.attachments[key]):
             try:
                 self.attachments[key] = self.attachments[key]()

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from include.invoice_mailing.einvoice import EInvoiceError, Violation
-from include.invoice_mailing.einvoice_check import SOCKET_ENV, SYNTAXES, Checker, Result
+from include.invoice_mailing.einvoice_check import SOCKET_ENV, SYNTAXES, Checker, Result, require_syntax
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +201,7 @@ class ServiceChecker:
         """Send the XML to a validator and return at once; the returned function reads the answer, waiting for it
         if need be (a validator answers in the order it accepted). A request or an answer that fails is checked
         in this process instead: a check is never skipped."""
-        if syntax not in SYNTAXES:
-            raise ValueError(f"syntax must be one of {SYNTAXES}, not {syntax!r}")
+        require_syntax(syntax)
         if self._local is None:
             try:
                 return functools.partial(self._answer, self._send(xml, syntax), xml, syntax)
