@@ -452,6 +452,17 @@ def test_the_artefacts_name_their_versions_from_the_files_themselves():
     assert found["factur-x"] and found["saxonche"] != "not installed"
 
 
+def test_an_attribute_factur_x_marks_as_not_used_is_refused_naming_it_and_where(checker):
+    """Factur-X's schematron reports some of its rules as successful reports, not failed assertions: an
+    attribute the XSD allows and the profile does not use. They fail the document, as they do in the
+    ``factur-x`` package's own check."""
+    root = etree.fromstring(render("CII", document()))
+    root.find("rsm:ExchangedDocument/ram:ID", CII_NS).set("schemeID", "0088")
+    error = refusal(etree.tostring(root), "CII", checker)
+    assert str(error) == ("SCHEMATRON Attribute @schemeID' marked as not used in the given context. "
+                          "(CrossIndustryInvoice/ExchangedDocument/ID)")
+
+
 @pytest.mark.parametrize("buyer", [{}, {"country_code": "XX"}, {"country_code": "XX", "vat_number": "123"}])
 def test_factur_x_code_lists_read_once_report_what_the_stock_stylesheet_reports(checker, buyer):
     """The checker hands Factur-X's code list to the stylesheet parsed once, instead of the stylesheet's

