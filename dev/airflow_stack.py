@@ -473,12 +473,13 @@ class StackClient:
     def run(self, dag_id: str, run_id: str) -> dict:
         return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
 
-    def wait_for_run(self, dag_id: str, run_id: str, states: set[str], timeout: float = 300) -> dict:
+    def wait_for_run(self, dag_id: str, run_id: str, states: set[str], timeout: float = 300,
+                     interval: float = 0.5) -> dict:
         def reached():
             run = self.run(dag_id, run_id)
             return run if run["state"] in states else None
 
-        return self.stack.wait_until(f"run {run_id} to be {sorted(states)}", reached, timeout)
+        return self.stack.wait_until(f"run {run_id} to be {sorted(states)}", reached, timeout, interval)
 
     def task_instances(self, dag_id: str, run_id: str, task_id: str | None = None) -> list[dict]:
         params = {"limit": 1000, **({"task_id": task_id} if task_id else {})}
