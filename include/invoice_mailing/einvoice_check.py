@@ -148,12 +148,12 @@ class Checker:
         lists = set(re.findall(r"document\('([^']+\.xml)'\)", text))
         if len(lists) > 1:  # more than one file read by document(): compiled as it is, from its folder
             return compiler.compile_stylesheet(stylesheet_file=str(path))
-        if lists:
-            (code_list,) = lists
+        code_list = next(iter(lists), None)
+        if code_list:
             text = re.sub(r"(<xsl:stylesheet\b[^>]*>)", r'\1<xsl:param name="code_list_document" required="yes"/>',
                           text.replace(f"document('{code_list}')", "$code_list_document"), count=1)
         executable = compiler.compile_stylesheet(stylesheet_text=without_trace(text))
-        if lists:
+        if code_list:
             codes = path.parent / code_list
             if not codes.is_file():
                 raise _validator_error(f"the schematron's code list {codes} does not exist")
@@ -249,15 +249,15 @@ def parse_svrl(report: str | None) -> list[Violation]:
     if root.tag != f"{{{SVRL}}}schematron-output":
         raise _validator_error(f"the schematron report is not SVRL (root {root.tag})")
     violations = []
-    for failed in root.iter(f"{{{SVRL}}}failed-assert", f"{{{SVRL}}}successful-report"):
-        text = " ".join("".join(failed.find(f"{{{SVRL}}}text").itertext()).split()) \
-            if failed.find(f"{{{SVRL}}}text") is not None else ""
-        rule = failed.get("id") or "SCHEMATRON"
+    for finding in root.iter(f"{{{SVRL}}}failed-assert", f"{{{SVRL}}}successful-report"):
+        text = " ".join("".join(finding.find(f"{{{SVRL}}}text").itertext()).split()) \
+            if finding.find(f"{{{SVRL}}}text") is not None else ""
+        rule = finding.get("id") or "SCHEMATRON"
         text = re.sub(rf"^\[{re.escape(rule)}\]\s*-?\s*", "", text)  # CII's texts repeat the id in brackets
-        location = failed.get("location") or ""
-        if rule.startswith("FX-SCH") or not failed.get("id"):  # "Value of 'ram:CountryID'", not whose: where
+        location = finding.get("location") or ""
+        if rule.startswith("FX-SCH") or rule == "SCHEMATRON":  # "Value of 'ram:CountryID'", not whose: where
             text = f"{text} ({short_path(location)})"
-        violations.append(Violation(rule, failed.get("flag") or "fatal", text, location))
+        violations.append(Violation(rule, finding.get("flag") or "fatal", text, location))
     return violations
 
 
