@@ -3,13 +3,16 @@
 1. Generates a synthetic ERP on PostgreSQL: N documents over N/4 customers (default 20,000 and
    5,000), every customer with one invoicing contact in To, one to five lines a document.
 2. The baseline: the plain loop (``pipeline.extract`` and one ``pipeline.mail_batch`` in this one
-   process) on a 10% sample ERP made the same way, to a local SMTP server: time per document.
+   process) on a 10% sample ERP made the same way, to a local SMTP server: time per document. It runs
+   twice, before the night and after it, each on a fresh copy of the same sample, and the baseline is
+   the mean of the two: this machine's pace drifts by several percent over the half hour a night takes,
+   and a baseline taken only before the night moved the ratio with it.
 3. The night: the real topology of ``make airflow`` (``dev/airflow_stack.py``: api-server,
    scheduler with the LocalExecutor, dag-processor, triggerer; PostgreSQL metadata, ERP and ledger)
    on free ports; the night is triggered through the REST API and waited for (its wall time runs from the
    trigger to the run's end_date as Airflow recorded it; the state is polled every 10 s); the SMTP server counts
    what arrives; the task processes' RSS is sampled every half second, and the CPU time of each
-   component (the task processes apart), of this process and of the whole machine is taken before and
+   component (the task processes apart), of PostgreSQL, of this process and of the whole machine is taken before and
    after: where the night's core-seconds went, beside the plain loop's CPU per document. That line
    says what moves the ratio: more CPU per document in the tasks than in the plain loop, the other
    components' CPU, or cores left idle.
@@ -223,6 +226,12 @@ def plain_loop(dbs: Databases, documents: int, customers: int, released: datetim
     return {"documents": documents, "wall": wall, "cpu": cpu, "per_doc": wall / documents, "arrived": arrived}
 
 
+def report_plain(when: str, plain: dict) -> dict:
+    print(f"plain loop {when}: {plain['documents']} documents in {plain['wall']:.1f} s wall, {plain['cpu']:.1f} s CPU: "
+          f"{plain['per_doc'] * 1000:.1f} ms a document ({plain['arrived']} arrived)", flush=True)
+    return plain
+
+
 def bounce_env(bounces: bool) -> dict[str, str]:
     """With ``--bounces``: the connection mailing_bounces (never read here: the night only sends) and a
     fresh key, so that every delivery goes out with its VERP sender and, the sink offering DSN, its DSN
@@ -292,11 +301,24 @@ def is_validator(process: psutil.Process) -> bool:
     return _VALIDATORS[process.pid]
 
 
+def postmaster() -> psutil.Process | None:
+    """The local PostgreSQL server's first process (its backends, the metadata's, the ERP's and the ledger's
+    connections, run below it); None when PostgreSQL runs elsewhere (a container, another host)."""
+    for process in psutil.process_iter(["name"]):
+        try:
+            if process.info["name"] == "postgres" and process.parent().name() != "postgres":
+                return process
+        except psutil.Error:
+            continue
+    return None
+
+
 def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
     """CPU seconds (user + system) so far: each component with every process below it, those that ended
     included (a parent's reaped children), the scheduler's task processes apart from the scheduler itself
     (its EN 16931 validators among them: they check for the tasks; also apart, as "validators");
-    this benchmark's own process (the SMTP server's thread, the sampler, the REST polling); and the machine."""
+    this benchmark's own process (the SMTP server's thread, the sampler, the REST polling); and the machine.
+    PostgreSQL's, when it runs here, is its server process with its backends, those that ended included."""
     def of(process: psutil.Process, tree: bool = True) -> float:
         total = 0.0
         for member in [process, *(process.children(recursive=True) if tree else [])]:
@@ -362,6 +384,7 @@ def night(dbs: Databases, documents: int, customers: int, released: datetime, ti
             sampler = RssSampler(stack.processes["scheduler"].pid)
             sampler.start()
             components = {name: psutil.Process(process.pid) for name, process in stack.processes.items()}
+            components.update({"PostgreSQL": server} if (server := postmaster()) else {})
             before = cpu_seconds(components)
             started, started_at = time.perf_counter(), datetime.now(UTC)
             run = client.trigger("invoice_mailing")
@@ -405,14 +428,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(bounces)  # the plain loop reads them here; the night's processes get them through the stack
     dbs = Databases()
     try:
-        sample_docs = max(1, round(args.documents * args.sample))
-        plain = plain_loop(dbs, sample_docs, max(1, round(customers * args.sample)), released, args.bounces,
-                           args.formats)
-        print(f"plain loop: {plain['documents']} documents in {plain['wall']:.1f} s wall, {plain['cpu']:.1f} s CPU: "
-              f"{plain['per_doc'] * 1000:.1f} ms a document ({plain['arrived']} arrived)", flush=True)
+        sample = (dbs, max(1, round(args.documents * args.sample)), max(1, round(customers * args.sample)), released,
+                  args.bounces, args.formats)
+        before = report_plain("before the night", plain_loop(*sample))
         result = night(dbs, args.documents, customers, released, args.timeout, bounces, args.formats)
+        after = report_plain("after the night", plain_loop(*sample))
     finally:
         dbs.drop()
+    plain = {key: before[key] + after[key] for key in ("documents", "wall", "cpu")}
+    plain["per_doc"] = plain["wall"] / plain["documents"]
+    print(f"baseline: {plain['per_doc'] * 1000:.1f} ms a document, the two plain loops together (they differ by "
+          f"{abs(after['per_doc'] / before['per_doc'] - 1):.1%})")
     ideal = plain["per_doc"] * args.documents / cores
     ratio = result["wall"] / ideal
     once = result["state"] == "success" and result["distinct"] == args.documents and result["max_copies"] == 1
