@@ -18,9 +18,10 @@ from include.invoice_mailing.params import RunContext
 
 log = logging.getLogger(__name__)
 
-# How a night is cut into mapped task instances (each costs about 1.4 s of start-up on a LocalExecutor):
+# How a night is cut into mapped task instances (each costs about 1.4 s of start-up on a LocalExecutor, and
+# 2-4 core-seconds in all with the scheduler, api-server and metadata's share: README, "A night of thousands"):
 MAX_BATCHES = 200        # up to this many customers, one customer per instance (a small night)
-BATCH_DOCUMENTS = 300    # beyond, instances of about this many documents: ~30 s of work each
+BATCH_DOCUMENTS = 600    # beyond, instances of about this many documents: about a minute of work each
 MAX_INSTANCES = 256      # and never more instances than this (nor Airflow's max_map_length)
 
 
