@@ -306,7 +306,8 @@ def postmaster() -> psutil.Process | None:
     connections, run below it); None when PostgreSQL runs elsewhere (a container, another host)."""
     for process in psutil.process_iter(["name"]):
         try:
-            if process.info["name"] == "postgres" and process.parent().name() != "postgres":
+            parent = process.parent() if process.info["name"] == "postgres" else None
+            if parent is not None and parent.name() != "postgres":
                 return process
         except psutil.Error:
             continue
