@@ -385,7 +385,8 @@ def night(dbs: Databases, documents: int, customers: int, released: datetime, ti
             sampler = RssSampler(stack.processes["scheduler"].pid)
             sampler.start()
             components = {name: psutil.Process(process.pid) for name, process in stack.processes.items()}
-            components.update({"PostgreSQL": server} if (server := postmaster()) else {})
+            if (server := postmaster()) is not None:
+                components["PostgreSQL"] = server
             before = cpu_seconds(components)
             started, started_at = time.perf_counter(), datetime.now(UTC)
             run = client.trigger("invoice_mailing")
