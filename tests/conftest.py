@@ -157,14 +157,77 @@ def faked_clock():
         package_missing(f"libfaketime ({FAKETIME_LIBRARY}) is not installed: dev/system-packages install")
 
 
-def start_dovecot(capabilities: str | None = None):
+def start_dovecot(capabilities: str | None = None, **options):
     """A Dovecot of dev/dovecot.py, started; skips when Dovecot is not installed (fails under CI=true)."""
     from dev.dovecot import Dovecot, DovecotMissing
 
     try:
-        return Dovecot(capabilities).start()
+        return Dovecot(capabilities, **options).start()
     except DovecotMissing as exc:
         package_missing(f"{exc}; the IMAP tests need it")
+
+
+@pytest.fixture(scope="module")
+def identity():
+    """A real OAuth 2.0 authorization server on 127.0.0.1 over HTTPS (dev/token_server.py: Entra ID's and
+    Google's token endpoints, and a plain one), one per module; msal, google-auth and Authlib trust its CA
+    through REQUESTS_CA_BUNDLE while the module runs."""
+    from dev.token_server import TokenServer
+
+    server = TokenServer().start()
+    previous = os.environ.get("REQUESTS_CA_BUNDLE")
+    os.environ["REQUESTS_CA_BUNDLE"] = str(server.ca.bundle)
+    yield server
+    if previous is None:
+        os.environ.pop("REQUESTS_CA_BUNDLE", None)
+    else:
+        os.environ["REQUESTS_CA_BUNDLE"] = previous
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def internet():
+    """The customers' mail servers behind the mail platform: an SMTP sink that Dovecot's submission relays to."""
+    with SmtpSink() as server:
+        yield server
+
+
+def token_checking_dovecot(identity, relay_port: int, audience: str, mechanisms: str = "xoauth2 oauthbearer"):
+    from dev.dovecot import TokenCheck
+
+    return start_dovecot(tokens=TokenCheck(identity.public_key_pem(), (identity.issuer,), audience, mechanisms),
+                         relay_port=relay_port)
+
+
+@pytest.fixture(scope="module")
+def exchange(identity, internet):
+    """Dovecot standing for Exchange Online: IMAP and SMTP submission that take a bearer token only after
+    checking it themselves (signature, expiry, issuer, audience https://outlook.office365.com, and that
+    its subject is the login); submission relays to ``internet``."""
+    from dev.token_server import MICROSOFT_RESOURCE
+
+    server = token_checking_dovecot(identity, internet.port, MICROSOFT_RESOURCE)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gmail(identity, internet):
+    """Dovecot standing for Gmail: the same, for tokens with the audience https://mail.google.com/."""
+    from dev.token_server import GOOGLE_SCOPE
+
+    server = token_checking_dovecot(identity, internet.port, GOOGLE_SCOPE)
+    yield server
+    server.stop()
+
+
+def oauth_connection(server, login: str, *, password: str | None = None, **extra) -> str:
+    """An Airflow SMTP connection (as JSON) to a token-checking Dovecot's submission, with auth_type oauth2."""
+    value = {"conn_type": "smtp", "host": "127.0.0.1", "port": server.submission_port, "login": login,
+             "extra": {"disable_ssl": True, "disable_tls": True, "timeout": 5, "auth_type": "oauth2", **extra}}
+    if password is not None:
+        value["password"] = password
+    return json.dumps(value)
 
 
 @pytest.fixture(scope="module")
