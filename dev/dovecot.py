@@ -5,7 +5,11 @@ for its helpers, ``default_login_user`` for the login processes, and the ``mail`
 files (Maildir, under the folder). Any login name is let in with the password ``secret`` (a static
 passdb: a passwd file is read again only when its time stamp changes, a second later) and gets its own
 mailbox, so that tests sharing one server share no messages (:meth:`Dovecot.new_login`).
-Written for Dovecot 2.3 (Debian 12's ``dovecot-imapd``); 2.4 renamed most settings and is refused.
+With ``tokens`` it also takes OAuth 2.0 logins (XOAUTH2, OAUTHBEARER) and checks the bearer token itself,
+as Exchange Online and Gmail do; with ``relay_port`` it also runs its SMTP submission service (Debian's
+``dovecot-submissiond``), which authenticates the same way and relays to that port: a stand-in for
+``smtp.office365.com``. Written for Dovecot 2.3 (Debian 12's ``dovecot-imapd``); 2.4 renamed most settings
+and is refused.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import pwd
 import re
 import shutil
 import signal
+import smtplib
 import subprocess
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from dev.daemons import own_folder, run_forking, wait_until_answering
@@ -27,6 +33,7 @@ from dev.smtp_sink import free_port
 
 PASSWORD = "secret"
 DOVECOT = "dovecot"
+SUBMISSION_SERVICE = "/usr/lib/dovecot/submission"
 MAIL_USER = "mail"
 
 # Dovecot 2.3's configuration; {folder}, {port}... are filled in, Dovecot's own %u stays. Debian's mail
@@ -35,16 +42,17 @@ CONFIG_23 = """\
 base_dir = {folder}/run
 state_dir = {folder}/state
 log_path = {folder}/dovecot.log
-protocols = imap
+protocols = imap{protocols}
 listen = 127.0.0.1
 ssl = no
 disable_plaintext_auth = no
 default_internal_user = dovecot
 default_login_user = dovenull
-auth_mechanisms = plain login
+auth_mechanisms = plain login{mechanisms}
 auth_failure_delay = 0
-passdb {{
+{oauth_passdb}passdb {{
   driver = static
+  mechanisms = plain login
   args = password={password}
 }}
 userdb {{
@@ -65,7 +73,7 @@ service imap-login {{
     port = 0
   }}
 }}
-# No penalty of seconds on the logins that follow a refused one (the listener's mode 0 turns it off).
+{submission}# No penalty of seconds on the logins that follow a refused one (the listener's mode 0 turns it off).
 service anvil {{
   unix_listener anvil-auth-penalty {{
     mode = 0
@@ -73,6 +81,49 @@ service anvil {{
 }}
 {capability}
 """
+
+
+# With ``tokens``: a passdb that checks OAuth 2.0 bearer tokens itself (XOAUTH2, OAUTHBEARER), by local
+# validation: the JWT's signature with the issuer's public key (under keys/default/RS256/default: no azp,
+# no kid), its expiry, its issuer and audience, and that its ``sub`` is the login.
+OAUTH_PASSDB = """\
+passdb {{
+  driver = oauth2
+  mechanisms = {mechanisms}
+  args = {folder}/oauth2.conf.ext
+}}
+"""
+OAUTH2_CONF = """\
+introspection_mode = local
+local_validation_key_dict = fs:posix:prefix={folder}/keys/
+issuers = {issuers}
+username_attribute = sub
+active_attribute = aud
+active_value = {audience}
+"""
+# With ``relay_port``: Dovecot's SMTP submission service, which authenticates through the same passdbs and
+# relays what it takes to 127.0.0.1:relay_port (an SMTP sink standing for the rest of the Internet).
+SUBMISSION = """\
+hostname = {hostname}
+submission_relay_host = 127.0.0.1
+submission_relay_port = {relay_port}
+submission_relay_trusted = no
+service submission-login {{
+  inet_listener submission {{
+    port = {submission_port}
+  }}
+}}
+"""
+
+
+@dataclass(frozen=True)
+class TokenCheck:
+    """What Dovecot trusts in a bearer token: the issuer's public key (PEM), the issuers, the audience."""
+
+    public_key_pem: str
+    issuers: tuple[str, ...]
+    audience: str
+    mechanisms: str = "xoauth2 oauthbearer"  # e.g. "oauthbearer" alone, to play a server without XOAUTH2
 
 
 class DovecotMissing(RuntimeError):
@@ -94,9 +145,13 @@ class Dovecot:
     ``imap_capability``), e.g. without MOVE, to play an older server.
     """
 
-    def __init__(self, capabilities: str | None = None, folder: Path | None = None):
+    def __init__(self, capabilities: str | None = None, folder: Path | None = None, *,
+                 tokens: TokenCheck | None = None, relay_port: int | None = None):
         self.capabilities = capabilities
+        self.tokens = tokens          # OAuth 2.0 logins, checked by Dovecot (passdb oauth2)
+        self.relay_port = relay_port  # SMTP submission, relaying to this port
         self.port = 0
+        self.submission_port = 0
         self.kept = folder  # `make airflow`'s mailbox: kept between starts; else a temporary folder
         self.folder: Path | None = None
 
@@ -106,6 +161,9 @@ class Dovecot:
 
     def start(self) -> Dovecot:
         version = dovecot_version()
+        if self.relay_port is not None and not Path(SUBMISSION_SERVICE).exists():
+            raise DovecotMissing(f"Dovecot's SMTP submission is not installed ({SUBMISSION_SERVICE}; Debian: "
+                                 "dovecot-submissiond; dev/system-packages install)")
         if not version.startswith("2.3."):
             raise DovecotMissing(f"dovecot {version} is installed; dev/dovecot.py writes Dovecot 2.3's configuration")
         self.folder = own_folder(self.kept, "invoice-mailing-dovecot-")
@@ -114,18 +172,41 @@ class Dovecot:
         shutil.chown(mail, MAIL_USER, MAIL_USER)
         self.port = free_port()
         capability = f"imap_capability = {self.capabilities}" if self.capabilities else ""
-        self.config.write_text(CONFIG_23.format(folder=self.folder, port=self.port, mail_user=MAIL_USER,
-                                                mail_uid=pwd.getpwnam(MAIL_USER).pw_uid, password=PASSWORD,
-                                                capability=capability))
+        oauth_passdb = ""
+        if self.tokens is not None:
+            keys = self.folder / "keys" / "default" / "RS256"
+            keys.mkdir(parents=True, exist_ok=True)
+            (keys / "default").write_text(self.tokens.public_key_pem)
+            (self.folder / "oauth2.conf.ext").write_text(OAUTH2_CONF.format(
+                folder=self.folder, issuers=" ".join(self.tokens.issuers), audience=self.tokens.audience))
+            oauth_passdb = OAUTH_PASSDB.format(folder=self.folder, mechanisms=self.tokens.mechanisms)
+        submission = ""
+        if self.relay_port is not None:
+            self.submission_port = free_port()
+            submission = SUBMISSION.format(hostname="smtp.fjordlys.example", relay_port=self.relay_port,
+                                           submission_port=self.submission_port)
+        self.config.write_text(CONFIG_23.format(
+            folder=self.folder, port=self.port, mail_user=MAIL_USER, mail_uid=pwd.getpwnam(MAIL_USER).pw_uid,
+            password=PASSWORD, capability=capability, oauth_passdb=oauth_passdb, submission=submission,
+            protocols=" submission" if submission else "", mechanisms=f" {self.tokens.mechanisms}" if oauth_passdb else ""))
         run_forking([DOVECOT, "-c", str(self.config)], self.folder / "start.err",
                     lambda errors: f"dovecot did not start: {errors}")
         wait_until_answering(lambda: imaplib.IMAP4("127.0.0.1", self.port, timeout=2).shutdown(), (OSError,),
                              f"dovecot on port {self.port}", self._log)
+        if self.submission_port:
+            wait_until_answering(lambda: smtplib.SMTP("127.0.0.1", self.submission_port, timeout=2).quit(),
+                                 (OSError, smtplib.SMTPException), f"dovecot's submission on port "
+                                 f"{self.submission_port}", self._log)
         return self
 
     def _log(self) -> str:
         log = self.folder / "dovecot.log"
         return log.read_text() if log.exists() else "no log"
+
+    def logins(self, service: str = "submission") -> list[tuple[str, str]]:
+        """The successful logins of a service (``submission`` or ``imap``), as (user, SASL mechanism), in order."""
+        found = re.findall(rf"{service}-login: Info: Login: user=<([^>]*)>, method=([A-Z0-9-]+)", self._log())
+        return [(user, method) for user, method in found]
 
     def master_pid(self) -> int:
         """The pid of Dovecot's master process (it forked into the background)."""

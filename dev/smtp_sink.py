@@ -56,6 +56,8 @@ class Faults:
     # (n, pid, keep): at the n-th message, SIGKILL the sending process, after keeping the message or not
     kill_at_data: tuple[int, int, bool] | None = None
     data_seen: int = 0
+    auth_replies: list[str] = field(default_factory=list)  # next AUTH answers, e.g. ["534 5.7.9 ..."]
+    auth_seen: int = 0
     # The EHLO answer's keywords, reshaped: drop these (e.g. {"SMTPUTF8"}), replace by keyword
     # (e.g. {"SIZE": "SIZE"} for a bare SIZE), add these lines (e.g. ["X-UNKNOWN-EXTENSION a b"]).
     ehlo_drop: set[str] = field(default_factory=set)
@@ -200,12 +202,15 @@ class _SinkController(Controller):
 
 
 class _Authenticator:
-    def __init__(self, logins: dict[str, str]):
-        self.logins = logins
+    def __init__(self, logins: dict[str, str], faults: Faults):
+        self.logins, self.faults = logins, faults
 
     def __call__(self, server, session, envelope, mechanism, auth_data):
         from aiosmtpd.smtp import AuthResult, LoginPassword
 
+        self.faults.auth_seen += 1
+        if self.faults.auth_replies:  # the platform's own refusal, e.g. Google's 534 5.7.9
+            return AuthResult(success=False, handled=False, message=self.faults.auth_replies.pop(0))
         ok = isinstance(auth_data, LoginPassword) and self.logins.get(
             auth_data.login.decode()) == auth_data.password.decode()
         return AuthResult(success=ok, handled=False)
@@ -246,17 +251,20 @@ class SmtpSink:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, directory: Path | None = None,
                  faults: Faults | None = None, size_limit: int | None = None,
-                 logins: dict[str, str] | None = None, tls: str | None = None, dsn: bool = False):
+                 logins: dict[str, str] | None = None, tls: str | None = None, dsn: bool = False,
+                 auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")):
         """``logins`` (user -> password): the server offers AUTH and refuses MAIL FROM before a login.
         ``tls``: "starttls" offers STARTTLS, "ssl" speaks TLS from the start (a self-signed certificate).
-        ``dsn``: the server offers DSN and PIPELINING (it reads commands in order, so pipelined ones work)."""
+        ``dsn``: the server offers DSN and PIPELINING (it reads commands in order, so pipelined ones work).
+        ``auth_mechanisms``: what AUTH offers (Exchange Online offers LOGIN alone for a password)."""
         self.handler = SinkHandler(directory, faults)
         if dsn:
             self.handler.faults.ehlo_add += ["PIPELINING", "DSN"]
         kwargs = {"data_size_limit": size_limit} if size_limit else {}
         if logins:  # with STARTTLS, AUTH only once the session is encrypted
-            kwargs.update(authenticator=_Authenticator(logins), auth_required=True,
-                          auth_require_tls=tls == "starttls")
+            kwargs.update(authenticator=_Authenticator(logins, self.handler.faults), auth_required=True,
+                          auth_require_tls=tls == "starttls",
+                          auth_exclude_mechanism=[m for m in ("PLAIN", "LOGIN") if m not in auth_mechanisms])
         context = self_signed_tls(host) if tls else None
         if tls == "starttls":
             kwargs["tls_context"] = context

@@ -351,7 +351,8 @@ class TokenServer:
             with self._lock:
                 failure = self.failures.pop(0) if self.failures else None
             if failure is not None:
-                response = app.response_class("Service Unavailable", status=failure, mimetype="text/plain")
+                response = app.response_class("Service Unavailable", status=failure, mimetype="text/plain",
+                                              headers={"Retry-After": "1"})  # msal waits as long before asking again
             elif door == ENTRA and tenant not in self.tenants:
                 response = jsonify(error="invalid_tenant", error_codes=[90002],
                                    error_description=f"AADSTS90002: Tenant '{tenant}' not found.")

@@ -177,7 +177,8 @@ def test_the_session_is_encrypted_as_the_connection_says_and_then_logs_in(night,
 # --- One definition of final and re-decided -----------------------------------------------------
 
 FINAL = ("recipient_rejected", "message_rejected", "too_large", "smtp_error")
-KEEPS_DUE = ("sender_rejected", "auth_failed", "tls_unavailable", "smtputf8_unsupported")
+KEEPS_DUE = ("sender_rejected", "auth_failed", "tls_unavailable", "smtputf8_unsupported", "basic_auth_disabled",
+             "send_as_denied", "token_refused")
 REDECIDED = ("config_error", "dry_run", "no_longer_due", None)
 
 

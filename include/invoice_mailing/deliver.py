@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import smtplib
-import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,32 +19,21 @@ from email_validator import EmailNotValidError, validate_email
 
 from include.invoice_mailing.ledger import now
 from include.invoice_mailing.masking import mask_text
+from include.invoice_mailing.platform_answers import account_refusal
 from include.invoice_mailing.render import Attachment, Notification, one_line
 from include.invoice_mailing.session_slots import NoSessionSlot, SessionSlots, Slot
+from include.invoice_mailing.smtp_login import (
+    SmtpAccount,
+    SmtpAccountError,
+    SmtpConfigError,
+    TransientSmtpError,
+    code_text,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SMTP_CONN_ID = "smtp_default"
 NO_SMTPUTF8 = "the relay does not offer SMTPUTF8, which an address with a non-ASCII local part needs"
-
-
-class SmtpConfigError(Exception):
-    """The mailing names an SMTP connection that Airflow does not have: fix the setting, then it sends."""
-
-
-class SmtpAccountError(Exception):
-    """The relay refused the account itself (its login, or its sender address): fix the account, then it sends."""
-
-    def __init__(self, reason: str, answer: str):
-        super().__init__(answer)
-        self.reason, self.answer = reason, answer
-
-
-class TransientSmtpError(Exception):
-    """The server or the network said 'not now' (4xx, timeout, dropped connection): try again later."""
-
-    after_data = False  # the server may have taken the message: never retried blindly
-    retry_now = True    # False: ``send`` does not retry it (the task's next try does)
 
 
 @dataclass
@@ -180,11 +169,6 @@ def size_limit(keyword: str | None) -> int:
     return int(first[0]) if first and first[0].isdigit() else 0
 
 
-def _code_text(code: int, text: bytes | str) -> str:
-    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
-    return f"{code} {one_line(text, 300)}"
-
-
 _ENHANCED = re.compile(r"\s*([245])\.(\d{1,3})\.(\d{1,3})(?!\S)")
 AUTH_CODES = (530, 534, 535, 538)  # RFC 4954: log in first, mechanism too weak, refused, needs TLS
 _BY_COMMAND = {"mail": "sender_rejected", "rcpt": "recipient_rejected", "data": "message_rejected"}
@@ -215,23 +199,6 @@ def refusal_reason(command: str, code: int, text: bytes | str) -> str | None:
     if enhanced == (5, 3, 4) or (code == 552 and command in ("mail", "data")):  # to MAIL FROM ... SIZE=
         return "too_large"
     return _BY_COMMAND.get(command, "smtp_error")
-
-
-def _tls_context(hook) -> ssl.SSLContext | None:
-    """The connection's ``ssl_context`` extra, as the SMTP provider reads it."""
-    if hook.ssl_context not in (None, "default", "none"):
-        raise SmtpConfigError(f"the SMTP connection {hook.smtp_conn_id!r} has ssl_context {hook.ssl_context!r}; "
-                              "it may be 'default' or 'none'")
-    return None if hook.ssl_context == "none" else ssl.create_default_context()
-
-
-def _refused(exc: smtplib.SMTPException, reason: str, what: str) -> Exception:
-    """A failed STARTTLS or AUTH: a 4xx is transient; anything else is the account's to fix."""
-    code = getattr(exc, "smtp_code", 0)
-    answer = _code_text(code, exc.smtp_error) if code else one_line(str(exc), 300)
-    if 400 <= code < 500:
-        return TransientSmtpError(answer)
-    return SmtpAccountError(reason, f"{what}: {answer}")
 
 
 def max_sessions(conn_id: str, extra: dict, default: int) -> int:
@@ -265,54 +232,61 @@ def pipelined(client: smtplib.SMTP, envelope_from: str, mail_options: Sequence[s
 
 
 class SmtpSender:
-    """SMTP sessions per connection id, opened with the SMTP provider hook's settings, reused for a batch.
+    """SMTP sessions per connection id, opened as the connection says (``smtp_login.SmtpAccount``), reused
+    for a batch.
 
-    The hook reads the connection (host, port, SSL or STARTTLS, login); this class owns the session,
-    the classification of answers and the retries (the hook's own ``send_email_smtp`` would retry
-    after DATA was accepted, and its ``get_conn`` retries connecting on its own). With ``slots``, each
-    session holds one of its relay's session slots (``session_slots.py``) from before it connects
-    until it is closed, so no relay sees more than its connection's ``max_sessions`` at once.
+    This class owns the sessions, the classification of answers and the retries (the SMTP provider's
+    ``send_email_smtp`` would retry after DATA was accepted, and its ``get_conn`` retries connecting on
+    its own). With ``slots``, each session holds one of its relay's session slots (``session_slots.py``)
+    from before it connects until it is closed, so no relay sees more than its connection's
+    ``max_sessions`` at once. A session logged in with an OAuth 2.0 token logs in again, on the same
+    slot, before a transaction that would start after its token's renewal time; the next transaction
+    then runs on the new session, so nothing is sent twice. An account the relay or its identity
+    provider refused (``SmtpAccountError``, a wrong setting) is refused for the rest of the batch without
+    a session more, and a token endpoint that did not answer keeps the batch's other messages pending.
     """
 
     def __init__(self, *, attempts: int = 3, backoff: float = 2.0, slots: SessionSlots | None = None):
         self._sessions: dict[str, smtplib.SMTP] = {}
         self._slots: dict[str, Slot] = {}
         self._no_slot: dict[str, NoSessionSlot] = {}  # waited once in vain: the task's next try comes back
+        self._accounts: dict[str, SmtpAccount] = {}
+        self._renew_at: dict[str, float] = {}         # when the session's token is due for renewal
+        self._refused: dict[str, Exception] = {}      # the account's refusal, for the rest of the batch
+        self._token_down: dict[str, str] = {}         # the token endpoint did not answer: the batch waits
         self.attempts = attempts
         self.backoff = backoff  # seconds, times the attempt number
         self.slots = slots
 
-    def _connect(self, conn_id: str) -> smtplib.SMTP:
-        """A session opened with the settings the SMTP provider's hook reads from the connection: host,
-        port, timeout, SSL or STARTTLS, and the login, once one of the relay's session slots is ours.
-        The hook's ``get_conn`` is not used: it retries on its own and keeps its client private; the
-        retries here are ``send``'s."""
-        from airflow.exceptions import AirflowNotFoundException
-        from airflow.providers.smtp.hooks.smtp import SmtpHook
+    def account(self, conn_id: str) -> SmtpAccount:
+        """The connection's settings, read once per sender; SmtpConfigError when they are wrong."""
+        if conn_id not in self._accounts:
+            self._accounts[conn_id] = SmtpAccount.from_connection(conn_id)
+        return self._accounts[conn_id]
 
-        hook = SmtpHook(smtp_conn_id=conn_id)
+    def envelope_sender(self, conn_id: str) -> str | None:
+        """``verp`` or ``mailbox`` (the connection's ``envelope_sender``); None when its settings are wrong
+        (``send`` then reports them)."""
         try:
-            hook.smtp_connection = hook.get_connection(conn_id)
-        except AirflowNotFoundException as exc:
-            raise SmtpConfigError(f"the SMTP connection {conn_id!r} does not exist in Airflow") from exc
-        context = _tls_context(hook)
-        slot = self._slot(conn_id, hook.smtp_connection.extra_dejson)
+            return self.account(conn_id).envelope_sender
+        except SmtpConfigError:
+            return None
+
+    def _connect(self, conn_id: str) -> smtplib.SMTP:
+        """A session opened as the connection says, once the login's token is at hand and one of the relay's
+        session slots is ours (a slot already held, by a session being renewed, is kept)."""
+        account = self.account(conn_id)
+        token = account.token()
+        slot = self._slots.pop(conn_id, None) or self._slot(conn_id, account.extra)
         try:
-            if hook.use_ssl:
-                client = smtplib.SMTP_SSL(hook.host, hook.port or 0, timeout=hook.timeout, context=context)
-            else:
-                client = smtplib.SMTP(hook.host, hook.port or 0, timeout=hook.timeout)
-            try:
-                SmtpSender._secure_and_log_in(client, hook, context)
-            except BaseException:
-                client.close()
-                raise
+            client = account.open(token)
         except BaseException:
             if slot is not None:
                 slot.release()
             raise
         if slot is not None:
             self._slots[conn_id] = slot
+        self._renew_at[conn_id] = token.renew_at() if token is not None else math.inf
         return client
 
     def _slot(self, conn_id: str, extra: dict) -> Slot | None:
@@ -328,38 +302,22 @@ class SmtpSender:
             self._no_slot[conn_id] = exc
             raise
 
-    @staticmethod
-    def _secure_and_log_in(client: smtplib.SMTP, hook, context: ssl.SSLContext | None) -> None:
-        from airflow.providers.smtp.hooks.smtp import build_xoauth2_string
-
-        client.ehlo_or_helo_if_needed()
-        if hook.smtp_starttls and not hook.use_ssl:  # an SSL connection is encrypted already
-            if not client.has_extn("starttls"):
-                raise SmtpAccountError("tls_unavailable", "the relay does not offer STARTTLS and the SMTP "
-                                       "connection requires TLS (its extra has no disable_tls)")
-            try:
-                client.starttls(context=context)
-            except smtplib.SMTPResponseException as exc:
-                raise _refused(exc, "tls_unavailable", "STARTTLS refused") from exc
-            client.ehlo()
-        oauth2 = hook.auth_type == "oauth2"
-        if oauth2 and not ((hook.smtp_user or hook.from_email) and hook.access_token):
-            raise SmtpConfigError(f"the SMTP connection {hook.smtp_conn_id!r} has auth_type oauth2 but no login "
-                                  "(or from_email) and access_token in its extra")
-        try:
-            if oauth2:
-                xoauth2 = build_xoauth2_string(hook.smtp_user or hook.from_email, hook.access_token)
-                client.auth("XOAUTH2", lambda _=None: xoauth2)
-            elif hook.smtp_user and hook.smtp_password:
-                client.login(hook.smtp_user, hook.smtp_password)
-        except smtplib.SMTPServerDisconnected:
-            raise
-        except smtplib.SMTPException as exc:  # refused, no AUTH offered, or no mechanism in common
-            raise _refused(exc, "auth_failed", "login refused") from exc
-
     def _session(self, conn_id: str) -> smtplib.SMTP:
+        if conn_id in self._refused:
+            raise self._refused[conn_id]
+        if conn_id in self._token_down:
+            raise _token_down(self._token_down[conn_id])
+        if conn_id in self._sessions and time.time() >= self._renew_at.get(conn_id, math.inf):
+            log.info("SMTP %s: the session's OAuth 2.0 token is due for renewal: logging in again with a new one",
+                     conn_id)
+            self._quit(conn_id)  # between transactions: no message is in flight
         if conn_id not in self._sessions:
-            self._sessions[conn_id] = self._connect(conn_id)
+            try:
+                self._sessions[conn_id] = self._connect(conn_id)
+            except (SmtpAccountError, SmtpConfigError) as exc:
+                self._refused[conn_id] = exc
+                self._drop(conn_id)
+                raise
         return self._sessions[conn_id]
 
     def supports(self, conn_id: str, extension: str) -> bool | None:
@@ -373,6 +331,15 @@ class SmtpSender:
             self._drop(conn_id)
             return None
 
+    def _quit(self, conn_id: str) -> None:
+        """End the session politely; its slot stays held (a renewal connects again at once)."""
+        client = self._sessions.pop(conn_id, None)
+        if client is not None:
+            try:
+                client.quit()
+            except Exception:  # noqa: BLE001
+                client.close()
+
     def _drop(self, conn_id: str) -> None:
         client = self._sessions.pop(conn_id, None)
         if client is not None:
@@ -385,11 +352,9 @@ class SmtpSender:
             slot.release()
 
     def close(self) -> None:
-        for conn_id, client in list(self._sessions.items()):
-            try:
-                client.quit()
-            except Exception:  # noqa: BLE001
-                pass
+        for conn_id in list(self._sessions):
+            self._quit(conn_id)
+        for conn_id in list(self._slots):
             self._drop(conn_id)
 
     def __enter__(self):
@@ -415,6 +380,8 @@ class SmtpSender:
                 outcome = self._send_once(conn_id, wire, envelope_from, rcpts, envid)
             except TransientSmtpError as exc:
                 if attempt == self.attempts or exc.after_data or not exc.retry_now:
+                    if exc.token_unavailable:  # the batch's other messages need the same token: they wait
+                        self._token_down[conn_id] = str(exc)
                     result.deferred.update({r: str(exc) for r in rcpts})
                     result.session_fault = True
                     return result
@@ -460,6 +427,8 @@ class SmtpSender:
             else:
                 code, text = client.mail(envelope_from, options)
             if code != 250:
+                if refusal := self._account_refusal(conn_id, "MAIL FROM", code, text):
+                    raise refusal
                 return self._refused_all(conn_id, result, code, text)
             phase = "rcpt"
             for n, address in enumerate(rcpts):
@@ -467,9 +436,11 @@ class SmtpSender:
                 if code in (250, 251):
                     result.accepted.append(address)
                 elif 400 <= code < 500:
-                    result.deferred[address] = _code_text(code, text)
+                    result.deferred[address] = code_text(code, text)
                 else:
-                    result.rejected[address] = (refusal_reason("rcpt", code, text), _code_text(code, text))
+                    if refusal := self._account_refusal(conn_id, "RCPT TO", code, text):
+                        raise refusal
+                    result.rejected[address] = (refusal_reason("rcpt", code, text), code_text(code, text))
             if not result.accepted:
                 client.rset()
                 return result
@@ -477,20 +448,27 @@ class SmtpSender:
             code, text = client.data(data)
             if code == 250:
                 return result
+            if refusal := self._account_refusal(conn_id, "the message", code, text):
+                raise refusal
             return self._data_refused(result, code, text)
         except smtplib.SMTPDataError as exc:  # DATA itself refused: nothing was transferred
             self._drop(conn_id)
+            if refusal := self._account_refusal(conn_id, "the message", exc.smtp_code, exc.smtp_error):
+                return SendResult(failure=(refusal.reason, refusal.answer))  # the server took nothing
             return self._data_refused(result, exc.smtp_code, exc.smtp_error)
         except SmtpConfigError as exc:
             result.failure = ("config_error", str(exc))
             return result
-        except SmtpAccountError as exc:
-            result.failure = (exc.reason, exc.answer)
-            return result
+        except SmtpAccountError as exc:  # the account refused: no recipient of this transaction was taken
+            return SendResult(failure=(exc.reason, exc.answer))
         except NoSessionSlot as exc:  # it waited already: the deliveries stay pending for the task's next try
             error = TransientSmtpError(str(exc))
             error.retry_now = False
             raise error from exc
+        except TransientSmtpError:
+            if phase == "connect":
+                self._drop(conn_id)
+            raise
         except Exception as exc:  # dropped connection, timeout, refused connection (the hook wraps some)
             self._drop(conn_id)
             error = TransientSmtpError(f"{type(exc).__name__} during {phase}: {exc}")
@@ -498,11 +476,26 @@ class SmtpSender:
             error.after_data = phase == "data"
             raise error from exc
 
+    def _account_refusal(self, conn_id: str, command: str, code: int, text) -> SmtpAccountError | None:
+        """An answer that refuses the account itself (``platform_answers``): the rest of the batch is refused the
+        same, without another transaction. None for an answer about a recipient or a message."""
+        answer = code_text(code, text)
+        known = account_refusal(code, answer.partition(" ")[2], self.account(conn_id).platform)
+        if known is None:
+            return None
+        self._refused[conn_id] = SmtpAccountError(known.reason, f"{command} refused: {answer}: {known.what_to_do}")
+        try:
+            if conn_id in self._sessions:
+                self._sessions[conn_id].rset()
+        except Exception:  # noqa: BLE001
+            self._drop(conn_id)
+        return self._refused[conn_id]
+
     @staticmethod
     def _data_refused(result: SendResult, code: int, text) -> SendResult:
         """The message was refused as a whole: every recipient the server had accepted shares the answer."""
         accepted, result.accepted = result.accepted, []
-        answer = _code_text(code, text)
+        answer = code_text(code, text)
         if 400 <= code < 500:
             result.deferred.update({a: answer for a in accepted})
         else:
@@ -513,10 +506,16 @@ class SmtpSender:
         """MAIL FROM refused: the answer is every recipient's."""
         if 400 <= code < 500 or code < 200:
             self._drop(conn_id)
-            raise TransientSmtpError(_code_text(code, text))
-        result.failure = (refusal_reason("mail", code, text), _code_text(code, text))
+            raise TransientSmtpError(code_text(code, text))
+        result.failure = (refusal_reason("mail", code, text), code_text(code, text))
         try:
             self._session(conn_id).rset()
         except Exception:  # noqa: BLE001
             self._drop(conn_id)
         return result
+
+
+def _token_down(text: str) -> TransientSmtpError:
+    error = TransientSmtpError(text)
+    error.retry_now, error.token_unavailable = False, True
+    return error

@@ -186,10 +186,13 @@ HARD_BOUNCE, BLOCKED = "hard_bounce", "blocked"
 #   new final reason needs a new migration, a new re-decided one none).
 SMTP_FAILURES = ("recipient_rejected", "message_rejected", "too_large", "smtp_error")
 # - RELAY_REFUSALS: the relay's refusals of the account or the connection (a sender or a relaying
-#   it will not take, a login, TLS, SMTPUTF8), mended on the relay's side. Re-decided, and they keep
-#   their document due (as a deferred delivery does) until they are sent, within the look-back window;
-#   their ``detail`` names the email account and the SMTP connection.
-RELAY_REFUSALS = ("sender_rejected", "auth_failed", "tls_unavailable", "smtputf8_unsupported")
+#   it will not take, a login, a password login a platform no longer takes, a From it may not send as,
+#   TLS, SMTPUTF8) and the identity provider's refusal of its OAuth 2.0 credentials, mended on the
+#   relay's or the account's side. Re-decided, and they keep their document due (as a deferred delivery
+#   does) until they are sent, within the look-back window; their ``detail`` names the email account and
+#   the SMTP connection.
+RELAY_REFUSALS = ("sender_rejected", "auth_failed", "tls_unavailable", "smtputf8_unsupported",
+                  "basic_auth_disabled", "send_as_denied", "token_refused")
 # - A configuration error (a template, a sender, a connection) is re-decided too, and keeps its
 #   document open until it is mended: the document is not settled, so not written back.
 # - Every other skipped or failed row (a refusal by the rules, a dry run) is re-decided by a later run

@@ -28,6 +28,7 @@ from include.invoice_mailing.masking import mask_address, mask_text
 from include.invoice_mailing.params import RunContext
 from include.invoice_mailing.planning import plan_batch, planned_deliveries
 from include.invoice_mailing.render import Attachment, Notification, Renderer, RenderError
+from include.invoice_mailing.smtp_login import MAILBOX
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +231,9 @@ class _Mailer:
         except RenderError as exc:
             self.refuse(todo, rules.CONFIG_ERROR, str(exc))
             return
-        verp = self.settings.verp
-        if verp is not None and verp.key is None and params.mode != "dry_run":
+        conn_id = mailing.account.smtp_conn_id or DEFAULT_SMTP_CONN_ID
+        verp = self.verp(conn_id) if params.mode != "dry_run" else None
+        if verp is not None and verp.key is None:
             self.refuse(todo, rules.CONFIG_ERROR, verp.key_error)
             return
         claimed, busy = ledger.claim(self.ledger_db, [r["id"] for r in todo], self.token, run_id=self.ctx.run_id,
@@ -243,7 +245,6 @@ class _Mailer:
             self.finish(claimed, SKIPPED, "dry_run", reason="dry_run", attachment_sha256=attachment.sha256)
             return
 
-        conn_id = mailing.account.smtp_conn_id or DEFAULT_SMTP_CONN_ID
         account = (f"email account {mailing.account.account_id} <{mailing.account.address}>, "
                    f"SMTP connection {conn_id!r}")
         rows = [r for r in todo if r["id"] in claimed]
@@ -273,6 +274,14 @@ class _Mailer:
             ids_of[envelope[r["id"]]].append(r["id"])
         result = self.sender.send(conn_id, msg, smtp_address(mailing.account.address), list(ids_of))
         self.record(result, ids_of, rows, message_id, attachment.sha256, account)
+
+    def verp(self, conn_id: str) -> Verp | None:
+        """The deployment's VERP, unless the connection sends with the mailbox's own address as the envelope
+        sender (``envelope_sender: mailbox``, the default on Microsoft 365 and Gmail): then one transaction
+        per message, as without a bounce mailbox, and its bounces are matched by Message-ID and recipient."""
+        if self.settings.verp is None or self.sender.envelope_sender(conn_id) == MAILBOX:
+            return None
+        return self.settings.verp
 
     def send_each(self, conn_id: str, msg: EmailMessage, rows: list[dict], envelope: dict[int, str], message_id: str,
                   attachment_sha256: str, account: str) -> None:
