@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 TEST_WORKERS ?= 2
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv catalogs demo airflow airflow-stop test e2e-celery lint bench bench-night clean audit-export audit-ui screenshots
+.PHONY: venv catalogs demo airflow airflow-stop test e2e-celery lint bench bench-night clean audit-export audit-ui screenshots \
+	check-mail-accounts
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +40,12 @@ test: venv catalogs
 # PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379; a night with one worker SIGKILLed (about 2 minutes).
 e2e-celery: venv catalogs
 	$(PY) -m pytest -q -s tests/e2e/test_celery.py
+
+# Before the first night: every email account of the ERP gets its token (OAuth 2.0), opens its SMTP session and
+# logs in, then the bounce mailbox; one line each, ok or why not; nothing is sent. The Airflow connections are
+# the deployment's (AIRFLOW_HOME, or AIRFLOW_CONN_* in the environment).
+check-mail-accounts: venv
+	$(PY) -m include.invoice_mailing.mail_accounts
 
 # One night's deliveries as CSV and JSON Lines in exports/, from LEDGER (a SQLAlchemy URL; the demo's is
 # sqlite:///demo/ledger.db) or else Airflow's mailing_ledger connection; it names the ledger it read, and

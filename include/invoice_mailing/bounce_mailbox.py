@@ -14,6 +14,7 @@ from __future__ import annotations
 import imaplib
 import logging
 import re
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -107,17 +108,22 @@ class BounceMailbox:
 
         hook = ImapHook(imap_conn_id=conn_id)
         try:
-            settings = MailboxSettings.from_connection(hook.get_connection(conn_id))
+            conn = hook.get_connection(conn_id)
         except AirflowNotFoundException:
             raise MailboxUnavailable(f"bounce mailbox {conn_id}: Airflow has no connection {conn_id!r}") from None
-        try:
-            hook.get_conn()
-        except (OSError, imaplib.IMAP4.error) as exc:
-            if hook.mail_client is not None:  # connected, then the login was refused
-                hook.mail_client.shutdown()
-                raise MailboxUnavailable(f"{settings.where}: the server refused the login: {_one_line(exc)}") from exc
-            raise MailboxUnavailable(f"{settings.where}: cannot connect: {_one_line(exc)}") from exc
-        client = hook.mail_client
+        settings = MailboxSettings.from_connection(conn)
+        if conn.extra_dejson.get("auth_type") == "oauth2":
+            client = _oauth_session(conn, settings)
+        else:
+            try:
+                hook.get_conn()
+            except (OSError, imaplib.IMAP4.error) as exc:
+                if hook.mail_client is not None:  # connected, then the login was refused
+                    hook.mail_client.shutdown()
+                    raise MailboxUnavailable(f"{settings.where}: the server refused the login: "
+                                             f"{_one_line(exc)}") from exc
+                raise MailboxUnavailable(f"{settings.where}: cannot connect: {_one_line(exc)}") from exc
+            client = hook.mail_client
         try:
             client.sock.settimeout(TIMEOUT)
             if client.state != "AUTH":
@@ -213,6 +219,52 @@ class BounceMailbox:
             answer = b" ".join(d for d in data if isinstance(d, bytes)).decode(errors="replace")
             raise MailboxUnavailable(f"{self.settings.where}: {refused}: {_one_line(answer)}")
         return data
+
+
+def _oauth_session(conn, settings: MailboxSettings) -> imaplib.IMAP4:
+    """A session logged in with the connection's OAuth 2.0 token (``auth_type: oauth2``, the same settings as
+    an SMTP connection's; ``oauth.py``): IMAP ``AUTHENTICATE XOAUTH2``, or OAUTHBEARER where the server offers
+    only that. The IMAP provider's hook logs in with a password only, so this session is built here with the
+    hook's meaning of ``use_ssl`` (default true, port 993) and ``ssl_context`` (``default`` or ``none``)."""
+    from include.invoice_mailing.oauth import OAuthConfigError, TokenRefused, TokenUnavailable, token_source
+    from include.invoice_mailing.smtp_login import mask_token, sasl_response
+
+    try:
+        tokens = token_source(conn.conn_id, login=conn.login, password=conn.password, extra=conn.extra_dejson)
+        token = tokens.token()
+    except (OAuthConfigError, TokenRefused, TokenUnavailable) as exc:
+        raise MailboxUnavailable(f"{settings.where}: {exc}") from None
+    mask_token(token.value)
+    extra = conn.extra_dejson
+    try:
+        if extra.get("use_ssl", True):
+            if (extra.get("ssl_context") or "default") not in ("default", "none"):
+                raise MailboxUnavailable(f"{settings.where}: ssl_context {extra['ssl_context']!r}: 'default' or 'none'")
+            context = ssl.create_default_context() if (extra.get("ssl_context") or "default") == "default" else None
+            client = imaplib.IMAP4_SSL(settings.host, settings.port, ssl_context=context, timeout=TIMEOUT)
+        else:
+            client = imaplib.IMAP4(settings.host, settings.port, timeout=TIMEOUT)
+    except OSError as exc:
+        raise MailboxUnavailable(f"{settings.where}: cannot connect: {_one_line(exc)}") from exc
+    offered = {capability.upper() for capability in client.capabilities}
+    mechanism = "OAUTHBEARER" if "AUTH=XOAUTH2" not in offered and "AUTH=OAUTHBEARER" in offered else "XOAUTH2"
+    initial = sasl_response(mechanism, tokens.settings.user, token.value, settings.host, settings.port).encode()
+    errors: list[str] = []
+
+    def respond(challenge: bytes) -> bytes:  # a challenge is the server's error (JSON): answer empty, then NO
+        if challenge:
+            errors.append(_one_line(challenge))
+            return b""
+        return initial
+
+    try:
+        client.authenticate(mechanism, respond)
+    except (OSError, imaplib.IMAP4.error) as exc:
+        client.shutdown()
+        said = f" (the server's error: {errors[0]})" if errors else ""
+        raise MailboxUnavailable(f"{settings.where}: the server refused the {mechanism} login of "
+                                 f"{tokens.settings.user}: {_one_line(exc)}{said}") from exc
+    return client
 
 
 def _quoted(name: str) -> str:

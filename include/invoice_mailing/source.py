@@ -358,6 +358,13 @@ def load_batch(engine: Engine, document_keys: Iterable[tuple[str, str]]) -> Batc
     return data
 
 
+def email_accounts(engine: Engine) -> list[EmailAccount]:
+    """Every email account of the ERP, by id: what the deployer's check logs in with."""
+    with engine.connect() as conn:
+        return [EmailAccount(**row) for row in
+                conn.execute(select(email_account).order_by(email_account.c.account_id)).mappings()]
+
+
 def mark_emailed(engine: Engine, document_keys: Iterable[tuple[str, str]]) -> int:
     """Write back ``invoice.emailed`` (the one column the pipeline may change); idempotent."""
     keys = sorted(set(document_keys))
