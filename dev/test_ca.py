@@ -18,6 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+# Valid from well before today: a stack on a faked clock (AirflowStack(fake_time=...)) lives days in the past.
+BACKDATED = timedelta(days=60)
+
 
 def _pem_key(key) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -33,10 +36,10 @@ class TestCA:
         self.folder = Path(folder or tempfile.mkdtemp(prefix="invoice-mailing-ca-"))
         self._key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "invoice-mailing test CA")])
-        start = datetime.now(UTC) - timedelta(minutes=5)
+        start = datetime.now(UTC) - BACKDATED
         self.certificate = (
             x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(start + timedelta(days=2))
+            .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(start + BACKDATED + timedelta(days=2))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                          content_commitment=False, key_encipherment=False, data_encipherment=False,
@@ -53,11 +56,11 @@ class TestCA:
             alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
         except ValueError:
             alt = x509.DNSName(host)
-        start = datetime.now(UTC) - timedelta(minutes=5)
+        start = datetime.now(UTC) - BACKDATED
         cert = (
             x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
             .issuer_name(self.certificate.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(start + timedelta(days=1))
+            .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(start + BACKDATED + timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

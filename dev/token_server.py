@@ -242,6 +242,7 @@ class TokenServer:
     clients: dict[str, Client] = field(default_factory=dict)
     tenants: set[str] = field(default_factory=set)
     requests: list[Request] = field(default_factory=list)
+    issued: list[str] = field(default_factory=list)    # every access token the endpoints gave out (secrets)
     failures: list[int] = field(default_factory=list)  # the next token requests answer with these HTTP statuses
 
     def __post_init__(self):
@@ -337,8 +338,9 @@ class TokenServer:
         """Authlib's token generator: the JWT for the client's mailbox, for the scope's resource."""
         scope = g.get("scope") or scope or ""
         audience = scope.removesuffix("/.default") if g.door == ENTRA else scope
-        return {"token_type": "Bearer", "expires_in": self.lifetime,
-                "access_token": self.mint(client.mailbox, audience or "default")}
+        token = self.mint(client.mailbox, audience or "default")
+        self.issued.append(token)
+        return {"token_type": "Bearer", "expires_in": self.lifetime, "access_token": token}
 
     # --- the HTTP side --------------------------------------------------------------------------
 

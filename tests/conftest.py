@@ -42,6 +42,7 @@ LONGEST_FIRST = (
     "tests/test_operators_e2e.py",  # 280 s
     "tests/e2e/test_airflow_tool.py",  # 131 s
     "tests/test_bounce_collect.py",  # 83 s
+    "tests/e2e/test_oauth_night.py",  # 80 s
     "tests/e2e/test_audit_ui.py",  # 65 s
     "tests/test_alerts.py",  # 52 s
     "tests/test_dag_run.py",  # 51 s

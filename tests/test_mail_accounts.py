@@ -94,3 +94,35 @@ def test_each_account_that_cannot_send_says_why_in_one_line_without_its_secret(d
     assert len(by_connection) == len(lines) == 4
     for line in lines:
         assert SECRET not in line and "PRIVATE KEY" not in line
+
+
+@pytest.mark.parametrize("case, says", [
+    ("certificate not its key's", "FAILED: config_error: the connection 'smtp_default' has a certificate that does "
+                                  "not match its private_key"),
+    ("key file not JSON", "FAILED: config_error: the connection 'smtp_default': the service account key in the "
+                          "password is not JSON"),
+    ("mailbox not granted", "FAILED: auth_failed: login refused: 535 5.7.8 Authentication failed."),
+])
+def test_a_connection_that_cannot_log_in_is_one_line_saying_why(deployment, identity, exchange, case, says):
+    from tests.test_oauth_tokens import certificate_pair
+
+    env = {k: v for k, v in deployment["env"].items() if k not in ("AIRFLOW_CONN_SMTP_O365", "AIRFLOW_CONN_SMTP_GMAIL")}
+    if case.startswith("certificate"):
+        cert, cert_pem, _ = certificate_pair()
+        app = identity.microsoft_app(TENANT, MAILBOX, certificate=cert)
+        connection = oauth_connection(exchange, MAILBOX, tenant_id=TENANT, client_id=app, authority=identity.url,
+                                      certificate=cert_pem, private_key=certificate_pair("another")[2])
+    elif case == "key file not JSON":
+        connection = oauth_connection(exchange, MAILBOX, password="{not json", oauth_provider="google")
+    else:
+        app = identity.microsoft_app(TENANT, "ar@fjordlys.example", secret=SECRET)  # granted another mailbox
+        connection = oauth_connection(exchange, MAILBOX, password=SECRET, tenant_id=TENANT, client_id=app,
+                                      authority=identity.url)
+    env["AIRFLOW_CONN_SMTP_DEFAULT"] = connection
+
+    code, lines = check(env)
+
+    assert code == 1
+    [line] = [line for line in lines if line.startswith("SMTP connection 'smtp_default'")]
+    assert says in line, line
+    assert SECRET not in line and "PRIVATE KEY" not in line and "not json" not in line

@@ -119,3 +119,17 @@ def test_a_revoked_app_says_what_entra_id_answered(identity, exchange, mailbox, 
         with BounceMailbox.from_connection():
             pass
     assert (mailbox, "XOAUTH2") not in exchange.logins("imap")  # no session was opened without a token
+
+
+def test_an_imap_server_that_offers_only_oauthbearer_gets_oauthbearer(identity, internet, mailbox, monkeypatch):
+    from dev.token_server import MICROSOFT_RESOURCE
+    from tests.conftest import token_checking_dovecot
+
+    server = token_checking_dovecot(identity, internet.port, MICROSOFT_RESOURCE, mechanisms="oauthbearer")
+    try:
+        microsoft_mailbox(identity, server, monkeypatch, mailbox)
+        with BounceMailbox.from_connection() as reader:
+            assert reader.count == 0
+        assert (mailbox, "OAUTHBEARER") in server.logins("imap")
+    finally:
+        server.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import imaplib
 import json
 import smtplib
+import time
 
 import pytest
 
@@ -97,12 +98,16 @@ def test_a_batch_that_outlives_its_token_logs_in_again_and_sends_every_message_o
     assert {status for status in night.status().values()} == {("sent", None)}
 
 
+@pytest.mark.parametrize("answer", ["down", 503])
 def test_the_token_endpoint_down_keeps_the_deliveries_pending_and_the_retry_sends_them(night, identity, exchange,
-                                                                                      monkeypatch):
-    microsoft(identity, exchange, monkeypatch)
+                                                                                      monkeypatch, answer):
+    client_id = microsoft(identity, exchange, monkeypatch)
     kari_and_post(night)
     expected = customers(night, 2) | {KARI, POST}
-    identity.stop()
+    if answer == "down":
+        identity.stop()
+    else:
+        identity.failures[:] = [answer] * 20
     try:
         assert night.run(tries=1) == 2  # the try ended with its deliveries pending: Airflow retries it
         rows = night.rows()
@@ -110,12 +115,54 @@ def test_the_token_endpoint_down_keeps_the_deliveries_pending_and_the_retry_send
         assert all("Microsoft Entra ID did not answer the token request of connection 'smtp_default'"
                    in r["last_error"] for r in rows)
         assert night.sink.received == []
+        assert len(identity.token_requests(client_id)) <= 3  # one message's attempts: the others waited
     finally:
-        identity.start()
+        identity.failures.clear()
+        if answer == "down":
+            identity.start()
+        else:
+            time.sleep(1.2)  # the endpoint's Retry-After, which msal honours (Airflow's retry waits minutes)
 
     assert night.run() == 1
     assert night.arrived() == {key: 1 for key in expected}
     assert {status for status in night.status().values()} == {("sent", None)}
+
+
+@pytest.mark.parametrize("case, reason, says", [
+    ("no credentials", "config_error", "has auth_type oauth2 but neither an access_token nor client credentials"),
+    ("unknown tenant", "token_refused", "AADSTS90002: Tenant 'fjordlys-typo' not found"),
+    ("certificate not its key's", "config_error", "has a certificate that does not match its private_key"),
+    ("key file not JSON", "config_error", "the service account key in the password is not JSON"),
+])
+def test_a_connection_that_cannot_log_in_fails_its_deliveries_in_one_line_and_they_go_once_mended(
+        night, identity, exchange, monkeypatch, case, reason, says):
+    from tests.test_oauth_tokens import certificate_pair
+
+    client_id = identity.microsoft_app(TENANT, MAILBOX, secret=SECRET)
+    extra = {"no credentials": {},
+             "unknown tenant": {"tenant_id": "fjordlys-typo", "client_id": client_id, "authority": identity.url},
+             "key file not JSON": {"oauth_provider": "google"}}.get(case)
+    if case.startswith("certificate"):
+        cert_pem, other_key = certificate_pair()[1], certificate_pair("another")[2]
+        extra = {"tenant_id": TENANT, "client_id": client_id, "authority": identity.url, "certificate": cert_pem,
+                 "private_key": other_key}
+    password = "{not json" if case == "key file not JSON" else SECRET
+    monkeypatch.setenv("AIRFLOW_CONN_SMTP_DEFAULT", oauth_connection(exchange, MAILBOX, password=password, **extra))
+    kari_and_post(night)
+
+    assert night.run() == 1  # the night's first send says it; nothing to retry
+
+    rows = night.rows()
+    assert {(r["status"], r["reason"]) for r in rows} == {("failed", reason)}
+    [detail] = {r["detail"] for r in rows}
+    assert says in detail and "'smtp_default'" in detail and "\n" not in detail
+    assert SECRET not in detail and "PRIVATE KEY" not in detail and "not json" not in detail
+    assert night.sink.received == []
+
+    oauth.forget_sources()
+    microsoft(identity, exchange, monkeypatch)  # the deployer mends the connection
+    night.run("scheduled__2026-11-25")
+    assert night.arrived() == {KARI: 1, POST: 1}
 
 
 @pytest.mark.parametrize("provider", ["Microsoft Entra ID", "Google"])
@@ -183,6 +230,22 @@ def test_a_password_login_is_exactly_what_it_was(night, monkeypatch):
         assert night.run() == 1
         assert night.arrived() == {KARI: 1, POST: 1}
         assert relay.faults.auth_seen == 1
+
+
+def test_every_token_is_registered_with_airflows_masker(monkeypatch):
+    from airflow.sdk._shared.secrets_masker import redact
+
+    from include.invoice_mailing.smtp_login import SmtpAccount
+
+    opaque = "ya29.a0AfB_opaque-google-style-access-token"  # Google's tokens are not JWTs: only the masker hides them
+    monkeypatch.setenv("AIRFLOW_CONN_SMTP_DEFAULT", json.dumps({
+        "conn_type": "smtp", "host": "smtp.gmail.com", "login": MAILBOX,
+        "extra": {"auth_type": "oauth2", "access_token": opaque}}))
+    assert redact(f"a log line with {opaque} in it") == f"a log line with {opaque} in it"
+
+    assert SmtpAccount.from_connection("smtp_default").token().value == opaque
+
+    assert redact(f"a log line with {opaque} in it") == "a log line with *** in it"
 
 
 # --- The mail server checks the token, not our code ---------------------------------------------------------

@@ -46,18 +46,22 @@ def account_refusal(code: int, text: str, platform: str | None) -> AccountRefusa
         return AccountRefusal(BASIC_AUTH_DISABLED, "Microsoft 365 no longer takes a password for SMTP AUTH: give the "
                               "connection OAuth 2.0 (auth_type oauth2, tenant_id, client_id, and the app's client "
                               f"secret as its password; {DOCS})")
-    if enhanced == "5.2.252" or "sendasdenied" in words or enhanced == "5.7.60":
+    if enhanced in ("5.2.252", "5.7.60") or "sendasdenied" in words or "permissions to send as" in words:
         return AccountRefusal(SEND_AS_DENIED, "the mailbox may not send as this From address or envelope sender: "
                               "send from the mailbox's own address (the email account's address), or grant it "
                               "Send As (Add-RecipientPermission); with the bounce mailbox set, give the connection "
                               'the extra "envelope_sender": "mailbox"')
+    if enhanced == "5.7.57":  # Exchange Online answers it to MAIL FROM when the session did not log in
+        return AccountRefusal(AUTH_FAILED, "Microsoft 365 takes mail only from a logged-in session: give the "
+                              "connection its mailbox as login and OAuth 2.0 (auth_type oauth2; "
+                              f"{DOCS})")
     if code not in (530, 534, 535):
         return None
     if enhanced == "5.7.139":
         return AccountRefusal(AUTH_FAILED, "Microsoft 365 refused the login: SMTP AUTH is disabled for the tenant or "
                               "the mailbox (Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled "
                               "$false), security defaults block it, or the password is wrong; OAuth 2.0 needs none")
-    if enhanced == "5.7.3" or (enhanced == "5.7.57" and platform == MICROSOFT):
+    if enhanced == "5.7.3":
         return AccountRefusal(AUTH_FAILED, "Microsoft 365 refused the token: the app needs the Office 365 Exchange "
                               "Online permission SMTP.SendAsApp with admin consent, a service principal in Exchange "
                               "(New-ServicePrincipal) and the mailbox's permission (Add-MailboxPermission), and "
