@@ -1,4 +1,4 @@
-"""Apply a bounce report to the ledger (spec section 9): a sent delivery becomes ``bounced``, a delay is noted.
+"""Apply a bounce report to the ledger (docs/rules.md, rule 9): a sent delivery becomes ``bounced``, a delay is noted.
 
 The mailbox reader hands over one report (``bounces.Report``) and its raw bytes; this module finds the
 delivery it is about (by its VERP address, else by the original Message-ID and recipient), and records

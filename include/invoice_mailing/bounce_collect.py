@@ -1,4 +1,4 @@
-"""Read the bounce mailbox and apply its reports to the ledger (spec section 9): what ``collect_bounces`` does.
+"""Read the bounce mailbox and apply its reports to the ledger (docs/rules.md, rule 9): what ``collect_bounces`` does.
 
 One pass over the folder: each message is read (``bounces.read_report``); a bounce or a delay that
 names a delivery of this ledger is applied (``bounce_apply.apply_report``, which keeps the raw report)

@@ -1,4 +1,4 @@
-"""The bounce mailbox (spec section 9): read the reports in the ``mailing_bounces`` IMAP folder, move applied ones.
+"""The bounce mailbox (docs/rules.md, rule 9): read the reports in the ``mailing_bounces`` IMAP folder, move applied ones.
 
 The IMAP provider's hook opens the session (host, port, login, password, extra ``use_ssl`` and
 ``ssl_context``); everything after the login is plain IMAP here, because the provider's own helpers
@@ -38,7 +38,7 @@ class MailboxUnavailable(Exception):
 
 @dataclass(frozen=True)
 class MailboxSettings:
-    """The connection's settings that are this module's: the extras of spec section 9."""
+    """The connection's settings that are this module's: the extras rule 9 of docs/rules.md names."""
 
     conn_id: str
     host: str

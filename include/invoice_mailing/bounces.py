@@ -1,6 +1,6 @@
 """Bounce reports: the VERP envelope sender of a delivery, and what one message in the bounce mailbox says.
 
-A relay's 250 is not a delivery (spec section 9): the failure comes later, as a report mailed to the
+A relay's 250 is not a delivery (docs/rules.md, rule 9): the failure comes later, as a report mailed to the
 envelope sender. Each delivery therefore goes out with a MAIL FROM of its own,
 ``<local>+<token>@<domain>`` of the bounce address, whose token names the delivery and carries an
 HMAC-SHA256 keyed by a secret of the deployment, so that a report can be tied to its delivery and a

@@ -1,4 +1,4 @@
-"""The seller's and the buyers' identifiers, checked before an e-invoice carries them (spec section 5).
+"""The seller's and the buyers' identifiers, checked before an e-invoice carries them (docs/rules.md, rule 5).
 
 An e-invoice is booked by a machine, so a wrong check digit in an organisation number, a VAT number or
 an account is not a typo a person reads past: the receiving system rejects the document, or worse, pays

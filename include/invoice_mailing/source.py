@@ -196,7 +196,7 @@ def due_documents(
     include_emailed: bool = False,
     chunk: int = 5000,
 ) -> Iterator[list[DueDocument]]:
-    """Documents due by spec section 1 as far as the ERP alone can tell (the ledger filters next),
+    """Documents due by docs/rules.md, rule 1 as far as the ERP alone can tell (the ledger filters next),
     streamed in chunks of ``chunk`` (a server-side cursor on PostgreSQL), in customer order.
 
     ``released_since`` is the look-back window's start (None = no window);
