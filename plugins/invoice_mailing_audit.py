@@ -140,6 +140,8 @@ class Night(BaseModel):
     counts: list[dict[str, Any]]
     started_at: datetime
     finished_at: datetime | None
+    status: str = ""  # audit's verdict: green, red or rejected; empty until audit has run
+    why: str = ""
 
 
 def _nights(engine: Engine, who: Reader) -> tuple[list[dict], dict[str, str]]:

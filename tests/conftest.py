@@ -43,6 +43,7 @@ LONGEST_FIRST = (
     "tests/e2e/test_airflow_tool.py",  # 131 s
     "tests/test_bounce_collect.py",  # 83 s
     "tests/e2e/test_oauth_night.py",  # 80 s
+    "tests/e2e/test_red_night.py",  # 50 s
     "tests/e2e/test_audit_ui.py",  # 65 s
     "tests/test_alerts.py",  # 52 s
     "tests/test_dag_run.py",  # 51 s
@@ -96,6 +97,24 @@ def ledger_db(ledger_path):
 def smtp_connection(port: int, **extra) -> str:
     return json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": port,
                        "extra": {"disable_ssl": True, "disable_tls": True, "retry_limit": 0, "timeout": 5, **extra}})
+
+
+OPS = "ops@fjordlys.example"  # the operators' alert address of the tests
+
+
+@pytest.fixture
+def alerting(monkeypatch, sink):
+    """The operators' connection on the test's SMTP server; no retries, so a failure is final at once.
+    Returns a function: the alerts received so far."""
+    monkeypatch.setenv("AIRFLOW_CONN_MAILING_ALERTS", smtp_connection(sink.port, to=OPS,
+                                                                      from_email="airflow@fjordlys.example"))
+    monkeypatch.setenv("INVOICE_MAILING_RETRIES", "0")
+    monkeypatch.setenv("INVOICE_MAILING_RETRY_DELAY_SECONDS", "0.1")
+
+    def alerts():
+        return [m.message for m in sink.received if m.envelope_to == [OPS]]
+
+    return alerts
 
 
 def sqlite_connection(path: Path) -> str:

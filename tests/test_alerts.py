@@ -12,23 +12,7 @@ import json
 import pytest
 
 from include.invoice_mailing import tasks
-from tests.conftest import night_events, smtp_connection, sqlite_connection
-
-OPS = "ops@fjordlys.example"
-
-
-@pytest.fixture
-def alerting(monkeypatch, sink):
-    """The operators' connection on the test's SMTP server; no retries, so a failure is final at once."""
-    monkeypatch.setenv("AIRFLOW_CONN_MAILING_ALERTS", smtp_connection(sink.port, to=OPS,
-                                                                      from_email="airflow@fjordlys.example"))
-    monkeypatch.setenv("INVOICE_MAILING_RETRIES", "0")
-    monkeypatch.setenv("INVOICE_MAILING_RETRY_DELAY_SECONDS", "0.1")
-
-    def alerts():
-        return [m.message for m in sink.received if m.envelope_to == [OPS]]
-
-    return alerts
+from tests.conftest import OPS, night_events, sqlite_connection
 
 
 @pytest.fixture
@@ -81,10 +65,30 @@ def test_an_unreachable_ledger_fails_open_night_and_still_alerts(kind, one_invoi
     assert "OperationalError" in body_of(alert)
 
 
-def test_an_unreachable_erp_fails_extract_and_the_alert_names_extract_and_why(run_dag, alerting, monkeypatch,
-                                                                               tmp_path):
+def test_an_unreachable_erp_fails_open_night_and_the_alert_says_why(one_invoice, run_dag, alerting, monkeypatch,
+                                                                     tmp_path, sink):
     monkeypatch.setenv("AIRFLOW_CONN_ERP_DB", sqlite_connection(tmp_path / "no-such-folder" / "erp.db"))
     tasks.engine_for.cache_clear()
+
+    run = run_dag()
+
+    assert run.state == "failed" and states(run)["open_night"] == "failed"
+    (alert,) = alerting()
+    assert "open_night" in alert["Subject"] and "OperationalError" in alert["Subject"]
+    assert "unable to open database file" in body_of(alert) and "[SQL" not in body_of(alert)
+    assert [m for m in sink.received if m.envelope_to != [OPS]] == []
+
+
+def test_an_erp_lost_after_open_night_fails_extract_and_the_alert_names_extract_and_why(one_invoice, run_dag, alerting,
+                                                                                        monkeypatch, tmp_path):
+    opened = tasks.open_night
+
+    def open_then_lose_the_erp(**kwargs):
+        opened(**kwargs)  # the ERP answered the contract check; then it went away
+        monkeypatch.setenv("AIRFLOW_CONN_ERP_DB", sqlite_connection(tmp_path / "no-such-folder" / "erp.db"))
+        tasks.engine_for.cache_clear()
+
+    monkeypatch.setattr(tasks, "open_night", open_then_lose_the_erp)
 
     run = run_dag()
 

@@ -18,7 +18,7 @@ def context(**params) -> pipeline.RunContext:
 
 def due(erp, ledger_db, **params) -> list[str]:
     batches = pipeline.extract(erp.engine, ledger_db, context(**params))
-    return sorted(ref for batch in batches for _, ref in batch["documents"])
+    return sorted(ref for batch in batches for _, ref, _ in batch["documents"])
 
 
 @pytest.fixture

@@ -50,12 +50,24 @@ def map_indexes(batches: list[dict] | None) -> dict[str, int]:
 
 
 def red_night(dag_id: str, run_id: str, undelivered: list[dict], batches: list[dict] | None,
-              base_url: str) -> tuple[str, str]:
-    """Subject and HTML body of audit's alert: one line per delivery not sent, grouped by customer."""
+              base_url: str, unfinished: list | None = None) -> tuple[str, str]:
+    """Subject and HTML body of audit's alert: the mapped instances that did not succeed, each with its
+    customers and the first line of its error; then one line per delivery not sent, grouped by customer."""
     indexes = map_indexes(batches)
     customers = sorted({u["customer"] for u in undelivered})
-    subject = (f"Invoice mailing {run_id}: {deliveries(len(undelivered))} not sent "
+    failed = f"{len(unfinished)} mailing instance{'s' if len(unfinished) != 1 else ''} failed, " if unfinished else ""
+    subject = (f"Invoice mailing {run_id}: {failed}{deliveries(len(undelivered))} not sent "
                f"({len(customers)} customer{'s' if len(customers) != 1 else ''})")
+    instances = "".join(
+        f"<tr><td>{html.escape(u.label)}</td><td>{html.escape(' '.join(u.customers))}</td>"
+        f"<td>{html.escape(u.state)}</td><td>{html.escape(mask_text(u.error) or '')}</td>"
+        f"<td><a href=\"{html.escape(task_link(base_url, dag_id, run_id, u.map_index))}\">task instance</a></td></tr>"
+        for u in unfinished or ())
+    if instances:
+        instances = ("<p>These mailing instances did not succeed; their documents without a row below were not "
+                     "mailed. Fix the cause (the error's first line is here, the whole one in the instance's log), "
+                     "then clear the instance.</p><table border=\"1\" cellpadding=\"4\"><tr><th>instance</th>"
+                     "<th>customers</th><th>state</th><th>error</th><th></th></tr>" + instances + "</table>")
     rows = []
     for u in sorted(undelivered, key=lambda u: (u["customer"], u["document"], u["recipient"])):
         link = task_link(base_url, dag_id, run_id, indexes.get(u["customer"]))
@@ -70,8 +82,15 @@ def red_night(dag_id: str, run_id: str, undelivered: list[dict], batches: list[d
             "were not sent. <i>pending</i>: the relay deferred them; fix the relay or wait, then clear the task "
             "instance. <i>failed</i>: refused by the relay or a configuration error; fix the ERP data or the "
             "configuration, then clear the task instance (only what is missing is sent).</p>"
-            f"<table border=\"1\" cellpadding=\"4\"><tr>{head}</tr>{''.join(rows)}</table>")
+            f"{instances}<table border=\"1\" cellpadding=\"4\"><tr>{head}</tr>{''.join(rows)}</table>")
     return subject, body
+
+
+def clipped(subject: str, limit: int = 250) -> str:
+    """A subject at most ``limit`` characters, cut between words and marked (the body has the whole line)."""
+    if len(subject) <= limit:
+        return subject
+    return subject[:limit - 2].rsplit(" ", 1)[0] + " \u2026"
 
 
 def deliveries(count: int) -> str:
@@ -110,7 +129,7 @@ def night_failed(dag_id: str, run_id: str, failures: list[dict], base_url: str) 
     where = f" in {first['task_id']}" if first["task_id"] else ""
     named = f" ({first['label']})" if first["label"] else ""
     reason = " ".join(str(first["reason"]).split())  # one line: a subject is a header
-    subject = f"Invoice mailing {run_id}: the night failed{where}{named}: {reason}"[:250]
+    subject = clipped(f"Invoice mailing {run_id}: the night failed{where}{named}: {reason}")
 
     def link(f: dict) -> str:
         if not f["task_id"]:

@@ -38,7 +38,7 @@ EXPORT_COLUMNS = (
     "add_to", "format", "mode", "generation", "resend_of", "status", "reason", "detail", "last_error",
     "message_id", "sender", "redirected_to", "attempts", "sent_at", "attachment_sha256", "message_sha256",
     "message_path", "created_at", "updated_at",
-    # The bounce report that moved a bounced delivery from sent (spec section 9); empty for any other.
+    # The bounce report that moved a bounced delivery from sent (docs/rules.md, rule 9); empty for any other.
     "bounced_at", "bounce_kind", "bounce_status_code", "bounce_diagnostic",
 )
 # The columns a bounced delivery takes from its report, beside the ledger's own.
@@ -165,6 +165,8 @@ def nights(engine: Engine, *, limit: int = NIGHTS_SHOWN, run_ids: Sequence[str] 
     for run in runs:
         run["night"] = night_of(run["logical_date"] or run["started_at"])
         run["counts"] = counts[run["run_id"]]
+        verdict = run.get("summary") or {}  # audit's (ledger.record_night_status); none while the night runs
+        run["status"], run["why"] = verdict.get("status") or "", verdict.get("why") or ""
         run["by_status"] = {}
         for row in run["counts"]:
             run["by_status"][row["status"]] = run["by_status"].get(row["status"], 0) + row["deliveries"]
@@ -336,7 +338,7 @@ def task_try(row: Mapping, tries: Sequence[Mapping]) -> Mapping | None:
 # --- Files --------------------------------------------------------------------------------------
 
 NIGHT_COLUMNS = ("night", "run_id", "mode", "dry_run", "redirect_to", "resend", "customers", "documents",
-                 *STATUSES, "reasons", "started_at", "finished_at")
+                 *STATUSES, "reasons", "started_at", "finished_at", "status", "why")
 
 
 def night_records(runs: Iterable[Mapping]) -> list[dict]:
@@ -349,7 +351,8 @@ def night_records(runs: Iterable[Mapping]) -> list[dict]:
                   "customers": " ".join(params.get("customers") or ()), "documents": " ".join(params.get("documents") or ()),
                   **{s: run["by_status"].get(s, 0) for s in STATUSES},
                   "reasons": "; ".join(f"{c['status']}/{c['reason']}={c['deliveries']}" for c in run["counts"] if c["reason"]),
-                  "started_at": run["started_at"], "finished_at": run["finished_at"]}
+                  "started_at": run["started_at"], "finished_at": run["finished_at"],
+                  "status": run.get("status", ""), "why": run.get("why", "")}
         records.append({k: _cell(v) for k, v in record.items()})
     return records
 

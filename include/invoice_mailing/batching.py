@@ -38,7 +38,7 @@ def group_batches(documents: Iterable[source.DueDocument], max_batches: int = MA
     """
     by_customer: dict[str, list[list[str]]] = defaultdict(list)
     for d in documents:
-        by_customer[d.customer_id].append([d.doc_type, d.ref_nbr])
+        by_customer[d.customer_id].append([d.doc_type, d.ref_nbr, d.customer_id])  # the customer: for audit
     customers = sorted(by_customer)
     if not customers:
         return []

@@ -1,4 +1,4 @@
-"""The delivery ledger (spec section 7): one row per delivery, claimed before sending, moved only forward.
+"""The delivery ledger (docs/rules.md, rule 7): one row per delivery, claimed before sending, moved only forward.
 
 A delivery is (document, mailing, recipient address, format, mode, generation). Its life:
 
@@ -176,7 +176,7 @@ bounce_report = Table(
 
 PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed", "skipped"
 # A sent delivery whose relay later reported a permanent failure (migration 0006): final, and not a
-# success (spec section 1): it settles no document. Its reason is HARD_BOUNCE or BLOCKED.
+# success (docs/rules.md, rule 1): it settles no document. Its reason is HARD_BOUNCE or BLOCKED.
 BOUNCED = "bounced"
 HARD_BOUNCE, BLOCKED = "hard_bounce", "blocked"
 # Why a delivery was not sent decides what a later run may do with it; this is the one definition
@@ -309,7 +309,7 @@ def lifted_bounces(engine: Engine, run_id: str) -> set[str]:
 
 def refuse_bounced_addresses(engine: Engine, planned: Sequence[PlannedDelivery],
                              lifted: Iterable[str] = ()) -> list[PlannedDelivery]:
-    """Spec section 9: a delivery planned to an address that hard-bounced is skipped, reason
+    """docs/rules.md, rule 9: a delivery planned to an address that hard-bounced is skipped, reason
     ``address_bounced``, until the ERP's contact holds another address (another key: not refused
     here) or the operator lifts it; the rest of the plan is unchanged."""
     lifted = set(lifted)
@@ -387,7 +387,7 @@ def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: s
                 conn.execute(
                     update(delivery)
                     .where(delivery.c.id == latest["id"], _REDECIDABLE)
-                    .values(status=PENDING, reason=None, detail=None, add_to=p.add_to, sender=p.sender,
+                    .values(status=PENDING, reason=None, detail=p.detail, add_to=p.add_to, sender=p.sender,
                             message_id=values["message_id"], last_run_id=run_id, updated_at=stamp)
                 )
             elif again and latest["run_id"] != run_id and latest["status"] in (SENT, FAILED, BOUNCED):
@@ -778,6 +778,18 @@ def summarize_run(engine: Engine, run_id: str) -> dict:
         conn.execute(update(mailing_run).where(mailing_run.c.run_id == run_id)
                      .values(summary=summary, finished_at=now()))
     return summary
+
+
+def record_night_status(engine: Engine, run_id: str, status: str, why: str, unfinished: int = 0) -> None:
+    """Keep audit's verdict with the run's summary (green, red or rejected, why, how many mapped instances did
+    not succeed), for the Nights page and the export: the deliveries alone cannot tell a night whose
+    instances failed before they wrote a row."""
+    with engine.begin() as conn:
+        summary = conn.execute(select(mailing_run.c.summary).where(mailing_run.c.run_id == run_id)).scalar()
+        if summary is None:
+            return
+        conn.execute(update(mailing_run).where(mailing_run.c.run_id == run_id).values(
+            summary={**summary, "status": status, "why": why, "unfinished_instances": unfinished}))
 
 
 def all_deliveries(engine: Engine, *conditions) -> list[dict]:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Verp:
     """Each delivery in its own SMTP transaction, with an envelope sender of its own at the bounce address
-    (spec section 9), so that a bounce report names the delivery it is about. ``key`` is None when the
+    (docs/rules.md, rule 9), so that a bounce report names the delivery it is about. ``key`` is None when the
     deployment has no usable secret: then ``key_error`` says why, and nothing is sent (never unsigned)."""
 
     bounce_address: str
@@ -115,7 +115,7 @@ def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, 
     """
     settings = settings or BatchSettings()
     mode = ctx.params.mode
-    keys = {tuple(d) for d in batch["documents"]}
+    keys = {tuple(d[:2]) for d in batch["documents"]}  # (doc_type, ref_nbr[, customer])
     data = source.load_batch(erp, keys)
     plans = plan_batch(data, renderer, include_emailed=ctx.params.resend)
     gone = {p.document.key for p in plans if p.refusal and p.refusal.reason == rules.NO_LONGER_DUE}

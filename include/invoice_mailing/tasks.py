@@ -6,12 +6,13 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import datetime, timedelta
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine
 
-from include.invoice_mailing import alerts, clock, ledger, pipeline
+from include.invoice_mailing import alerts, clock, ledger, night_audit, pipeline
 from include.invoice_mailing.archive import Archive
 from include.invoice_mailing.dag_settings import (
     ALERTED_KEY,
@@ -68,12 +69,23 @@ def failure_recorded(ti) -> Iterator[None]:
         yield
     except Exception as exc:
         if ti is not None:
-            reason = f"{type(exc).__name__}: {exc}"[:1000]
+            reason = _one_line(exc)
             try:
                 ti.xcom_push(key=FAILURE_KEY, value={"reason": reason, "label": ti.rendered_map_index or None})
             except Exception:  # noqa: BLE001 - the task's own error is the one to raise
                 log.warning("Could not record the failure for the alert", exc_info=True)
         raise
+
+
+def _one_line(exc: BaseException) -> str:
+    """What an alert says of an error: its first line, whole (a database error's SQL starts on the next), and the
+    type only where the text does not name the cause on its own."""
+    text = night_audit.first_line(str(exc))
+    if len(text) > 1000:
+        text = text[:1000].rsplit(" ", 1)[0] + " ..."
+    if type(exc).__name__ in ("AirflowFailException",):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _context(run_id: str, logical_date: datetime | None, data_interval_end: datetime | None,
@@ -82,9 +94,18 @@ def _context(run_id: str, logical_date: datetime | None, data_interval_end: date
 
 
 def open_night(*, run_id, logical_date, data_interval_end, params) -> None:
-    """The night's setup: refuse wrong parameters and an unreachable ledger before anything is read."""
+    """The night's setup: refuse wrong parameters, an unreachable ledger and an ERP that lacks part of the
+    contract before anything is read. An unreachable database is retried; a missing column is not."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from include.invoice_mailing.erp_contract import ErpContractError, check
+
     ctx = _context(run_id, logical_date, data_interval_end, params)
     ledger.ensure_schema(engine_for(LEDGER_CONN_ID))
+    try:
+        check(engine_for(ERP_CONN_ID), ERP_CONN_ID)
+    except ErpContractError as exc:
+        raise AirflowFailException(str(exc)) from None
     log.info("Night %s: mode %s, parameters %s", ctx.run_date, ctx.params.mode, ctx.params)
 
 
@@ -140,17 +161,26 @@ def audit(*, dag_id, run_id, batches: list[dict] | None, outlet_events=None, ti=
 
     engine = engine_for(LEDGER_CONN_ID)
     summary = pipeline.audit(engine, run_id)
-    summary["status"], summary["why"] = night_status(engine, run_id, summary["undelivered"], batches)
+    # A night the brake held has no instance that ran: that is the brake's verdict, not a failure of theirs.
+    held = night_status(engine, run_id, [], batches)[0] == "rejected"
+    unfinished = [] if held else unfinished_instances(ti, dag_id, run_id, batches)
+    if unfinished:
+        summary["unfinished_instances"] = [asdict(u) for u in unfinished]
+        summary["undelivered"] += night_audit.undecided_documents(engine, run_id, unfinished, batches)
+        for u in unfinished:
+            log.error("The instance %s did not succeed (%s): %s", u.label, u.state, u.error)
+    summary["status"], summary["why"] = night_status(engine, run_id, summary["undelivered"], batches, unfinished)
+    ledger.record_night_status(engine, run_id, summary["status"], summary["why"], len(unfinished))
     if summary["status"] == "green":
         if outlet_events is not None:
             outlet_events[NIGHTS].extra = published(run_id, summary)
         return summary
     if ti is not None:
         ti.xcom_push(key=SUMMARY_KEY, value=summary)
-    if not summary["undelivered"]:
+    if not summary["undelivered"] and not unfinished:
         raise AirflowFailException(f"Invoice mailing {run_id}: {summary['why']}")
     base_url = conf.get("api", "base_url", fallback="http://localhost:8080/")
-    subject, body = alerts.red_night(dag_id, run_id, summary["undelivered"], batches, base_url)
+    subject, body = alerts.red_night(dag_id, run_id, summary["undelivered"], batches, base_url, unfinished)
     try:
         if alerts.send(subject, body) and ti is not None:
             ti.xcom_push(key=ALERTED_KEY, value=subject)  # the DAG's failure alert then stays silent
@@ -159,13 +189,40 @@ def audit(*, dag_id, run_id, batches: list[dict] | None, outlet_events=None, ti=
     raise AirflowFailException(subject)
 
 
-def night_status(engine: Engine, run_id: str, undelivered: list[dict], batches: list[dict] | None) -> tuple[str, str]:
-    """(status, why) of a night from the ledger: the brake's last answer, deliveries not sent, extract."""
+def unfinished_instances(ti, dag_id: str, run_id: str, batches: list[dict] | None) -> list:
+    """The night's mapped instances that did not succeed, asked of Airflow (their states, and the error each
+    recorded in its XCom ``failure``): an instance that failed before it wrote a ledger row, or whose
+    process was killed, leaves nothing in the ledger to count."""
+    if ti is None or not batches:
+        return []
+    from include.invoice_mailing.alerts import MAPPED_TASK_ID
+
+    found = ti.get_task_states(dag_id=dag_id, task_ids=[MAPPED_TASK_ID], run_ids=[run_id]).get(run_id, {})
+    unexpanded = found.get(MAPPED_TASK_ID)  # the task never expanded: an upstream task failed
+    states = {i: found.get(f"{MAPPED_TASK_ID}_{i}", unexpanded) for i in range(len(batches))}
+    errors = {}
+    for index, state in states.items():
+        if state != "success":
+            failure = ti.xcom_pull(task_ids=MAPPED_TASK_ID, key=FAILURE_KEY, map_indexes=index)
+            if isinstance(failure, dict) and failure.get("reason"):
+                errors[index] = failure["reason"]
+    return night_audit.unfinished_instances(batches, states, errors)
+
+
+def night_status(engine: Engine, run_id: str, undelivered: list[dict], batches: list[dict] | None,
+                 unfinished: list | None = None) -> tuple[str, str]:
+    """(status, why) of a night: the brake's last answer, mapped instances that did not succeed, deliveries
+    not sent, extract."""
     asked = ledger.approvals(engine, run_id)
     if asked and asked[-1]["decision"] in (ledger.REJECTED, ledger.TIMED_OUT):
         by = asked[-1]["decided_by"]
         why = f"rejected by {by}" if asked[-1]["decision"] == ledger.REJECTED else "no answer in time"
         return "rejected", f"the approval brake held the night ({why}): nothing was mailed"
+    if unfinished:  # no error text here: the why is published to data teams, who see no address
+        labels = ", ".join(u.label for u in unfinished[:3]) + (f" and {len(unfinished) - 3} more"
+                                                              if len(unfinished) > 3 else "")
+        return "red", (f"{len(unfinished)} of {len(batches)} mailing instances did not succeed ({labels}), "
+                       f"{alerts.deliveries(len(undelivered))} not sent")
     if undelivered:
         return "red", f"{alerts.deliveries(len(undelivered))} not sent"
     if batches is None:
@@ -175,8 +232,9 @@ def night_status(engine: Engine, run_id: str, undelivered: list[dict], batches: 
 
 def published(run_id: str, summary: dict) -> dict:
     """The asset event's extra: the night's status and counts, never an address (the undelivered are counted)."""
-    return {"run_id": run_id, **{k: v for k, v in summary.items() if k != "undelivered"},
-            "undelivered": len(summary.get("undelivered") or [])}
+    return {"run_id": run_id, **{k: v for k, v in summary.items() if k not in ("undelivered", "unfinished_instances")},
+            "undelivered": len(summary.get("undelivered") or []),
+            "unfinished_instances": len(summary.get("unfinished_instances") or [])}
 
 
 def publish_red(*, run_id, ti, outlet_events) -> None:
