@@ -30,7 +30,7 @@ def main() -> None:
         for locale in ("nb_NO", "en_GB"):
             pdf = Path(tmp) / f"{locale}.pdf"
             pdf.write_bytes(renderer.attachment(document, customer, contact and contact.display_name, "invoice",
-                                                "PDF", locale).content)
+                                                "PDF", locale, address=data.addresses.get(customer.customer_id)).content)
             target = ROOT / "docs" / f"invoice-{locale}"
             subprocess.run(["pdftoppm", "-png", "-r", "80", "-f", "1", "-l", "1", "-singlefile", str(pdf),
                             str(target)], check=True)

@@ -37,6 +37,9 @@ def plan_batch(data: source.BatchData, renderer: Renderer, *, include_emailed: b
                 rules.CONFIG_ERROR,
                 f"report {report.report_id} of mailing setting {plan.mailing.setting.setting_id} names template "
                 f"{report.template_name!r}, which does not exist", "failed")
+        if plan.recipients and not plan.refusal and document.customer_id not in data.addresses:
+            plan.note = (f"without the buyer's address: the ERP has no customer_address row for customer "
+                         f"{document.customer_id}")
         plans.append(plan)
     return plans
 
@@ -59,5 +62,5 @@ def planned_deliveries(plan: rules.DocumentPlan) -> list[PlannedDelivery]:
     for r in plan.recipients:
         rows.append(PlannedDelivery(**base, recipient=r.address, add_to=r.add_to, format=r.format, status=PENDING,
                                     sender=account.address, sender_domain=account.address.rpartition("@")[2],
-                                    recipient_key=r.key))
+                                    recipient_key=r.key, detail=plan.note))
     return rows

@@ -26,7 +26,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import _PassArg, generate_lorem_ipsum, missing, object_type_repr
 from markupsafe import Markup
 
-from include.invoice_mailing import einvoice, facturx_pdf
+from include.invoice_mailing import einvoice, facturx_pdf, parties
 from include.invoice_mailing.i18n import Formats
 from include.invoice_mailing.identifiers import kid_check_digit
 from include.invoice_mailing.rules import (
@@ -650,7 +650,7 @@ class Renderer:
     # --- the document -----------------------------------------------------------------------
 
     def document_context(self, document: Document, customer: Customer, attention: str | None,
-                         formats: Formats) -> dict:
+                         formats: Formats, address: CustomerAddress | None = None) -> dict:
         """What a report template sees; a notification template sees the same less the labels.
 
         Each value has its friendly name and, where the ERP has a column for it, the column's name too
@@ -690,6 +690,8 @@ class Renderer:
                                name=customer.name, locale=formats.locale),
             "attention": attention,
             "company": self.company,
+            "buyer": parties.buyer(address, formats.locale, self.company.get("country_code")),
+            "seller": parties.seller(self.company, formats.locale, address.country_code if address else None),
             "payment_reference": payment_reference(customer.customer_id, document.ref_nbr, formats.locale),
             "lang": formats.locale.split("_")[0],
             "_": formats.gettext,
@@ -724,7 +726,7 @@ class Renderer:
         rules. In a worker the check runs in its validator process, so the caller can render the next document
         meanwhile; it must call the function, and have the attachment, before it claims anything."""
         formats = Formats(locale)
-        context = self.document_context(document, customer, attention, formats)
+        context = self.document_context(document, customer, attention, formats, address)
         html = self.report_html(template_name, context, for_pdf=fmt != "HTML", formats=formats)
         name = attachment_filename(document, fmt, formats)
         if fmt == "HTML":

@@ -1,4 +1,4 @@
-"""The business rules of spec sections 2 to 5 as pure functions: ERP values in, decisions with reasons out."""
+"""The business rules of rules 2 to 5 of docs/rules.md as pure functions: ERP values in, decisions with reasons out."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from decimal import Decimal
 from email_validator import EmailNotValidError, validate_email
 
 FORMATS = ("PDF", "HTML", "FACTURX", "EHF")
-E_INVOICE_FORMATS = ("FACTURX", "EHF")  # carry the invoice as EN 16931 data (spec section 5)
+E_INVOICE_FORMATS = ("FACTURX", "EHF")  # carry the invoice as EN 16931 data (docs/rules.md, rule 5)
 ADD_TO_STRENGTH = {"To": 0, "Cc": 1, "Bcc": 2}
 _ADD_TO_BY_FOLDED = {field.casefold(): field for field in ADD_TO_STRENGTH}
 DOC_TYPES = {"INV": "Invoice", "CRM": "Credit note", "DRM": "Debit note"}
@@ -27,7 +27,7 @@ CONTACT_INACTIVE = "contact_inactive"
 FOREIGN_CONTACT = "foreign_contact"
 NO_RECIPIENTS = "no_recipients"
 NO_LONGER_DUE = "no_longer_due"
-ADDRESS_BOUNCED = "address_bounced"  # the address hard-bounced (spec section 9): decided with the ledger
+ADDRESS_BOUNCED = "address_bounced"  # the address hard-bounced (docs/rules.md, rule 9): decided with the ledger
 RELEASED_STATUSES = ("Open", "Closed")
 
 
@@ -205,6 +205,7 @@ class DocumentPlan:
     mailing: EffectiveMailing | None = None
     recipients: list[Recipient] = field(default_factory=list)
     refused_recipients: list[RecipientRefusal] = field(default_factory=list)
+    note: str | None = None  # kept with its deliveries for the audit (e.g. the buyer's address missing)
 
     def formats(self) -> list[str]:
         return sorted({r.format for r in self.recipients})
@@ -375,10 +376,10 @@ def _printable(value: str) -> str:
     return " ".join(str(value).split())[:254]
 
 
-# --- Still due? (spec section 1, as the ERP has it now) ------------------------------------------
+# --- Still due? (docs/rules.md, rule 1, as the ERP has it now) ------------------------------------------
 
 def still_due(document: Document, *, include_emailed: bool = False) -> Refusal | None:
-    """Re-check section 1 at sending time: the ERP may have changed since the night's extract
+    """Re-check rule 1 (docs/rules.md) at sending time: the ERP may have changed since the night's extract
     (a document voided, marked "don't email", or emailed by hand). None if it is still due."""
     if document.status not in RELEASED_STATUSES or document.released_at is None:
         why = f"its status is now {document.status}"
