@@ -54,13 +54,10 @@ audit-export: venv
 	@test -n "$(DATE)" || { echo "usage: make audit-export DATE=2026-11-24 [LEDGER=sqlite:///demo/ledger.db]"; exit 2; }
 	$(PY) -m include.invoice_mailing.audit export --date $(DATE) $(if $(LEDGER),--ledger $(LEDGER)) --out exports
 
-# The demo's Airflow (after `make demo`) with the auditors' plugin, at http://localhost:8080/plugin/invoice-mailing
+# The auditors' pages of `make demo`'s ledger: the api-server alone, at http://localhost:8081/plugin/invoice-mailing
+# (AUDIT_PORT), with `make airflow`'s login, which it prints; Ctrl-C ends it.
 audit-ui: venv
-	AIRFLOW_HOME=$(CURDIR)/demo/airflow AIRFLOW__CORE__LOAD_EXAMPLES=False \
-	AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins \
-	AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=sqlite:///$(CURDIR)/demo/airflow/airflow.db \
-	AIRFLOW_CONN_MAILING_LEDGER='{"conn_type": "sqlite", "host": "$(CURDIR)/demo/ledger.db"}' \
-	$(VENV)/bin/airflow api-server --port 8080
+	$(PY) -m dev.airflow_tool audit-ui
 
 # The README's pictures of the UI (docs/night-*.png, docs/audit-*.png), all from one real night in headless
 # Chromium (dev/screenshots.py; about 2 minutes). It rewrites docs/, so it is no part of `make test`.

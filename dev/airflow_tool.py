@@ -1,16 +1,17 @@
-"""`make airflow` and `make airflow-stop`: a real Airflow with the demo ERP that keeps running, and its history.
+"""`make airflow`, `make airflow-stop` and `make audit-ui`: a real Airflow with the demo ERP that keeps running.
 
 ``python -m dev.airflow_tool start`` starts the topology of ``AirflowStack`` (api-server, scheduler,
 dag-processor, triggerer; LocalExecutor, so no Redis) detached, with an SMTP sink as a process of its
 own, returns once the api-server reports every component healthy, and prints where everything is.
-What a developer builds up is kept between starts: the metadata database ``invoice_mailing_airflow``
-on the local PostgreSQL (created when missing, never dropped), the secrets (so the login, the UI's
-sessions and connections saved in the UI stay valid), the demo ERP, its ledger and the mail.
-``stop`` ends exactly the processes that ``start`` recorded in ``running.json``; ``status`` says
-whether they run.
+What a developer builds up is kept between starts: the metadata database on the local PostgreSQL
+(``invoice_mailing_airflow_`` and a hash of this clone's folder, so two clones never share one; created
+when missing, never dropped), the secrets (so the login, the UI's sessions and connections saved in the
+UI stay valid), the demo ERP, its ledger and the mail. ``stop`` ends exactly the processes that ``start``
+recorded in ``running.json``; ``status`` says whether they run. ``audit-ui`` runs the api-server alone
+on what ``make demo`` left (``demo/airflow/airflow.db``, ``demo/ledger.db``), on port 8081, with the
+same login.
 
-Everything lives in ``demo/airflow/`` (git-ignored), beside what ``make demo`` and ``make audit-ui``
-keep there (their SQLite ``airflow.db``, ``simple_auth_manager_passwords.json.generated``):
+Everything lives in ``demo/airflow/`` (git-ignored), beside ``make demo``'s SQLite ``airflow.db``:
 
     secrets.json    the admin's password and the components' shared keys (mode 0600)
     passwords.json  the admin's password as Airflow's simple auth manager reads it
@@ -22,6 +23,7 @@ keep there (their SQLite ``airflow.db``, ``simple_auth_manager_passwords.json.ge
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -39,7 +41,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from dev.airflow_stack import ADMIN, POSTGRES_ADMIN_URL, ROOT, AirflowStack, StackError, StackSecrets
 
 HOME = ROOT / "demo" / "airflow"
-DATABASE = "invoice_mailing_airflow"
+AUDIT_PORT = 8081  # beside `make airflow`'s 8080: both can run at once
+
+
+def database_for(root: Path) -> str:
+    """The metadata database of the clone in ``root``: named after its folder (a short hash of the path), so that
+    two clones on one machine never see each other's runs. At most 63 characters, PostgreSQL's limit."""
+    return f"invoice_mailing_airflow_{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]}"
+
+
+DATABASE = database_for(ROOT)
 GRACE_SECONDS = 30  # between SIGTERM and SIGKILL: a task in flight gets to finish its SMTP session
 START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 
@@ -76,14 +87,14 @@ def check_postgres(url: str) -> None:
         engine.dispose()
 
 
-def check_port_free(port: int, what: str, setting: str) -> None:
+def check_port_free(port: int, what: str, setting: str, command: str = "make airflow") -> None:
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a just-stopped instance's TIME_WAIT is fine
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
             raise Refusal(f"port {port} ({what}) is in use by another program: stop it, or choose another "
-                          f"port with {setting}=<port> make airflow") from None
+                          f"port with {setting}=<port> {command}") from None
 
 
 # --- the processes of a running instance --------------------------------------------------------
@@ -172,7 +183,8 @@ def start(home: Path, port: int, smtp_port: int, database: str, postgres_url: st
     sink = start_sink(smtp_port, outbox, logs / "smtp-sink.log")
     helpers = {"smtp-sink": sink.pid}
     stack = None
-    print(f"Starting Airflow (metadata database {database}, logs in {shown(logs)})...", flush=True)
+    own = ": this clone's own, named after its folder" if database == DATABASE else ""
+    print(f"Starting Airflow (metadata database {database}{own}; logs in {shown(logs)})...", flush=True)
     try:
         wait_for_sink(sink, smtp_port)
         env = demo_connections(erp_path, ledger_path, smtp_port)
@@ -306,6 +318,49 @@ def wait_for_sink(sink: subprocess.Popen, port: int, timeout: float = 30) -> Non
             time.sleep(0.2)
 
 
+def audit_ui(home: Path, port: int) -> int:
+    """`make audit-ui`: the api-server alone, on what `make demo` left (its SQLite metadata and ledger), for the
+    auditors' pages. The login is `make airflow`'s (``secrets.json``), printed here; it runs until Ctrl-C."""
+    ledger_path = home.parent / "ledger.db"
+    if not ledger_path.exists():
+        raise Refusal(f"there is no demo ledger at {shown(ledger_path)}: run `make demo` first")
+    check_port_free(port, "the auditors' pages", "AUDIT_PORT", "make audit-ui")
+    kept = StackSecrets.kept_in(home / "secrets.json")
+    passwords = home / "passwords.json"
+    passwords.write_text(json.dumps({ADMIN: kept.password}))
+    passwords.chmod(0o600)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AIRFLOW")}
+    env.update({
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        "AIRFLOW__API__BASE_URL": f"http://localhost:{port}/",
+        "AIRFLOW__API__SECRET_KEY": kept.secret_key,
+        "AIRFLOW__API_AUTH__JWT_SECRET": kept.jwt_secret,
+        "AIRFLOW_CONN_MAILING_LEDGER": json.dumps({"conn_type": "sqlite", "host": str(ledger_path)}),
+    })
+    # make demo's metadata database, brought to this Airflow's schema (a no-op when it is; an upgrade needs it).
+    migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    if migrate.returncode != 0:
+        tail = (migrate.stderr or migrate.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise Refusal(f"airflow db migrate of {shown(home / 'airflow.db')} failed: {tail[0]}")
+    print(f"The auditors' pages of the demo's ledger ({shown(ledger_path)}) at "
+          f"http://localhost:{port}/plugin/invoice-mailing\n"
+          f"  login {ADMIN} / {kept.password} (the same as `make airflow`'s; kept in {shown(home / 'secrets.json')})\n"
+          f"  Ctrl-C ends it; `make airflow` may run beside it, on its own port.", flush=True)
+    try:
+        return subprocess.run([sys.executable, "-m", "airflow", "api-server", "--port", str(port)], env=env,
+                              cwd=ROOT).returncode
+    except KeyboardInterrupt:
+        return 0
+
+
 def stop(home: Path) -> None:
     recorded, alive = running(home)
     if not recorded:
@@ -335,9 +390,10 @@ def status(home: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dev.airflow_tool", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("start", "stop", "status"))
+    parser.add_argument("command", choices=("start", "stop", "status", "audit-ui"))
     parser.add_argument("--home", type=Path, default=HOME, help="AIRFLOW_HOME, logs and kept files (demo/airflow)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("AIRFLOW_PORT", "8080")))
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"the api-server's port (AIRFLOW_PORT, else 8080; audit-ui: AUDIT_PORT, else {AUDIT_PORT})")
     parser.add_argument("--smtp-port", type=int, default=int(os.environ.get("SMTP_SINK_PORT", "8025")))
     parser.add_argument("--database", default=DATABASE, help="the metadata database, kept between starts")
     parser.add_argument("--postgres", default=POSTGRES_ADMIN_URL,
@@ -345,8 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     home = args.home.resolve()
     try:
+        if args.command == "audit-ui":
+            return audit_ui(home, args.port or int(os.environ.get("AUDIT_PORT", AUDIT_PORT)))
         if args.command == "start":
-            start(home, args.port, args.smtp_port, args.database, args.postgres)
+            start(home, args.port or int(os.environ.get("AIRFLOW_PORT", "8080")), args.smtp_port, args.database,
+                  args.postgres)
         elif args.command == "stop":
             stop(home)
         else:

@@ -25,6 +25,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
 from pydantic import BaseModel, create_model
 from sqlalchemy import Engine
 
@@ -252,8 +253,14 @@ def bounce_report_raw(report_id: int, engine: LedgerDep):
 
 # --- Pages --------------------------------------------------------------------------------------
 
-def _when(moment: datetime | None) -> str:
-    return "" if moment is None else clock.utc(moment).strftime("%Y-%m-%d %H:%M UTC")
+def _when(moment: datetime | None) -> Markup | str:
+    """A moment as ``<time>``: UTC, labelled, in the page; the page's script shows it in the user's Airflow time
+    zone (the UI's own setting, kept in the browser), labelled with that zone. Exports stay in UTC."""
+    if moment is None:
+        return ""
+    moment = clock.utc(moment)
+    return Markup('<time datetime="{}">{} UTC</time>').format(moment.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                                              moment.strftime("%Y-%m-%d %H:%M"))
 
 
 _pages = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(default=True),

@@ -49,4 +49,5 @@ def test_the_audit_page_prints_an_oslo_session_time_in_utc():
     """Before the one helper the page relabelled an aware time: 02:05+01:00 read "02:05 UTC"."""
     import plugins.invoice_mailing_audit as page
 
-    assert page._when(datetime(2026, 12, 1, 2, 5, tzinfo=OSLO)) == "2026-12-01 01:05 UTC"
+    assert page._when(datetime(2026, 12, 1, 2, 5, tzinfo=OSLO)) == (
+        '<time datetime="2026-12-01T01:05:00Z">2026-12-01 01:05 UTC</time>')

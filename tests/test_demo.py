@@ -90,11 +90,16 @@ def test_the_e_invoice_customers_documents_have_mixed_rates_with_zero_and_fracti
 def test_make_demo_shows_the_deliveries_per_format_and_each_failure_with_the_rule_that_failed():
     row = dict(customer_id="10050", ref_nbr="INV000241", reason=None, detail=None, last_error=None)
     deliveries = [{**row, "format": "EHF", "status": "failed", "reason": "config_error",
-                   "detail": "BR-07 An Invoice shall contain the Buyer name ... " + "x" * 200},
+                   "detail": "e-invoice refused before sending: BR-11 (fatal): the buyer's country code is required, "
+                             "and customer 10050 has no customer_address row; the other formats and recipients of "
+                             "the document are unaffected"},
                   {**row, "format": "PDF", "status": "sent"}, {**row, "format": "FACTURX", "status": "sent"},
                   {**row, "format": "", "status": "skipped"}]
     assert demo.formats_sent(deliveries).splitlines()[3:] == [
         "  EHF            0      1", "  FACTURX        1      0", "  PDF            1      0"]
-    [failure] = demo.failures(deliveries).splitlines()[2:]
-    assert failure.startswith("  10050 INV000241 EHF config_error: BR-07 An Invoice shall contain the Buyer name")
-    assert len(failure) == 150 and failure.endswith("…")
+    failure = demo.failures(deliveries).splitlines()[2:]
+    assert failure[0].startswith("  10050 INV000241 EHF config_error: e-invoice refused before sending: BR-11")
+    assert all(len(line) <= 110 for line in failure) and all(line.startswith("      ") for line in failure[1:])
+    # the reason whole, to its fix: nothing cut off (issue 30 found "customer 10050 ha…")
+    assert " ".join(" ".join(failure).split()).endswith(
+        "customer 10050 has no customer_address row; the other formats and recipients of the document are unaffected")

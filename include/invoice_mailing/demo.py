@@ -9,6 +9,7 @@ import random
 import re
 import subprocess
 import sys
+import textwrap
 import unicodedata
 from collections import Counter
 from datetime import date, datetime, time, timedelta
@@ -25,7 +26,7 @@ AS_OF = date(2026, 11, 24)
 SEED = 20261124
 CENT = Decimal("0.01")
 TEMPLATE_ID = "InvoiceNotification"
-AUDIT_URL = "http://localhost:8080/plugin/invoice-mailing"
+AUDIT_URL = "http://localhost:8081/plugin/invoice-mailing"  # make audit-ui (dev/airflow_tool.py)
 # Child tables first: the order rows are deleted in; inserts go the other way round.
 TABLES = (source.invoice_line, source.invoice, source.mailing_recipient, source.mailing_setting, source.customer_address,
           source.customer, source.contact, source.notification_template, source.report, source.email_account,
@@ -181,7 +182,7 @@ CUSTOMERS = (
     ("10045", "Cornish Fika Ltd", "EXPORT", "en_GB"),
     ("10046", "Fjordlys Handel AS – Personalkantine", "INTERNAL", "nb_NO"),  # its class has no mailing: no_mailing
 )
-# Customers who book e-invoices (spec section 5), each format chosen one of the three ways the ERP allows:
+# Customers who book e-invoices (docs/rules.md, rule 5), each format chosen one of the three ways the ERP allows:
 # the customer's mailing (10047), its invoice contact's preference (10048, 10050), a recipient row (10049).
 # They are seeded from a random stream of their own, so that the customers above keep their contacts and
 # documents whatever is added here.
@@ -649,7 +650,7 @@ def report(ledger_path: Path, outbox: Path, new_mail: list[Path], log_path: Path
     print(f"  emails (.eml):  {outbox}\n  attachments:    {attachments}\n  ledger:         {ledger_path}"
           f"\n  Airflow log:    {log_path}")
     print(f"\nAuditors' pages (the invoice_mailing_audit plugin): run `make audit-ui`, then open {AUDIT_URL}\n"
-          f"  (login admin, password in {ledger_path.parent / 'airflow' / 'simple_auth_manager_passwords.json.generated'})")
+          f"  (login admin; `make audit-ui` prints the password)")
 
 
 def formats_sent(deliveries: list[dict]) -> str:
@@ -666,8 +667,9 @@ def formats_sent(deliveries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def failures(deliveries: list[dict], width: int = 150) -> str:
-    """Each failed delivery with its reason and the words that say what to fix (e.g. an e-invoice rule)."""
+def failures(deliveries: list[dict], width: int = 110) -> str:
+    """Each failed delivery with its reason and the ledger's detail whole, wrapped to ``width``: the words that
+    say what to fix (an e-invoice rule, the missing row) come last and are never cut off."""
     failed = [row for row in deliveries if row["status"] == "failed"]
     if not failed:
         return ""
@@ -675,7 +677,8 @@ def failures(deliveries: list[dict], width: int = 150) -> str:
     for row in failed:
         head = f"  {row['customer_id']} {row['ref_nbr']} {row['format'] or '-'} {row['reason']}: "
         detail = " ".join((row["detail"] or row["last_error"] or "").split())
-        lines.append(head + (detail if len(head + detail) <= width else detail[:width - len(head) - 1] + "…"))
+        lines += textwrap.wrap(head + detail, width, subsequent_indent="      ", break_long_words=False,
+                               break_on_hyphens=False)
     return "\n".join(lines) + "\n"
 
 

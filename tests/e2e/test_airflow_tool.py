@@ -188,3 +188,53 @@ def test_a_postgresql_that_is_not_running_is_one_line_that_says_how_to_start_it(
     assert done.stderr.splitlines() == [
         f"PostgreSQL is not answering at 127.0.0.1:{closed}: start it with "
         "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"]
+
+
+def test_make_audit_ui_prints_the_login_it_takes_on_a_port_of_its_own(tmp_path):
+    """`make demo` said the login was in a file that did not exist, and `make audit-ui` wanted make airflow's
+    port 8080 with another login: the tool prints the login that works, `make airflow`'s, on 8081."""
+    home = tmp_path / "airflow"
+    engine = create_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger.ensure_schema(engine)
+    engine.dispose()
+    refused = tool("audit-ui", "--home", tmp_path / "elsewhere" / "airflow")
+    assert refused.returncode == 1 and "run `make demo` first" in refused.stderr, refused.stderr
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    server = subprocess.Popen([sys.executable, "-m", "dev.airflow_tool", "audit-ui", "--home", str(home), "--port",
+                               str(port)], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        printed = [server.stdout.readline() for _ in range(2)]
+        password = json.loads((home / "secrets.json").read_text())["password"]  # what `make airflow` logs in with
+        assert f"http://localhost:{port}/plugin/invoice-mailing" in printed[0], printed
+        assert f"login {ADMIN} / {password} (the same as `make airflow`'s" in printed[1], printed
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the api-server did not answer within 120 s"
+            time.sleep(1)
+        token = httpx.post(f"http://127.0.0.1:{port}/auth/token", json={"username": ADMIN, "password": password},
+                           timeout=30)
+        assert token.status_code == 201, token.text
+        page = httpx.get(f"http://127.0.0.1:{port}/invoice-mailing/nights", timeout=30,
+                         headers={"Authorization": f"Bearer {token.json()['access_token']}"})
+        assert page.status_code == 200 and "<h1>Nights</h1>" in page.text, page.text[:500]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+
+
+def test_each_clone_has_a_metadata_database_of_its_own():
+    """Two clones on one machine shared `invoice_mailing_airflow` and saw each other's runs."""
+    from dev.airflow_tool import DATABASE, database_for
+
+    assert DATABASE == database_for(ROOT) == database_for(ROOT / "dags" / "..")
+    assert database_for(Path("/home/kari/invoice-mailing")) != database_for(Path("/home/ola/invoice-mailing"))
+    assert len(DATABASE) <= 63 and DATABASE.replace("_", "").isalnum()

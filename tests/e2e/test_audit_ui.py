@@ -147,6 +147,22 @@ def test_an_auditor_finds_the_failed_delivery_follows_it_to_its_try_and_download
     browser.switch_to.default_content()
     shoot(browser, "night-deliveries")
 
+    # One page, one time zone: the user chose Europe/Oslo in the UI (its time zone menu keeps the choice in this
+    # origin's local storage); the tab's times follow it, labelled, as the run header above it does.
+    browser.execute_script('window.localStorage.setItem("timezone", JSON.stringify("Europe/Oslo"))')
+    browser.refresh()
+    wait.until(ready.frame_to_be_available_and_switch_to_it((By.TAG_NAME, "iframe")))
+    wait.until(lambda d: "Europe/Oslo" in d.find_element(By.ID, "zone").text)
+    moments = browser.find_elements(By.CSS_SELECTOR, "#deliveries time")
+    assert moments, "no time on the night's Deliveries tab"
+    for moment in moments:
+        utc = datetime.fromisoformat(moment.get_attribute("datetime"))
+        oslo = utc.astimezone(TIMEZONE)
+        assert moment.text == oslo.strftime("%Y-%m-%d %H:%M ") + oslo.tzname(), (moment.text, utc)
+        assert moment.get_attribute("title") == utc.strftime("%Y-%m-%d %H:%M UTC")
+    assert "Times in Europe/Oslo (your time zone in Airflow)" in browser.find_element(By.ID, "zone").text
+    browser.switch_to.default_content()
+
 
 def _wait_for_file(folder: Path, pattern: str, timeout: float = 20) -> Path:
     deadline = time.monotonic() + timeout
