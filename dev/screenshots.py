@@ -93,7 +93,8 @@ def seed_history(path: Path, nights: int = 59) -> None:
         night = first + timedelta(days=n)
         run_id = f"scheduled__{night.isoformat()}"
         runs.append(dict(run_id=run_id, logical_date=night, mode="live", params={}, started_at=night,
-                         finished_at=night + timedelta(minutes=4)))
+                         finished_at=night + timedelta(minutes=4),
+                         summary={"status": "green", "why": "every delivery decided"}))  # as audit left each night
         statuses = (["sent"] * pick.randint(30, 45) + ["skipped"] * pick.randint(1, 4)
                     + ["bounced"] * pick.randint(0, 1 + n // 12))  # no failure: the red night's is the one
         for i, status in enumerate(statuses):
