@@ -152,6 +152,26 @@ def test_a_viewer_sees_internationalised_and_dotless_addresses_masked_in_server_
     assert [r["last_error"] for r in editor if r["ref_nbr"] == "INV000203"] == [answer]
 
 
+def test_a_viewer_sees_a_nights_lifted_bounces_and_test_address_masked(client, ids, ledger_db):
+    """Only redirect_to was masked: the addresses an operator lifted (lift_bounces) showed whole to viewers."""
+    from sqlalchemy import insert
+
+    from include.invoice_mailing import ledger
+    from tests.audit_seed import at
+
+    with ledger_db.begin() as conn:
+        conn.execute(insert(ledger.mailing_run).values(
+            run_id="manual__lifted", logical_date=at(26, 1), mode="live", started_at=at(26, 1),
+            params={"lift_bounces": ["kari@bolgen.example"], "redirect_to": "test@fjordlys.example"}))
+    for route in ("/nights", "/api/nights", "/nights.csv"):
+        text = client.get(route, headers=token("viewer")).text
+        assert "kari@bolgen.example" not in text and "test@fjordlys.example" not in text, route
+    [night] = [n for n in client.get("/api/nights", headers=token("viewer")).json() if n["run_id"] == "manual__lifted"]
+    assert night["params"]["lift_bounces"] == ["k***@bolgen.example"]
+    [night] = [n for n in client.get("/api/nights", headers=token("user")).json() if n["run_id"] == "manual__lifted"]
+    assert night["params"]["lift_bounces"] == ["kari@bolgen.example"]
+
+
 def test_the_csv_download_shows_a_formula_as_text(client, ids, ledger_db):
     from sqlalchemy import insert
 

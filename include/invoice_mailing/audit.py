@@ -63,8 +63,13 @@ def mask_rows(rows: Iterable[dict]) -> list[dict]:
     masked = []
     for row in rows:
         row = dict(row)
-        if isinstance(row.get("params"), dict) and row["params"].get("redirect_to"):  # a night's parameters
-            row["params"] = {**row["params"], "redirect_to": mask_address(row["params"]["redirect_to"])}
+        if isinstance(row.get("params"), dict):  # a night's parameters: the test address, the lifted bounces
+            params = dict(row["params"])
+            if params.get("redirect_to"):
+                params["redirect_to"] = mask_address(params["redirect_to"])
+            if params.get("lift_bounces"):
+                params["lift_bounces"] = [mask_address(a) for a in params["lift_bounces"]]
+            row["params"] = params
         for key in ("recipient", "redirected_to"):
             if key in row:
                 row[key] = mask_address(row[key])
