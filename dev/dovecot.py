@@ -146,8 +146,9 @@ class Dovecot:
     """
 
     def __init__(self, capabilities: str | None = None, folder: Path | None = None, *,
-                 tokens: TokenCheck | None = None, relay_port: int | None = None):
+                 tokens: TokenCheck | None = None, relay_port: int | None = None, password: str = PASSWORD):
         self.capabilities = capabilities
+        self.password = password      # every login's (a static passdb); any UTF-8 text
         self.tokens = tokens          # OAuth 2.0 logins, checked by Dovecot (passdb oauth2)
         self.relay_port = relay_port  # SMTP submission, relaying to this port
         self.port = 0
@@ -187,7 +188,7 @@ class Dovecot:
                                            submission_port=self.submission_port)
         self.config.write_text(CONFIG_23.format(
             folder=self.folder, port=self.port, mail_user=MAIL_USER, mail_uid=pwd.getpwnam(MAIL_USER).pw_uid,
-            password=PASSWORD, capability=capability, oauth_passdb=oauth_passdb, submission=submission,
+            password=self.password, capability=capability, oauth_passdb=oauth_passdb, submission=submission,
             protocols=" submission" if submission else "", mechanisms=f" {self.tokens.mechanisms}" if oauth_passdb else ""))
         run_forking([DOVECOT, "-c", str(self.config)], self.folder / "start.err",
                     lambda errors: f"dovecot did not start: {errors}")
@@ -238,11 +239,11 @@ class Dovecot:
         """An Airflow IMAP connection to this server for ``login``, as a dict (``json.dumps`` it for
         an ``AIRFLOW_CONN_...`` variable)."""
         return {"conn_type": "imap", "host": "127.0.0.1", "port": self.port, "login": login,
-                "password": PASSWORD, "extra": {"use_ssl": False, **extra}}
+                "password": self.password, "extra": {"use_ssl": False, **extra}}
 
     def _session(self, login: str) -> imaplib.IMAP4:
         session = imaplib.IMAP4("127.0.0.1", self.port, timeout=10)
-        session.login(login, PASSWORD)
+        session.authenticate("PLAIN", lambda _: f"\0{login}\0{self.password}".encode())
         return session
 
     def append(self, login: str, raw: bytes, folder: str = "INBOX", flags: str = "") -> None:

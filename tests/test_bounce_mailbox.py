@@ -185,3 +185,26 @@ def test_settings_default_to_the_login_inbox_and_processed(dovecot, login, monke
                 processed_folder="Reports/Done")
     assert (mailbox_settings().address, mailbox_settings().folder, mailbox_settings().processed_folder) == (
         "bounces@invoices.example", "Reports", "Reports/Done")
+
+
+def test_a_password_outside_ascii_logs_in_and_a_wrong_one_is_refused_without_showing_it(monkeypatch):
+    """imaplib's LOGIN carries ASCII only: a password such as "blåbær" raised UnicodeEncodeError past the
+    MailboxUnavailable handling (collect_bounces failed the night), naming one of its characters and its place.
+    It is sent as UTF-8 through AUTHENTICATE PLAIN; a wrong one is the server's refusal, in words of its own."""
+    server = start_dovecot(password="blåbær-2026")
+    try:
+        name = server.new_login()
+        server.append(name, REPLY)
+        use_mailbox(monkeypatch, server, name)
+        assert [m.raw for m in read_all()] == [REPLY]
+
+        monkeypatch.setenv("AIRFLOW_CONN_MAILING_BOUNCES", json.dumps(
+            server.connection(name) | {"password": "blåbær-2025"}))
+        with pytest.raises(MailboxUnavailable) as error:
+            read_all()
+        said = str(error.value)
+        assert said == (f"bounce mailbox mailing_bounces ({name}@127.0.0.1:{server.port}): the server refused "
+                        "the login: [AUTHENTICATIONFAILED] Authentication failed."), said
+        assert "å" not in said and "position" not in said
+    finally:
+        server.stop()

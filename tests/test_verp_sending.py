@@ -201,3 +201,11 @@ def test_a_relay_without_smtputf8_still_takes_the_ascii_delivery_in_ascii(backen
     [received] = sink.received
     assert received.envelope_to == ["ordre@fjordlys.example"]
     assert received.data.split(b"\r\n\r\n")[0].isascii()
+
+
+def test_the_bounce_key_is_not_in_the_settings_repr():
+    """A log line or a traceback's locals print the batch's settings: the raw key was in them."""
+    verp = pipeline.Verp("bounces@bounces.fjordlys.example", KEY)
+    settings = pipeline.BatchSettings(verp=verp)
+    assert KEY.decode() not in repr(verp) and KEY.decode() not in repr(settings)
+    assert "bounces@bounces.fjordlys.example" in repr(settings)

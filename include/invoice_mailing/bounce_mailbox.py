@@ -114,6 +114,8 @@ class BounceMailbox:
         settings = MailboxSettings.from_connection(conn)
         if conn.extra_dejson.get("auth_type") == "oauth2":
             client = _oauth_session(conn, settings)
+        elif not (conn.password or "").isascii() or not (conn.login or "").isascii():
+            client = _plain_session(conn, settings)  # IMAP LOGIN carries ASCII only: imaplib would raise
         else:
             try:
                 hook.get_conn()
@@ -235,17 +237,7 @@ def _oauth_session(conn, settings: MailboxSettings) -> imaplib.IMAP4:
     except (OAuthConfigError, TokenRefused, TokenUnavailable) as exc:
         raise MailboxUnavailable(f"{settings.where}: {exc}") from None
     mask_token(token.value)
-    extra = conn.extra_dejson
-    try:
-        if extra.get("use_ssl", True):
-            if (extra.get("ssl_context") or "default") not in ("default", "none"):
-                raise MailboxUnavailable(f"{settings.where}: ssl_context {extra['ssl_context']!r}: 'default' or 'none'")
-            context = ssl.create_default_context() if (extra.get("ssl_context") or "default") == "default" else None
-            client = imaplib.IMAP4_SSL(settings.host, settings.port, ssl_context=context, timeout=TIMEOUT)
-        else:
-            client = imaplib.IMAP4(settings.host, settings.port, timeout=TIMEOUT)
-    except OSError as exc:
-        raise MailboxUnavailable(f"{settings.where}: cannot connect: {_one_line(exc)}") from exc
+    client = _connect(conn, settings)
     offered = {capability.upper() for capability in client.capabilities}
     mechanism = "OAUTHBEARER" if "AUTH=XOAUTH2" not in offered and "AUTH=OAUTHBEARER" in offered else "XOAUTH2"
     initial = sasl_response(mechanism, tokens.settings.user, token.value, settings.host, settings.port).encode()
@@ -264,6 +256,39 @@ def _oauth_session(conn, settings: MailboxSettings) -> imaplib.IMAP4:
         said = f" (the server's error: {errors[0]})" if errors else ""
         raise MailboxUnavailable(f"{settings.where}: the server refused the {mechanism} login of "
                                  f"{tokens.settings.user}: {_one_line(exc)}{said}") from exc
+    return client
+
+
+def _plain_session(conn, settings: MailboxSettings) -> imaplib.IMAP4:
+    """A login or password outside ASCII (``blåbær``), which IMAP LOGIN cannot carry: ``AUTHENTICATE PLAIN``
+    sends them as UTF-8 (RFC 4616). No character of the password is ever in an error."""
+    client = _connect(conn, settings)
+    if "AUTH=PLAIN" not in {capability.upper() for capability in client.capabilities}:
+        client.shutdown()
+        raise MailboxUnavailable(f"{settings.where}: the password has characters outside ASCII and the server "
+                                 "offers no AUTHENTICATE PLAIN to carry them: use an ASCII password")
+    response = b"\0" + (conn.login or "").encode() + b"\0" + (conn.password or "").encode()
+    try:
+        client.authenticate("PLAIN", lambda _: response)
+    except (OSError, imaplib.IMAP4.error) as exc:
+        client.shutdown()
+        raise MailboxUnavailable(f"{settings.where}: the server refused the login: {_one_line(exc)}") from exc
+    return client
+
+
+def _connect(conn, settings: MailboxSettings) -> imaplib.IMAP4:
+    """An IMAP session not yet logged in, with the hook's meaning of ``use_ssl`` and ``ssl_context``."""
+    extra = conn.extra_dejson
+    try:
+        if extra.get("use_ssl", True):
+            if (extra.get("ssl_context") or "default") not in ("default", "none"):
+                raise MailboxUnavailable(f"{settings.where}: ssl_context {extra['ssl_context']!r}: 'default' or 'none'")
+            context = ssl.create_default_context() if (extra.get("ssl_context") or "default") == "default" else None
+            client = imaplib.IMAP4_SSL(settings.host, settings.port, ssl_context=context, timeout=TIMEOUT)
+        else:
+            client = imaplib.IMAP4(settings.host, settings.port, timeout=TIMEOUT)
+    except OSError as exc:
+        raise MailboxUnavailable(f"{settings.where}: cannot connect: {_one_line(exc)}") from exc
     return client
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from email.message import EmailMessage
 
@@ -40,7 +40,7 @@ class Verp:
     deployment has no usable secret: then ``key_error`` says why, and nothing is sent (never unsigned)."""
 
     bounce_address: str
-    key: bytes | None = None
+    key: bytes | None = field(default=None, repr=False)  # the deployment's secret: never in a log line
     key_error: str | None = None
 
     @classmethod
