@@ -96,20 +96,30 @@ def archived_delivery(engine, folder) -> tuple[int, str]:
 BOUNCED_RECIPIENT = "ap@nordvik-bygg.example"  # the recipient the fixture report names
 
 
+def bounced_report_raw() -> bytes:
+    """A real Postfix DSN (5.1.1), its original Message-ID as this deployment mints it: signed under the key."""
+    from include.invoice_mailing.bounces import read_report
+    from tests.test_bounce_reports import KEY, fixture
+
+    raw = fixture("postfix-5.1.1-hard.eml")
+    unsigned = read_report(raw).original_message_id
+    return raw.replace(unsigned.encode(), ledger.sign_message_id(unsigned, KEY).encode())
+
+
 def bounced_delivery(engine) -> tuple[int, int]:
     """A delivery of NIGHT_2 that a real Postfix DSN (5.1.1, user unknown) bounced the next morning, applied
     as the night's mailbox reader applies it (by Message-ID and recipient): its id and the report's id."""
     from include.invoice_mailing import bounce_apply
     from include.invoice_mailing.bounces import read_report
-    from tests.test_bounce_reports import fixture
+    from tests.test_bounce_reports import KEY
 
-    raw = fixture("postfix-5.1.1-hard.eml")
+    raw = bounced_report_raw()
     report = read_report(raw)
     with engine.begin() as conn:
         sent = conn.execute(insert(ledger.delivery).values(**row(
             NIGHT_2, "INV000204", "10003", BOUNCED_RECIPIENT, "sent", at(24, 1, 4),
             message_id=report.original_message_id))).inserted_primary_key[0]
-    [outcome] = bounce_apply.apply_report(engine, report, raw, received_at=at(24, 6))
+    [outcome] = bounce_apply.apply_report(engine, report, raw, key=KEY, received_at=at(24, 6))
     assert outcome.effect == bounce_apply.BOUNCED_EFFECT, outcome
     with engine.connect() as conn:
         report_id = conn.execute(select(ledger.bounce_report.c.id)

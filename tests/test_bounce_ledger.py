@@ -187,23 +187,77 @@ def test_a_report_that_is_no_bounce_is_not_applied(engine):
     assert outcome.effect == "not_applied" and row(engine, row_id)["status"] == "sent"
 
 
+def signed(name: str, message_id: str, key: bytes = KEY) -> tuple[bytes, str]:
+    """A fixture report whose original Message-ID is the one this deployment minted: signed under ``key``."""
+    minted = ledger.sign_message_id(message_id, key)
+    return fixture(name).replace(message_id.encode(), minted.encode()), minted
+
+
+def apply_raw(engine, raw: bytes, key: bytes = KEY) -> list[bounce_apply.Outcome]:
+    return bounce_apply.apply_report(engine, read_report(raw), raw, bounce_address=BOUNCE_ADDRESS, key=key)
+
+
+LEGACY = ("exchange-legacy-no-verp.eml", "<10061.pdf.5a4b3c2d1e0f9a8b7c6d5e4f@fjordlys.example>")
+
+
 def test_without_a_verp_match_the_original_message_id_and_recipient_name_the_delivery(engine):
-    message_id = "<10061.pdf.5a4b3c2d1e0f9a8b7c6d5e4f@fjordlys.example>"
+    raw, message_id = signed(*LEGACY)
     add(engine, sent_row(40, "Innkjop@Kystnett.example", message_id, ref_nbr="INV010061"),
         sent_row(41, "regnskap@kystnett.example", message_id, ref_nbr="INV010061"))  # same message, not named
-    [outcome] = apply(engine, "exchange-legacy-no-verp.eml")
+    [outcome] = apply_raw(engine, raw)
     assert (outcome.effect, outcome.delivery_id) == ("bounced", 40)
     assert (row(engine, 40)["status"], row(engine, 41)["status"]) == ("bounced", "sent")
 
 
-def test_a_forged_verp_address_falls_back_and_names_nothing_else(engine):
+def test_a_forged_report_naming_an_unsigned_message_id_is_not_applied_and_stops_no_address(engine):
+    """Issue 31: the Message-ID was an unkeyed hash of public values (document, mailing, format, mode), so a
+    stranger who knew a document number and an address could mail one forged DSN and stop every later
+    document to that address. A Message-ID is accepted only when its MAC verifies under the deployment's key."""
+    name, message_id = LEGACY
+    unsigned = ledger.message_id_for("INV", "INV010061", "INVOICE", "PDF", "live", "", "fjordlys.example")
+    raw = fixture(name).replace(message_id.encode(), unsigned.encode())
+    add(engine, sent_row(40, "Innkjop@Kystnett.example", unsigned, ref_nbr="INV010061"))
+    [outcome] = apply_raw(engine, raw)
+    assert outcome.effect == "not_applied" and "verified MAC" in outcome.reason
+    assert row(engine, 40)["status"] == "sent" and reports(engine) == []
+    later = PlannedDelivery("INV", "INV010099", "10061", "INVOICE", "innkjop@kystnett.example", "To", "PDF", "pending")
+    assert [p.status for p in ledger.refuse_bounced_addresses(engine, [later], set())] == ["pending"]
+
+    # Signed under another deployment's key, or with its MAC cut off: not ours either.
+    for forged in (ledger.sign_message_id(unsigned, b"another-deployment-key-32-bytes-long!!"),
+                   ledger.sign_message_id(unsigned, KEY)[:-6] + "0000>"):
+        assert apply_raw(engine, fixture(name).replace(message_id.encode(), forged.encode()))[0].effect == "not_applied"
+    # Without a key nothing can be verified: the report is left for a person.
+    assert apply_raw(engine, signed(*LEGACY)[0], key=None)[0].effect == "not_applied"
+
+
+def test_the_message_id_is_stable_for_its_delivery_and_carries_its_mac():
+    minted = ledger.message_id_for("INV", "INV010061", "INVOICE", "PDF", "live", "", "fjordlys.example", KEY)
+    assert minted == ledger.message_id_for("INV", "INV010061", "INVOICE", "PDF", "live", "", "fjordlys.example", KEY)
+    assert ledger.message_id_verifies(minted, KEY) and not ledger.message_id_verifies(minted, KEY + b"!")
+    assert minted.startswith("<INV010061.pdf.") and minted.endswith("@fjordlys.example>")
+
+
+@pytest.mark.parametrize("ref_nbr", ["INV\r\n010061", "INV>010061", "INV 010061<x@y>"])
+def test_a_document_number_with_cr_lf_or_angle_brackets_makes_a_valid_message_id(ref_nbr):
+    """Issue 31, finding 6: a CR or LF from invoice.ref_nbr went into the header; a '>' cut it short."""
+    from email.headerregistry import HeaderRegistry
+
+    minted = ledger.message_id_for("INV", ref_nbr, "INVOICE", "PDF", "live", "", "fjordlys.example", KEY)
+    assert not set(minted) & set("\r\n ") and minted.count("<") == minted.count(">") == 1
+    assert str(HeaderRegistry()("Message-ID", minted)) == minted and ledger.message_id_verifies(minted, KEY)
+    assert minted != ledger.message_id_for("INV", "INV-010061", "INVOICE", "PDF", "live", "", "fjordlys.example", KEY)
+
+
+def test_a_forged_verp_address_and_an_unverified_message_id_name_nothing(engine):
     name, row_id, recipient, message_id = HARD
     add(engine, sent_row(row_id, recipient, message_id))
     raw = fixture(name)
     other_key = b"another-deployment-key-32-bytes-long!!"
     outcomes = bounce_apply.apply_report(engine, read_report(raw), raw, bounce_address=BOUNCE_ADDRESS, key=other_key)
-    # The MAC fails; the Message-ID and recipient in the returned headers still name the delivery.
-    assert [(o.effect, o.delivery_id) for o in outcomes] == [("bounced", row_id)]
+    # The VERP MAC fails, and the Message-ID carries no MAC of this key: the report names no delivery.
+    assert [(o.effect, o.delivery_id) for o in outcomes] == [("not_applied", None)]
+    assert row(engine, row_id)["status"] == "sent"
 
 
 def test_with_the_archive_configured_the_raw_report_is_kept_there(engine, tmp_path, monkeypatch):

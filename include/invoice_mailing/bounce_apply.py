@@ -49,13 +49,14 @@ class Outcome:
 def deliveries_named(engine: Engine, report: Report, *, bounce_address: str | None = None,
                      key: bytes | None = None) -> list[int]:
     """The deliveries a report is about: the one its VERP address names (MAC verified), else those
-    whose message had the report's original Message-ID and went to a recipient the report names."""
+    whose message had the report's original Message-ID, that Message-ID's own MAC verifying under the key
+    (``ledger.message_id_verifies``), and went to a recipient the report names. Without the key: none."""
     if bounce_address and key:
         verp = report.delivery_id(bounce_address, key)
         if verp is not None:
             return [verp]
     recipients = {r.recipient.casefold() for r in report.recipients if r.recipient}
-    if not report.original_message_id or not recipients:
+    if not recipients or not ledger.message_id_verifies(report.original_message_id, key):
         return []
     with engine.connect() as conn:
         return list(conn.execute(
@@ -71,7 +72,8 @@ def apply_report(engine: Engine, report: Report, raw: bytes, *, bounce_address: 
     ids = deliveries_named(engine, report, bounce_address=bounce_address, key=key)
     if not ids:
         return [Outcome(NOT_APPLIED, None, "the report names no delivery of this ledger "
-                                           "(no verified VERP address, no matching Message-ID and recipient)")]
+                                           "(no verified VERP address, no Message-ID of ours with a verified MAC "
+                                           "and a matching recipient)")]
     return [apply_bounce(engine, delivery_id, report, raw, run_id=run_id, received_at=received_at)
             for delivery_id in ids]
 

@@ -23,7 +23,9 @@ Message-ID, so mail clients and the audit recognise it.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
+import re
 import socket
 import uuid
 from collections.abc import Iterable, Sequence
@@ -220,11 +222,43 @@ def now() -> datetime:
     return clock.now()
 
 
+_MESSAGE_ID_MAC = b"invoice-mailing message-id\x00"  # a MAC of its own: never equal to a VERP token's
+_NOT_ATEXT = re.compile(r"[^A-Za-z0-9_-]+")
+
+
 def message_id_for(doc_type: str, ref_nbr: str, mailing_id: str, fmt: str, mode: str, tag: str,
-                   domain: str) -> str:
-    """The Message-ID of a delivery's message: a pure function of what it delivers, never random."""
+                   domain: str, key: bytes | None = None) -> str:
+    """The Message-ID of a delivery's message: a pure function of what it delivers and the deployment's bounce
+    key, never random, so a resend after an ambiguous failure carries the same one. With the key it ends in a
+    MAC (``<INV000104.pdf.<digest>.<mac>@domain>``): a bounce report is matched by its Message-ID only when
+    the MAC verifies, so a stranger who knows a document number cannot forge one. The document number is
+    kept to letters, digits, ``-`` and ``_`` (a CR, LF or ``>`` from the ERP cannot break the header)."""
     digest = hashlib.sha256("\x1f".join((doc_type, ref_nbr, mailing_id, fmt, mode, tag)).encode()).hexdigest()
-    return f"<{ref_nbr}.{fmt.lower()}.{digest[:24]}@{domain or 'invoice-mailing.invalid'}>"
+    local = f"{_NOT_ATEXT.sub('-', ref_nbr).strip('-') or 'document'}.{fmt.lower()}.{digest[:24]}"
+    message_id = f"<{local}@{domain or 'invoice-mailing.invalid'}>"
+    return sign_message_id(message_id, key) if key else message_id
+
+
+def sign_message_id(message_id: str, key: bytes) -> str:
+    """``<local@domain>`` with the MAC of both under ``key`` as the local part's last dot-separated part."""
+    local, _, domain = message_id.strip()[1:-1].rpartition("@")
+    return f"<{local}.{_message_id_mac(f'{local}@{domain}', key)}@{domain}>"
+
+
+def _message_id_mac(body: str, key: bytes) -> str:
+    return hmac.new(key, _MESSAGE_ID_MAC + body.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:20]
+
+
+def message_id_verifies(message_id: str | None, key: bytes | None) -> bool:
+    """Whether ``message_id`` is one this deployment minted under ``key`` (its MAC compared in constant time)."""
+    inner = (message_id or "").strip()
+    if not key or not (inner.startswith("<") and inner.endswith(">")):
+        return False
+    local, at, domain = inner[1:-1].rpartition("@")
+    body, dot, mac = local.rpartition(".")
+    if not at or not dot or not body:
+        return False
+    return hmac.compare_digest(_message_id_mac(f"{body}@{domain}", key), mac.lower())
 
 
 @dataclass(frozen=True)
@@ -330,7 +364,7 @@ def refuse_bounced_addresses(engine: Engine, planned: Sequence[PlannedDelivery],
 
 
 def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: str, mode: str,
-                resend: bool) -> None:
+                resend: bool, message_key: bytes | None = None) -> None:
     """Write the planner's decisions; idempotent, so a retried or cleared task records nothing twice.
 
     New keys are inserted. A refusal that was never attempted is re-decided. A delivery to send that
@@ -371,7 +405,7 @@ def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: s
             )
             if p.status == PENDING:
                 values["message_id"] = message_id_for(p.doc_type, p.ref_nbr, p.mailing_id, p.format, mode, tag,
-                                                      p.sender_domain)
+                                                      p.sender_domain, message_key)
             if latest is None:
                 _insert_new(conn, dict(generation=0, **values))
             elif p.status != PENDING:

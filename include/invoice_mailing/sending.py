@@ -126,7 +126,8 @@ def mail_batch(erp: Engine, ledger_db: Engine, ctx: RunContext, batch: dict, *, 
     planned = {p.document.key: [] if p.document.key in recorded else planned_deliveries(p) for p in plans}
     planned.update((key, []) for key in gone - planned.keys())
     rows_planned = [row for rows in planned.values() for row in rows]
-    ledger.record_plan(ledger_db, rows_planned, run_id=ctx.run_id, mode=mode, resend=ctx.params.resend)
+    ledger.record_plan(ledger_db, rows_planned, run_id=ctx.run_id, mode=mode, resend=ctx.params.resend,
+                       message_key=settings.verp.key if settings.verp else None)
     ledger.retire_unplanned_failures(ledger_db, rows_planned, run_id=ctx.run_id, mode=mode)
     refused = [NotSent.of(asdict(row), FAILED, row.reason, row.detail)
                for rows in planned.values() for row in rows if row.status == FAILED]

@@ -372,8 +372,8 @@ def collect_bounces(*, run_id, night: bool) -> dict:
         return Collected(read=False, why=f"no connection {BOUNCES_CONN_ID}").as_xcom()
     try:
         key = bounce_key_from_environment()
-    except BounceKeyError as exc:  # no delivery went out with a VERP address: the Message-ID still names them
-        log.warning("%s: reports are matched by their original Message-ID only", exc)
+    except BounceKeyError as exc:  # nothing was sent with it: no report can be tied to a delivery
+        log.warning("%s: no report can be tied to its delivery without it; they stay in the mailbox", exc)
         key = None
     try:
         with BounceMailbox.from_connection() as mailbox:
