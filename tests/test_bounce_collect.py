@@ -125,8 +125,50 @@ def test_a_night_applies_the_bounce_of_the_night_before_and_leaves_an_auto_reply
     assert [raw for raw, _ in dovecot.messages(mailbox, "Processed")] == [report.replace(b"\n", b"\r\n")]
     assert dovecot.messages(mailbox) == [(auto_reply.replace(b"\n", b"\r\n"), set())]  # unread, still there
     assert collected(run) | {"why": None} == {"read": True, "why": None, "messages": 2, "bounced": 1, "noted": 0,
-                                              "moved": 1, "left": 1}
+                                              "moved": 1, "left": 1, "quarantined": []}
     assert ops_mail(sink) == []  # nothing to warn about: the morning's watch lists the bounce
+
+
+def test_a_report_too_long_for_the_ledger_is_applied_clipped_and_one_that_cannot_be_is_quarantined(
+        kafe, mailbox, dovecot, run_dag, ledger_db, sink, monkeypatch):
+    """Issue 31: a report whose own Message-ID was longer than its column (250) raised DataError on PostgreSQL
+    inside collect(): collect_bounces failed, extract, approve_night and mail_customers were upstream_failed,
+    and the report stayed in the INBOX to fail every later night the same way. Every value taken from a
+    report is clipped to its column, without NUL bytes; a report that still cannot be applied goes to the
+    quarantine folder (never deleted) with its reason in the alert, and the night goes on."""
+    from include.invoice_mailing import bounce_collect
+
+    assert run_dag("2026-11-23").state == "success"
+    row = sent_to_kari(ledger_db)
+    long_id = b"<" + b"x" * 300 + b"@relay.example>"
+    report = postfix_dsn_for(row).replace(b"<20261124010311.4Xk2Lz1d9Yz9sWc@smtp.fjordlys.example>", long_id)
+    report = report.replace(b"Recipient address rejected", b"Recipient\x00 address rejected")
+    poison = fixture("postfix-5.1.1-hard.eml").replace(b"Undelivered Mail Returned to Sender", b"Poison report")
+    dovecot.append(mailbox, report)
+    dovecot.append(mailbox, poison)
+    applied = bounce_collect.apply_report
+
+    def apply_or_break(engine, parsed, raw, **kwargs):
+        if b"Poison report" in raw:
+            raise ValueError("a value the ledger cannot take")
+        return applied(engine, parsed, raw, **kwargs)
+
+    monkeypatch.setattr(bounce_collect, "apply_report", apply_or_break)
+    run = run_dag("2026-11-24")
+
+    assert run.state == "success"
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert states["collect_bounces"] == states["extract"] == "success", states
+    row = sent_to_kari(ledger_db)
+    assert row["status"] == "bounced" and "\x00" not in row["detail"]
+    [kept] = bounce_reports(ledger_db)
+    assert kept["report_message_id"] == long_id.decode()[:250] and "\x00" not in kept["diagnostic"]
+    assert [raw for raw, _ in dovecot.messages(mailbox, "Quarantine")] == [crlf(poison)]
+    assert dovecot.messages(mailbox) == []  # nothing left to fail the next night
+    assert collected(run)["quarantined"] == ["UID 2: ValueError: a value the ledger cannot take"]
+    [warning] = ops_mail(sink)
+    assert "1 bounce report(s) moved to Quarantine" in warning["Subject"]
+    assert "UID 2: ValueError: a value the ledger cannot take" in warning.get_body(("html",)).get_content()
 
 
 def test_the_morning_watch_lists_new_bounces_with_the_customer_and_the_masked_address(kafe, mailbox, dovecot,
@@ -183,7 +225,7 @@ def test_without_the_connection_nothing_is_read(kafe, run_dag, ledger_db, sink, 
 
     assert run.state == "success"
     assert collected(run) == {"read": False, "why": "no connection mailing_bounces", "messages": 0, "bounced": 0,
-                              "noted": 0, "moved": 0, "left": 0}
+                              "noted": 0, "moved": 0, "left": 0, "quarantined": []}
     assert [m.envelope_from for m in sink.received] == ["faktura@fjordlys.example"]  # no VERP either
 
 

@@ -274,6 +274,17 @@ def bounces_not_read(run_id: str, why: str) -> tuple[str, str]:
     return subject, body
 
 
+def bounces_quarantined(run_id: str, folder: str, quarantined: list[str]) -> tuple[str, str]:
+    """The night's warning when some bounce reports could not be applied: moved aside, never deleted."""
+    subject = f"Invoice mailing {run_id}: {len(quarantined)} bounce report(s) moved to {folder}"
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in quarantined[:20])
+    body = (f"<p>The run <b>{html.escape(run_id)}</b> could not apply these reports of the bounce mailbox and moved "
+            f"them to its folder <b>{html.escape(folder)}</b>, where they stop no later run:</p><ul>{items}</ul>"
+            "<p>The night mails all the same. Look at them there; a report that names a delivery of ours can be "
+            "moved back to the inbox once the cause is mended.</p>")
+    return subject, body
+
+
 def new_bounces(bounced: list[dict]) -> str:
     """The morning alert's list of deliveries that bounced since the last one: who, what, the masked
     address and the remote server's words, so accounts receivable can correct the address in the ERP."""

@@ -55,7 +55,8 @@ def deliveries_named(engine: Engine, report: Report, *, bounce_address: str | No
         verp = report.delivery_id(bounce_address, key)
         if verp is not None:
             return [verp]
-    recipients = {r.recipient.casefold() for r in report.recipients if r.recipient}
+    recipients = {r.recipient.casefold() for r in report.recipients
+                  if r.recipient and _fit(r.recipient, 254) == r.recipient}  # a value no address can be names none
     if not recipients or not ledger.message_id_verifies(report.original_message_id, key):
         return []
     with engine.connect() as conn:
@@ -105,14 +106,17 @@ def apply_bounce(engine: Engine, delivery_id: int, report: Report, raw: bytes, *
         effect = BOUNCED_EFFECT if kind in _REASON and row["status"] == SENT else NOTED
         inserted = ledger.insert_once(conn, bounce_report, dict(
             sha256=sha256, delivery_id=delivery_id, effect=effect, kind=kind.value,
-            recipient=failed.recipient if failed else None, status_code=failed.status if failed else None,
-            diagnostic=failed.diagnostic if failed else report.reason, report_message_id=report.message_id,
+            recipient=_fit(failed.recipient if failed else None, 254),
+            status_code=_fit(failed.status if failed else None, 16),
+            diagnostic=_fit(failed.diagnostic if failed else report.reason, DIAGNOSTIC_CHARS),
+            report_message_id=_fit(report.message_id, 250),
             run_id=run_id, received_at=received_at, applied_at=stamp, **_kept(raw)))
         if not inserted:  # another reader applied it a moment ago
             return Outcome(ALREADY_APPLIED, delivery_id, f"report {sha256[:12]} was applied to delivery {delivery_id} before")
         if effect == BOUNCED_EFFECT:
             conn.execute(update(delivery).where(delivery.c.id == delivery_id, delivery.c.status == SENT)
-                         .values(status=BOUNCED, reason=_REASON[kind], detail=_detail(failed, report),
+                         .values(status=BOUNCED, reason=_REASON[kind], detail=_fit(_detail(failed, report),
+                                                                                  DIAGNOSTIC_CHARS),
                                  bounced_at=stamp, updated_at=stamp))
     if effect == BOUNCED_EFFECT:
         log.warning("Delivery %s to %s bounced (%s): %s", delivery_id, mask_address(row["recipient"]),
@@ -121,6 +125,17 @@ def apply_bounce(engine: Engine, delivery_id: int, report: Report, raw: bytes, *
     why = "a delay" if kind == Kind.DELAYED else f"delivery {delivery_id} had bounced already"
     log.info("Report %s noted against delivery %s (%s)", sha256[:12], delivery_id, why)
     return Outcome(NOTED, delivery_id, f"noted: {why}")
+
+
+DIAGNOSTIC_CHARS = 2000  # a remote server's words, as kept: enough for any real answer
+
+
+def _fit(value: str | None, limit: int) -> str | None:
+    """A value taken from a report, as the ledger can hold it whatever the database: no NUL byte (PostgreSQL
+    refuses one in text), at most ``limit`` characters (the column's size; PostgreSQL refuses more)."""
+    if value is None:
+        return None
+    return str(value).replace("\x00", "")[:limit]
 
 
 def _recipient_of(recipients: Iterable[FailedRecipient], row) -> FailedRecipient | None:

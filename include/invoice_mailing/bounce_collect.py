@@ -16,12 +16,13 @@ the same message's move.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from include.invoice_mailing.bounce_apply import apply_report
-from include.invoice_mailing.bounce_mailbox import BounceMailbox
+from include.invoice_mailing.bounce_mailbox import BounceMailbox, MailboxUnavailable
 from include.invoice_mailing.bounces import Kind, read_report
 from include.invoice_mailing.masking import mask_text
 
@@ -39,6 +40,7 @@ class Collected:
     noted: int = 0           # delays (or a second report on a bounced delivery) noted
     moved: int = 0           # reports moved to the processed folder
     left: int = 0            # messages left in the folder, unread (those above the size limit too)
+    quarantined: list[str] = field(default_factory=list)  # "UID 7: why", moved to the quarantine folder
 
     def as_xcom(self) -> dict:
         return asdict(self)
@@ -50,27 +52,43 @@ def collect(engine: Engine, mailbox: BounceMailbox, *, key: bytes | None, run_id
     where, folder = mailbox.settings.where, mailbox.settings.folder
     for message in mailbox.messages():
         done.messages += 1
-        report = read_report(message.raw)
-        if not report.is_bounce:
-            done.left += 1
-            # An auto-reply or a person's answer is expected there; a message that cannot be read is worth a look.
-            level = logging.WARNING if report.kind == Kind.UNREADABLE else logging.INFO
-            log.log(level, "%s: UID %d left in %s, unread: %s (%s)", where, message.uid, folder, report.kind.value,
-                    mask_text(report.reason))
-            continue
-        outcomes = apply_report(engine, report, message.raw, bounce_address=mailbox.settings.address, key=key,
-                                run_id=run_id)
-        if not any(outcome.applied for outcome in outcomes):
-            done.left += 1
-            log.warning("%s: UID %d left in %s, unread: a %s report not applied: %s", where, message.uid, folder,
-                        report.kind.value, mask_text("; ".join(outcome.reason for outcome in outcomes)))
-            continue
-        done.bounced += sum(outcome.effect == "bounced" for outcome in outcomes)
-        done.noted += sum(outcome.effect == "noted" for outcome in outcomes)
-        mailbox.processed(message.uid)
-        done.moved += 1
+        try:
+            _collect_one(engine, mailbox, message, key=key, run_id=run_id, done=done)
+        except (MailboxUnavailable, OperationalError, InterfaceError):
+            raise  # the mailbox or the ledger is unreachable: the pass ends, the caller says so, nothing is moved
+        except Exception as exc:  # noqa: BLE001 - one message that cannot be applied must not stop every night
+            said = str(exc).strip().splitlines()
+            why = f"UID {message.uid}: {type(exc).__name__}: {said[0] if said else 'no message'}"
+            log.warning("%s: %s; the message goes to %s for a person to look at", where, mask_text(why),
+                        mailbox.settings.quarantine_folder)
+            mailbox.quarantined(message.uid)
+            done.quarantined.append(mask_text(why)[:300])
     done.left += len(mailbox.too_large)  # not read, and left in the folder all the same
-    log.info("%s: %d message(s) read, %d delivery(ies) bounced, %d noted, %d report(s) moved to %s, %d left in %s",
-             where, done.messages, done.bounced, done.noted, done.moved, mailbox.settings.processed_folder,
-             done.left, folder)
+    log.info("%s: %d message(s) read, %d delivery(ies) bounced, %d noted, %d report(s) moved to %s, %d left in %s, "
+             "%d quarantined", where, done.messages, done.bounced, done.noted, done.moved,
+             mailbox.settings.processed_folder, done.left, folder, len(done.quarantined))
     return done
+
+
+def _collect_one(engine: Engine, mailbox: BounceMailbox, message, *, key: bytes | None, run_id: str | None,
+                 done: Collected) -> None:
+    where, folder = mailbox.settings.where, mailbox.settings.folder
+    report = read_report(message.raw)
+    if not report.is_bounce:
+        done.left += 1
+        # An auto-reply or a person's answer is expected there; a message that cannot be read is worth a look.
+        level = logging.WARNING if report.kind == Kind.UNREADABLE else logging.INFO
+        log.log(level, "%s: UID %d left in %s, unread: %s (%s)", where, message.uid, folder, report.kind.value,
+                mask_text(report.reason))
+        return
+    outcomes = apply_report(engine, report, message.raw, bounce_address=mailbox.settings.address, key=key,
+                            run_id=run_id)
+    if not any(outcome.applied for outcome in outcomes):
+        done.left += 1
+        log.warning("%s: UID %d left in %s, unread: a %s report not applied: %s", where, message.uid, folder,
+                    report.kind.value, mask_text("; ".join(outcome.reason for outcome in outcomes)))
+        return
+    done.bounced += sum(outcome.effect == "bounced" for outcome in outcomes)
+    done.noted += sum(outcome.effect == "noted" for outcome in outcomes)
+    mailbox.processed(message.uid)
+    done.moved += 1

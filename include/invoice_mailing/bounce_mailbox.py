@@ -47,6 +47,7 @@ class MailboxSettings:
     address: str            # the bounce address (VERP's base); default: the login
     folder: str             # where reports arrive; default INBOX
     processed_folder: str   # where applied reports go; default Processed, created when missing
+    quarantine_folder: str = "Quarantine"  # reports that could not be applied (never deleted); created when missing
 
     @classmethod
     def from_connection(cls, conn) -> MailboxSettings:
@@ -55,8 +56,9 @@ class MailboxSettings:
         settings = cls(conn_id=conn.conn_id, host=conn.host or "", port=conn.port or (993 if use_ssl else 143),
                        login=conn.login or "", address=extra.get("address") or conn.login or "",
                        folder=extra.get("folder") or "INBOX",
-                       processed_folder=extra.get("processed_folder") or "Processed")
-        for name in (settings.folder, settings.processed_folder):
+                       processed_folder=extra.get("processed_folder") or "Processed",
+                       quarantine_folder=extra.get("quarantine_folder") or "Quarantine")
+        for name in (settings.folder, settings.processed_folder, settings.quarantine_folder):
             if not name.isascii():  # IMAP names other characters in modified UTF-7, which imaplib does not do
                 raise MailboxUnavailable(f"{settings.where}: folder name {name!r} is not ASCII: rename the folder")
         return settings
@@ -94,7 +96,7 @@ class BounceMailbox:
         self.size_limit = size_limit
         self.capabilities = self._capabilities()
         self.too_large: list[int] = []  # the UIDs :meth:`messages` left unread for their size
-        self._processed_folder_ready = False
+        self._folders_ready: set[str] = set()
         selected = self._call("select the folder", f"folder {settings.folder!r} cannot be opened",
                               client.select, _quoted(settings.folder))
         self.count = int(selected[0])  # the messages in the folder (EXISTS) when it was opened
@@ -154,12 +156,21 @@ class BounceMailbox:
                 yield MailboxMessage(uid, size, raw)
 
     def processed(self, uid: int) -> None:
-        """Move one message to the processed folder: MOVE (RFC 6851) where offered, else COPY, the
+        """Move one message to the processed folder (see :meth:`move`)."""
+        self.move(uid, self.settings.processed_folder)
+
+    def quarantined(self, uid: int) -> None:
+        """Move one message that could not be applied to the quarantine folder, so that it stops no later pass
+        and a person can look at it (see :meth:`move`)."""
+        self.move(uid, self.settings.quarantine_folder)
+
+    def move(self, uid: int, folder: str) -> None:
+        """Move one message to ``folder``: MOVE (RFC 6851) where offered, else COPY, the
         ``\\Deleted`` flag and UID EXPUNGE (RFC 4315, UIDPLUS) of that UID alone. A server with neither
         cannot remove one message without risking others: the message stays, and this raises."""
-        self._ensure_processed_folder()
-        target = _quoted(self.settings.processed_folder)
-        what = f"move message UID {uid} to {self.settings.processed_folder}"
+        self._ensure_folder(folder)
+        target = _quoted(folder)
+        what = f"move message UID {uid} to {folder}"
         if "MOVE" in self.capabilities:
             self._call(what, what, self.client.uid, "MOVE", str(uid), target)
         elif "UIDPLUS" in self.capabilities:
@@ -169,7 +180,7 @@ class BounceMailbox:
         else:
             raise MailboxUnavailable(f"{self.settings.where}: the server offers neither MOVE nor UIDPLUS, so one "
                                      f"message cannot be moved alone; UID {uid} stays in {self.settings.folder}")
-        log.info("%s: message UID %d moved to %s", self.settings.where, uid, self.settings.processed_folder)
+        log.info("%s: message UID %d moved to %s", self.settings.where, uid, folder)
 
     def _capabilities(self) -> set[str]:
         """The capabilities after the login (a server announces MOVE and UIDPLUS only then)."""
@@ -197,18 +208,17 @@ class BounceMailbox:
                 return item[1]
         return None
 
-    def _ensure_processed_folder(self) -> None:
-        """Create the processed folder the first time a message goes there, if it is missing, and subscribe
-        to it so that mail programs show it. A mailbox with nothing to apply is left as it was."""
-        if self._processed_folder_ready:
+    def _ensure_folder(self, name: str) -> None:
+        """Create a folder the first time a message goes there, if it is missing, and subscribe to it so that
+        mail programs show it. A mailbox with nothing to move is left as it was."""
+        if name in self._folders_ready:
             return
-        name = self.settings.processed_folder
         listed = self._call("list the folders", f"cannot list {name}", self.client.list, '""', _quoted(name))
         if not any(listed):
             self._call(f"create {name}", f"cannot create {name}", self.client.create, _quoted(name))
             self._call(f"subscribe to {name}", f"cannot subscribe to {name}", self.client.subscribe, _quoted(name))
             log.info("%s: created the folder %s", self.settings.where, name)
-        self._processed_folder_ready = True
+        self._folders_ready.add(name)
 
     def _call(self, doing: str, refused: str, command, *args) -> list:
         """Run one imaplib command; its data when the server answered OK, else MailboxUnavailable saying what

@@ -378,17 +378,25 @@ def collect_bounces(*, run_id, night: bool) -> dict:
     try:
         with BounceMailbox.from_connection() as mailbox:
             done = collect(engine_for(LEDGER_CONN_ID), mailbox, key=key, run_id=run_id)
-    except MailboxUnavailable as exc:
-        done = Collected(read=False, why=str(exc))
+    except Exception as exc:  # noqa: BLE001 - reading bounces is best-effort for a night: the invoices go out
+        why = str(exc) if isinstance(exc, MailboxUnavailable) else f"{type(exc).__name__}: {_one_line(exc)}"
+        done = Collected(read=False, why=why)
         if not night:
-            raise AirflowFailException(f"The bounces were not read: {exc}") from exc
-        log.warning("The bounces were not read, the night mails all the same: %s", exc)
-        subject, body = alerts.bounces_not_read(run_id, str(exc))
-        try:
-            alerts.send(subject, body)
-        except Exception:  # noqa: BLE001 - the night goes on whether or not the warning could be mailed
-            log.exception("The warning could not be sent: %s", subject)
+            raise AirflowFailException(f"The bounces were not read: {why}") from exc
+        log.warning("The bounces were not read, the night mails all the same: %s", why,
+                    exc_info=not isinstance(exc, MailboxUnavailable))
+        _warn(*alerts.bounces_not_read(run_id, why))
+        return done.as_xcom()
+    if done.quarantined and night:
+        _warn(*alerts.bounces_quarantined(run_id, mailbox.settings.quarantine_folder, done.quarantined))
     return done.as_xcom()
+
+
+def _warn(subject: str, body: str) -> None:
+    try:
+        alerts.send(subject, body)
+    except Exception:  # noqa: BLE001 - the night goes on whether or not the warning could be mailed
+        log.exception("The warning could not be sent: %s", subject)
 
 
 def collect_bounces_between_nights(*, run_id, ti) -> dict:
