@@ -112,6 +112,13 @@ class StackSecrets:
         return kept
 
 
+def write_passwords(path: Path, password: str) -> Path:
+    """The admin's password as Airflow's simple auth manager reads it, readable by its owner only."""
+    path.write_text(json.dumps({ADMIN: password}))
+    path.chmod(0o600)
+    return path
+
+
 class StackError(RuntimeError):
     """The stack did not come up, or a wait ran out; the message ends with the components' log tails."""
 
@@ -187,9 +194,7 @@ class AirflowStack:
         self._create_database()
         if self.workers:
             self._redis_keys_before = set(self._redis().keys("*"))
-        passwords = self.home / "passwords.json"
-        passwords.write_text(json.dumps({ADMIN: self.password}))
-        passwords.chmod(0o600)
+        write_passwords(self.home / "passwords.json", self.password)
         self.env = self._environment()
         migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=self.env,
                                  capture_output=True, text=True, timeout=300)

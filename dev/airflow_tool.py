@@ -38,7 +38,15 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from dev.airflow_stack import ADMIN, POSTGRES_ADMIN_URL, ROOT, AirflowStack, StackError, StackSecrets
+from dev.airflow_stack import (
+    ADMIN,
+    POSTGRES_ADMIN_URL,
+    ROOT,
+    AirflowStack,
+    StackError,
+    StackSecrets,
+    write_passwords,
+)
 
 HOME = ROOT / "demo" / "airflow"
 AUDIT_PORT = 8081  # beside `make airflow`'s 8080: both can run at once
@@ -326,9 +334,7 @@ def audit_ui(home: Path, port: int) -> int:
         raise Refusal(f"there is no demo ledger at {shown(ledger_path)}: run `make demo` first")
     check_port_free(port, "the auditors' pages", "AUDIT_PORT", "make audit-ui")
     kept = StackSecrets.kept_in(home / "secrets.json")
-    passwords = home / "passwords.json"
-    passwords.write_text(json.dumps({ADMIN: kept.password}))
-    passwords.chmod(0o600)
+    passwords = write_passwords(home / "passwords.json", kept.password)
     env = {key: value for key, value in os.environ.items() if not key.startswith("AIRFLOW")}
     env.update({
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
