@@ -11,6 +11,7 @@ locale the project has no labels for.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -194,6 +195,71 @@ def test_an_internationalised_domain_goes_out_in_ascii_and_only_a_unicode_local_
     assert night.arrived()[("INV000101", "åse@sjømat.no")] == 1
     assert night.status()[("INV000101", "åse@sjømat.no")] == ("sent", None)
     assert len(night.sink.received) == 2
+
+
+def test_a_sender_at_an_internationalised_domain_gets_a_message_id_in_ascii(night):
+    """Issue 31, finding 6: the Message-ID took the account's domain as the ERP writes it (``bølgen.no``); a
+    message whose other headers are ASCII then failed to serialize after its rows were claimed."""
+    with night.erp_engine.begin() as conn:
+        conn.execute(update(source.erp.tables["email_account"]).values(address="faktura@bølgen.no"))
+    kari_and_post(night)
+
+    night.run()
+
+    [message] = night.sink.received
+    assert message.message["Message-ID"].endswith("@xn--blgen-vua.no>")
+    assert message.message["From"].addresses[0].addr_spec == "faktura@xn--blgen-vua.no"
+    assert message.data.split(b"\r\n\r\n")[0].isascii()
+    assert set(night.status().values()) == {("sent", None)}
+
+
+def test_control_characters_from_the_erp_reach_no_header(night):
+    """Issue 31, finding 6: every header built from ERP data keeps to what RFC 5322 allows. A name's or a
+    document number's CR, LF, ESC, BEL or DEL is folded or left out, and the message goes out."""
+    night.erp.template("Named", "", "Faktura {{ document.number }} til {{ customer.name }}", "<p>x</p>")
+    night.erp.customer("10001", "Bølgen\x07 Kafé\x1b[31m AS\x7f")
+    kari = night.erp.contact("10001", "kari@bolgen.example", "Kari\r\nBcc: eve@evil.example\x1b Nordmann")
+    setting = night.erp.setting(customer_id="10001", template_id="Named")
+    night.erp.recipient(setting, "Contact", "To", contact_id=kari)
+    night.erp.invoice("INV\r\n101>\x1b", "10001")
+
+    night.run()
+
+    [message] = night.sink.received
+    assert message.envelope_to == ["kari@bolgen.example"]
+    headers = message.message.items()
+    assert [(name, value) for name, value in headers if any(unicodedata.category(c) == "Cc" for c in value)] == []
+    assert message.message["To"].addresses[0].display_name == "Kari Bcc: eve@evil.example Nordmann"
+    assert message.message["Subject"].endswith("til Bølgen Kafé[31m AS")
+    assert message.message["X-Invoice-Document"] == "INV INV 101>"
+    assert message.message["Message-ID"].startswith("<INV-101.pdf.")
+    assert [r["status"] for r in night.rows()] == ["sent"]
+
+
+def test_a_message_that_cannot_be_built_fails_its_document_and_the_batch_goes_on(night, monkeypatch):
+    """Issue 31, finding 6: a header error raised after the claim left the row ``sending`` and stopped the
+    batch. Whatever building the message raises is now that document's ``config_error``."""
+    from include.invoice_mailing import sending
+
+    def build(**values):
+        if values["document_ref"].endswith("INV000101"):
+            raise ValueError("Header values may not contain linefeed or carriage return characters")
+        return build_message(**values)
+
+    build_message = sending.build_message
+    monkeypatch.setattr(sending, "build_message", build)
+    customer_with_template(night, "10001", "a@bolgen.example")
+    customer_with_template(night, "10002", "b@havet.example")
+    night.erp.invoice("INV000101", "10001")
+    night.erp.invoice("INV000102", "10002")
+
+    assert night.run() == 1
+
+    assert night.arrived() == {("INV000102", "b@havet.example"): 1}
+    assert night.status()[("INV000101", "a@bolgen.example")] == ("failed", "config_error")
+    [unbuilt] = night.rows(ref_nbr="INV000101")
+    assert unbuilt["detail"] == ("the message could not be built from the ERP's data: ValueError: Header values "
+                                 "may not contain linefeed or carriage return characters")
 
 
 # --- Relays -------------------------------------------------------------------------------------

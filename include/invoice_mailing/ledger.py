@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+import idna
 from sqlalchemy import (
     JSON,
     CheckConstraint,
@@ -235,8 +236,21 @@ def message_id_for(doc_type: str, ref_nbr: str, mailing_id: str, fmt: str, mode:
     kept to letters, digits, ``-`` and ``_`` (a CR, LF or ``>`` from the ERP cannot break the header)."""
     digest = hashlib.sha256("\x1f".join((doc_type, ref_nbr, mailing_id, fmt, mode, tag)).encode()).hexdigest()
     local = f"{_NOT_ATEXT.sub('-', ref_nbr).strip('-') or 'document'}.{fmt.lower()}.{digest[:24]}"
-    message_id = f"<{local}@{domain or 'invoice-mailing.invalid'}>"
+    message_id = f"<{local}@{_ascii_domain(domain)}>"
     return sign_message_id(message_id, key) if key else message_id
+
+
+def _ascii_domain(domain: str | None) -> str:
+    """The sender's domain as a Message-ID carries it: in ASCII (IDNA A-labels, ``xn--blgen-vua.no`` for
+    ``bølgen.no``), so that a message whose headers are otherwise ASCII serializes; a placeholder otherwise."""
+    try:
+        ascii_domain = idna.encode(domain or "", uts46=True).decode("ascii")
+    except idna.IDNAError:
+        return "invoice-mailing.invalid"
+    return ascii_domain if _DOMAIN.fullmatch(ascii_domain) else "invoice-mailing.invalid"
+
+
+_DOMAIN = re.compile(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
 
 
 def sign_message_id(message_id: str, key: bytes) -> str:

@@ -559,8 +559,12 @@ def html_to_text(html: str) -> str:
 
 
 def one_line(text: str, limit: int = 250) -> str:
-    """A header value: all whitespace (CR and LF included) folded to single spaces."""
-    return " ".join(str(text).split())[:limit]
+    """A header value as RFC 5322 allows it: all whitespace (CR and LF included) folded to single spaces,
+    and the other control characters (NUL, ESC, DEL, C1) left out."""
+    return " ".join(str(text).translate(_CONTROLS).split())[:limit]
+
+
+_CONTROLS = {c: None for c in (*range(0x00, 0x20), *range(0x7F, 0xA0)) if not chr(c).isspace()}
 
 
 NOTIFICATION_BUDGET = Budget.from_env("INVOICE_MAILING_TEMPLATE", seconds=2.0, max_bytes=1_000_000)

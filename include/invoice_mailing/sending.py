@@ -7,7 +7,6 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from email.message import EmailMessage
 
 from sqlalchemy import Engine
 
@@ -27,7 +26,7 @@ from include.invoice_mailing.ledger import FAILED, PENDING, SENT, SKIPPED
 from include.invoice_mailing.masking import mask_address, mask_text
 from include.invoice_mailing.params import RunContext
 from include.invoice_mailing.planning import plan_batch, planned_deliveries
-from include.invoice_mailing.render import Attachment, Notification, Renderer, RenderError
+from include.invoice_mailing.render import Attachment, Notification, Renderer, RenderError, one_line
 from include.invoice_mailing.smtp_login import MAILBOX
 
 log = logging.getLogger(__name__)
@@ -259,21 +258,30 @@ class _Mailer:
             if not rows:
                 return
         excluded = set(utf8) - {r["id"] for r in rows}
-        msg = build_message(
-            sender_address=mailing.account.address, sender_name=mailing.account.display_name,
-            recipients=[MessageRecipient(r["recipient"], r["add_to"], _name(plan, r["recipient_key"]))
-                        for r in members
-                        if r["id"] not in excluded and (r["status"] not in (FAILED, SKIPPED) or r["id"] in claimed)],
-            notification=notification, attachment=attachment, message_id=message_id,
-            document_ref=f"{doc.doc_type} {doc.ref_nbr}", redirect_to=params.redirect_to,
-        )
+        try:
+            msg = build_message(
+                sender_address=mailing.account.address, sender_name=mailing.account.display_name,
+                recipients=[MessageRecipient(r["recipient"], r["add_to"], _name(plan, r["recipient_key"]))
+                            for r in members if r["id"] not in excluded
+                            and (r["status"] not in (FAILED, SKIPPED) or r["id"] in claimed)],
+                notification=notification, attachment=attachment, message_id=message_id,
+                document_ref=f"{doc.doc_type} {doc.ref_nbr}", redirect_to=params.redirect_to,
+            )
+            addresses = [envelope[r["id"]] for r in rows]  # the SMTPUTF8 choice is the rows still going
+            wire = WireMessage.of(msg, addresses if verp is not None
+                                  else [smtp_address(mailing.account.address), *addresses])
+        except Exception as exc:  # nothing was sent: the claimed rows say why, and the batch goes on
+            detail = f"the message could not be built from the ERP's data: {type(exc).__name__}: {one_line(exc)}"
+            self.finish([r["id"] for r in rows], FAILED, reason=rules.CONFIG_ERROR, error=detail, detail=detail)
+            self.not_sending(rows, FAILED, rules.CONFIG_ERROR, detail)
+            return
         if verp is not None:
-            self.send_each(conn_id, msg, rows, envelope, message_id, attachment.sha256, account)
+            self.send_each(conn_id, wire, rows, envelope, message_id, attachment.sha256, account)
             return
         ids_of: dict[str, list[int]] = defaultdict(list)  # envelope address -> rows (all of them, redirected)
         for r in rows:
             ids_of[envelope[r["id"]]].append(r["id"])
-        result = self.sender.send(conn_id, msg, smtp_address(mailing.account.address), list(ids_of))
+        result = self.sender.send(conn_id, wire, smtp_address(mailing.account.address), list(ids_of))
         self.record(result, ids_of, rows, message_id, attachment.sha256, account)
 
     def verp(self, conn_id: str) -> Verp | None:
@@ -284,13 +292,13 @@ class _Mailer:
             return None
         return self.settings.verp
 
-    def send_each(self, conn_id: str, msg: EmailMessage, rows: list[dict], envelope: dict[int, str], message_id: str,
+    def send_each(self, conn_id: str, wire: WireMessage, rows: list[dict], envelope: dict[int, str], message_id: str,
                   attachment_sha256: str, account: str) -> None:
         """VERP: one transaction per delivery on the relay's session, each recorded on its own answer, so
         that the window in which a message can arrive twice stays one delivery's UPDATE and a recipient
         refused in one transaction leaves the others as they are. Once the session fails for good, the
-        deliveries not yet tried stay pending with the same answer (no new wait per delivery)."""
-        wire = WireMessage.of(msg, [envelope[r["id"]] for r in rows])  # the same bytes for all
+        deliveries not yet tried stay pending with the same answer (no new wait per delivery). Every
+        transaction carries the same bytes, ``wire``."""
         gave_up: str | None = None
         for row in rows:
             address = envelope[row["id"]]
