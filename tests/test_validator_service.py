@@ -244,3 +244,61 @@ def test_a_night_renders_the_next_document_while_one_is_checked_and_claims_it_on
     assert at[("check sent", "INV000102")] < at[("answer read", "INV000101")], events
     assert at[("check sent", "INV000103")] < at[("answer read", "INV000102")], events
     assert not remote.local
+
+
+@pytest.fixture
+def listener(tmp_path):
+    """A local HTTP server, in its own process (Saxon runs in this one and holds its thread while it fetches),
+    that records every request: where an external DTD or entity would be fetched."""
+    log = tmp_path / "asked.log"
+    code = (
+        "import sys\n"
+        "from http.server import BaseHTTPRequestHandler, HTTPServer\n"
+        "class Record(BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        open(sys.argv[1], 'a').write(self.path + '\\n')\n"
+        "        body = b'<!ENTITY leak \"fetched\">'\n"
+        "        self.send_response(200)\n"
+        "        self.send_header('Content-Length', str(len(body)))\n"
+        "        self.end_headers()\n"
+        "        self.wfile.write(body)\n"
+        "    def log_message(self, *args):\n"
+        "        pass\n"
+        "server = HTTPServer(('127.0.0.1', 0), Record)\n"
+        "print(server.server_address[1], flush=True)\n"
+        "server.serve_forever()\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code, str(log)], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(process.stdout.readline())
+        yield f"http://127.0.0.1:{port}", lambda: log.read_text().split() if log.exists() else []
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("syntax", ["CII", "UBL"])
+def test_an_e_invoice_with_a_doctype_is_refused_before_saxon_reads_it(service, local, listener, tmp_path, syntax):
+    """Issue 31, finding 5: lxml parsed safely, but the raw bytes went on to Saxon, which fetched external DTDs
+    and entities over http:// and file://. Any DOCTYPE is now refused (an e-invoice has none), in this process
+    and by the validator service, and nothing is fetched."""
+    url, asked = listener
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the host's secret")
+    valid = render(syntax, document())
+    declaration, root = valid.split(b"?>", 1) if valid.startswith(b"<?xml") else (b"", valid)
+    name = root.lstrip()[1:].split(b" ", 1)[0].split(b">", 1)[0].decode()
+    doctypes = [
+        f'<!DOCTYPE {name} SYSTEM "{url}/external.dtd">',
+        f'<!DOCTYPE {name} [<!ENTITY % remote SYSTEM "{url}/parameter-entity"> %remote;]>',
+        f'<!DOCTYPE {name} [<!ENTITY secret SYSTEM "file://{secret}"><!ENTITY sent SYSTEM "{url}/?x">]>',
+    ]
+    for doctype in doctypes:
+        xml = (declaration + b"?>" if declaration else b"") + doctype.encode() + root
+        for checker in (local, ServiceChecker(service)):
+            result = checker.result(xml, syntax)
+            assert not result.ok
+            assert [v.text for v in result.fatal] == ["a DOCTYPE declaration is not allowed in an e-invoice "
+                                                      "(EN 16931 XML has none; its entities could read files "
+                                                      "or the network)"]
+    assert asked() == []

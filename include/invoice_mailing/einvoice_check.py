@@ -91,6 +91,10 @@ def _saxon_usable_here() -> None:
             "process that checks, after forking)")
 
 
+DOCTYPE_REFUSED = ("a DOCTYPE declaration is not allowed in an e-invoice (EN 16931 XML has none; its entities "
+                   "could read files or the network)")
+
+
 @dataclass
 class Checker:
     """Validates CII and UBL documents; each XSD and stylesheet is loaded at most once per process."""
@@ -172,6 +176,8 @@ class Checker:
             tree = etree.fromstring(xml, etree.XMLParser(resolve_entities=False, no_network=True))
         except etree.XMLSyntaxError as error:
             return Result(fatal=(Violation("XSD", "fatal", f"not well-formed XML: {error}"),))
+        if tree.getroottree().docinfo.doctype:  # Saxon would read the bytes again, DTD and all
+            return Result(fatal=(Violation("XSD", "fatal", DOCTYPE_REFUSED),))
         schema_name = "CII" if syntax == "CII" else UBL_ROOTS.get(tree.tag)
         if schema_name is None:
             return Result(fatal=(Violation("XSD", "fatal", f"the root element {tree.tag} is neither a UBL "
