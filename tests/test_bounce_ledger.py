@@ -3,7 +3,7 @@ hard-bounced address is skipped for later documents until the ERP holds another 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import insert, select, update
@@ -15,6 +15,7 @@ from include.invoice_mailing.ledger import PlannedDelivery, bounce_report, deliv
 from tests.test_bounce_reports import BOUNCE_ADDRESS, KEY, fixture
 
 STAMP = datetime(2026, 11, 24, 1, 5, tzinfo=UTC)
+AFTER = STAMP + timedelta(days=1)  # when the reports of these tests arrive (a token is trusted alone for 90 days)
 
 
 def sent_row(row_id: int, recipient: str, message_id: str, *, ref_nbr: str = "INV010042", status: str = "sent",
@@ -49,6 +50,7 @@ def reports(engine) -> list[dict]:
 
 def apply(engine, name: str, **kwargs) -> list[bounce_apply.Outcome]:
     raw = fixture(name)
+    kwargs.setdefault("received_at", AFTER)
     return bounce_apply.apply_report(engine, read_report(raw), raw, bounce_address=BOUNCE_ADDRESS, key=KEY, **kwargs)
 
 
@@ -183,8 +185,37 @@ def test_a_report_that_is_no_bounce_is_not_applied(engine):
     name, row_id, recipient, message_id = HARD
     add(engine, sent_row(row_id, recipient, message_id))
     raw = fixture("person-reply.eml")
-    outcome = bounce_apply.apply_bounce(engine, row_id, read_report(raw), raw)
+    outcome = bounce_apply.apply_bounce(engine, row_id, read_report(raw), raw, received_at=AFTER)
     assert outcome.effect == "not_applied" and row(engine, row_id)["status"] == "sent"
+
+
+@pytest.mark.parametrize("days, applied", [(89, True), (91, False)])
+def test_a_verp_token_alone_applies_a_report_only_within_90_days_of_the_sending(engine, days, applied):
+    """Issue 31, finding 10: the token is in the message the recipient keeps, and it never expired, so a bounce
+    forged with it years later still moved the delivery. After 90 days a report is not applied by its token
+    alone: the delivery stays sent, nothing is recorded, and the reader leaves the report for a person."""
+    name, row_id, recipient, message_id = HARD
+    add(engine, sent_row(row_id, recipient, message_id))
+
+    [outcome] = apply(engine, name, received_at=STAMP + timedelta(days=days))
+
+    if applied:
+        assert (outcome.effect, row(engine, row_id)["status"]) == ("bounced", "bounced")
+    else:
+        assert (outcome.effect, outcome.applied, outcome.delivery_id) == ("not_applied", False, row_id)
+        assert outcome.reason == (f"delivery {row_id} was sent on 2026-11-24, more than 90 days before the report: "
+                                  "a token that old is not trusted alone")
+        assert row(engine, row_id)["status"] == "sent" and reports(engine) == []
+
+
+def test_a_signed_message_id_alone_applies_a_report_only_within_90_days(engine):
+    """The same window for a report matched by its keyed Message-ID (Microsoft 365, Google: no VERP)."""
+    raw, minted = signed(*LEGACY)
+    add(engine, sent_row(40, "Innkjop@Kystnett.example", minted, ref_nbr="INV010061"))
+    late = bounce_apply.apply_report(engine, read_report(raw), raw, bounce_address=BOUNCE_ADDRESS, key=KEY,
+                                     received_at=STAMP + timedelta(days=120))
+    assert [(o.effect, o.delivery_id) for o in late] == [("not_applied", 40)]
+    assert row(engine, 40)["status"] == "sent" and reports(engine) == []
 
 
 def signed(name: str, message_id: str, key: bytes = KEY) -> tuple[bytes, str]:
@@ -194,7 +225,8 @@ def signed(name: str, message_id: str, key: bytes = KEY) -> tuple[bytes, str]:
 
 
 def apply_raw(engine, raw: bytes, key: bytes = KEY) -> list[bounce_apply.Outcome]:
-    return bounce_apply.apply_report(engine, read_report(raw), raw, bounce_address=BOUNCE_ADDRESS, key=key)
+    return bounce_apply.apply_report(engine, read_report(raw), raw, bounce_address=BOUNCE_ADDRESS, key=key,
+                                     received_at=AFTER)
 
 
 LEGACY = ("exchange-legacy-no-verp.eml", "<10061.pdf.5a4b3c2d1e0f9a8b7c6d5e4f@fjordlys.example>")

@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, func, select, update
 
-from include.invoice_mailing import archive, ledger
+from include.invoice_mailing import archive, clock, ledger
 from include.invoice_mailing.bounces import FailedRecipient, Kind, Report
 from include.invoice_mailing.ledger import BLOCKED, BOUNCED, HARD_BOUNCE, SENT, bounce_report, delivery
 from include.invoice_mailing.masking import mask_address, mask_text
@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 BOUNCED_EFFECT, NOTED = "bounced", "noted"
 ALREADY_APPLIED, NOT_APPLIED = "already_applied", "not_applied"
 _REASON = {Kind.HARD: HARD_BOUNCE, Kind.BLOCKED: BLOCKED}
+TOKEN_WINDOW = timedelta(days=90)
+"""How long after a delivery was sent its VERP token or keyed Message-ID alone still applies a report. A DSN
+comes within days (an MTA gives up after five); the token is in the message the recipient holds, so an older
+one could be replayed for ever. A later report is not applied and stays in the mailbox for a person."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,12 @@ def apply_bounce(engine: Engine, delivery_id: int, report: Report, raw: bytes, *
         if row["status"] not in (SENT, BOUNCED):
             return Outcome(NOT_APPLIED, delivery_id,
                            f"delivery {delivery_id} is {row['status']}, not sent: the report cannot be about it")
+        reference = clock.utc(received_at) or ledger.now()
+        sent_at = clock.utc(row["sent_at"])
+        if sent_at is not None and sent_at < reference - TOKEN_WINDOW:
+            return Outcome(NOT_APPLIED, delivery_id,
+                           f"delivery {delivery_id} was sent on {sent_at:%Y-%m-%d}, more than {TOKEN_WINDOW.days} "
+                           "days before the report: a token that old is not trusted alone")
         failed = _recipient_of(report.recipients, row)
         kind = failed.kind if failed else report.kind
         if kind not in (Kind.HARD, Kind.BLOCKED, Kind.DELAYED):
