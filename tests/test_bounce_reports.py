@@ -275,3 +275,31 @@ def test_damaged_reports_never_raise():
                     damaged[rng.randrange(len(damaged))] = rng.randrange(256)
             report = read_report(bytes(damaged))
             assert report.reason, path.name
+
+
+def _dsn_with_diagnostic(diagnostic: bytes) -> bytes:
+    return (b"From: MAILER-DAEMON@mx.bolgen.example\r\nTo: bounces@fjordlys.example\r\nSubject: Undelivered\r\n"
+            b"MIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+            b"--b\r\nContent-Type: text/plain\r\n\r\nThe mail could not be delivered.\r\n"
+            b"--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.bolgen.example\r\n\r\n"
+            b"Final-Recipient: rfc822; kari@bolgen.example\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+            b"Diagnostic-Code: smtp; " + diagnostic + b"\r\n--b--\r\n")
+
+
+@pytest.mark.parametrize("diagnostic", [
+    "550 5.1.1 «kari@bolgen.example»: ukjent mottaker".encode(),  # 8-bit: str(block) wrote it back encoded
+    b"550 5.1.1 =?utf-8?q?=C2=ABkari=40bolgen=2Eexample=C2=BB?=: ukjent mottaker",  # an encoded word as sent
+], ids=["8-bit", "encoded-word"])
+def test_a_viewer_reads_the_report_text_with_every_address_masked_however_it_was_encoded(diagnostic):
+    """Issue 31, finding 8: the auditors' text of a report is masked for viewers, but its delivery-status fields
+    were written back with RFC 2047 encoded words (``=?unknown-8bit?q?=C2=ABkari=40bol...?=``), where the masker
+    saw no address. The fields are decoded first, then masked."""
+    from include.invoice_mailing.bounces import report_text
+    from include.invoice_mailing.masking import mask_text
+
+    text = report_text(_dsn_with_diagnostic(diagnostic))
+    assert "Diagnostic-Code: smtp; 550 5.1.1 «kari@bolgen.example»: ukjent mottaker" in text
+    shown = mask_text(text)
+    assert "kari" not in shown and "=?" not in shown
+    assert "Final-Recipient: rfc822; k***@bolgen.example" in shown and "«***@bolgen.example»" in shown

@@ -264,7 +264,7 @@ def report_text(raw: bytes) -> str:
         parts = [f"Subject: {_header(msg, 'subject', notes)}", _plain_text(msg, notes)]
         for part in msg.walk():
             if part.get_content_type() == "message/delivery-status":
-                parts += [str(block).strip() for block in part.get_payload() if isinstance(block, Message)]
+                parts += [_fields(block, notes) for block in part.get_payload() if isinstance(block, Message)]
     except Exception as exc:  # noqa: BLE001 - a broken report still gets a page, saying why its text is missing
         return f"(the report could not be read: {type(exc).__name__})"
     return "\n\n".join(p.strip() for p in parts if p.strip())
@@ -471,6 +471,12 @@ def _decoded(value: object, notes: list[str]) -> str:
         return ""
     # The email package keeps undecodable bytes as surrogates; they would break a log line.
     return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _fields(block: Message, notes: list[str]) -> str:
+    """A delivery-status block as its fields read, decoded: ``str(block)`` would write a non-ASCII value back as
+    RFC 2047 encoded words (``=?unknown-8bit?q?=C2=ABkari=40bol...?=``), where no masker sees the address."""
+    return "\n".join(f"{name}: {' '.join(_decoded(value, notes).split())}" for name, value in block.items())
 
 
 def _field_value(block: Message, name: str, notes: list[str]) -> str:
