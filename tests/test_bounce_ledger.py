@@ -241,6 +241,20 @@ def test_without_a_verp_match_the_original_message_id_and_recipient_name_the_del
     assert (row(engine, 40)["status"], row(engine, 41)["status"]) == ("bounced", "sent")
 
 
+@pytest.mark.parametrize("where", ["inside the quotes", "before the MAC"])
+def test_a_nul_byte_in_the_original_message_id_names_nothing_and_raises_nothing(engine, where):
+    """Issue 31: a NUL byte in a quoted Message-ID made the PostgreSQL query raise (text cannot hold one), and
+    the mailbox reader with it. Such a Message-ID names no delivery, on either ledger."""
+    raw, minted = signed(*LEGACY)
+    add(engine, sent_row(40, "Innkjop@Kystnett.example", minted, ref_nbr="INV010061"))
+    local, domain = minted[1:-1].rsplit("@", 1)
+    body, mac = local.rsplit(".", 1)
+    nul = f'<"{local}\x00"@{domain}>' if where == "inside the quotes" else f"<{body}\x00.{mac}@{domain}>"
+    [outcome] = apply_raw(engine, raw.replace(minted.encode(), nul.encode()))
+    assert (outcome.effect, outcome.delivery_id) == ("not_applied", None)
+    assert row(engine, 40)["status"] == "sent" and reports(engine) == []
+
+
 def test_a_forged_report_naming_an_unsigned_message_id_is_not_applied_and_stops_no_address(engine):
     """Issue 31: the Message-ID was an unkeyed hash of public values (document, mailing, format, mode), so a
     stranger who knew a document number and an address could mail one forged DSN and stop every later

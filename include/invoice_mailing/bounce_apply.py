@@ -61,11 +61,14 @@ def deliveries_named(engine: Engine, report: Report, *, bounce_address: str | No
             return [verp]
     recipients = {r.recipient.casefold() for r in report.recipients
                   if r.recipient and _fit(r.recipient, 254) == r.recipient}  # a value no address can be names none
-    if not recipients or not ledger.message_id_verifies(report.original_message_id, key):
+    message_id = report.original_message_id
+    if not recipients or not message_id or _fit(message_id, 250) != message_id:  # NUL or too long: no row has it
+        return []
+    if not ledger.message_id_verifies(message_id, key):
         return []
     with engine.connect() as conn:
         return list(conn.execute(
-            select(delivery.c.id).where(delivery.c.message_id == report.original_message_id,
+            select(delivery.c.id).where(delivery.c.message_id == message_id,
                                         func.lower(delivery.c.recipient_key).in_(sorted(recipients)))
             .order_by(delivery.c.id)).scalars())
 
