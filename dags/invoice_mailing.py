@@ -89,7 +89,7 @@ def invoice_mailing():
             tasks.open_night(run_id=run_id, logical_date=logical_date, data_interval_end=data_interval_end,
                              params=params)
 
-    @task(**NETWORK_RETRIES)
+    @task(execution_timeout=timedelta(minutes=30), **NETWORK_RETRIES)  # the pass stops itself after 10 minutes
     def collect_bounces(run_id=None, ti=None) -> dict:
         from include.invoice_mailing import tasks
 

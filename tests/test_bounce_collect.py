@@ -125,7 +125,8 @@ def test_a_night_applies_the_bounce_of_the_night_before_and_leaves_an_auto_reply
     assert [raw for raw, _ in dovecot.messages(mailbox, "Processed")] == [report.replace(b"\n", b"\r\n")]
     assert dovecot.messages(mailbox) == [(auto_reply.replace(b"\n", b"\r\n"), set())]  # unread, still there
     assert collected(run) | {"why": None} == {"read": True, "why": None, "messages": 2, "bounced": 1, "noted": 0,
-                                              "moved": 1, "left": 1, "quarantined": []}
+                                              "moved": 1, "left": 1, "quarantined": [],
+                                              "stopped": None}
     assert ops_mail(sink) == []  # nothing to warn about: the morning's watch lists the bounce
 
 
@@ -225,7 +226,8 @@ def test_without_the_connection_nothing_is_read(kafe, run_dag, ledger_db, sink, 
 
     assert run.state == "success"
     assert collected(run) == {"read": False, "why": "no connection mailing_bounces", "messages": 0, "bounced": 0,
-                              "noted": 0, "moved": 0, "left": 0, "quarantined": []}
+                              "noted": 0, "moved": 0, "left": 0, "quarantined": [],
+                              "stopped": None}
     assert [m.envelope_from for m in sink.received] == ["faktura@fjordlys.example"]  # no VERP either
 
 
@@ -266,6 +268,8 @@ def seeded(ledger_db) -> list[dict]:
     rows = [sent_row(1, KARI, "<10001.pdf.5d0c1e2f3a4b5c6d7e8f9a0b@fjordlys.example>"),
             sent_row(2, ORDRE, "<10074.pdf.2b3c4d5e6f708192a3b4c5d6@fjordlys.example>"),
             sent_row(3, HAVET, "<10075.pdf.0f1e2d3c4b5a69788796a5b4@fjordlys.example>")]
+    yesterday = clock.now() - timedelta(days=1)  # the reports arrive now: within the tokens' 90 days
+    rows = [row | {"sent_at": yesterday} for row in rows]
     with ledger_db.begin() as conn:
         conn.execute(ledger.insert(ledger.delivery), rows)
     return ledger.all_deliveries(ledger_db, ledger.delivery.c.id.in_([1, 2, 3]))
@@ -322,6 +326,46 @@ def test_one_pass_applies_the_good_reports_and_leaves_each_bad_one_as_it_was_wit
            "there, unread" in caplog.text
     assert "5 message(s) read, 2 delivery(ies) bounced, 0 noted, 2 report(s) moved to Processed, 4 left in INBOX" in (
         caplog.text)
+
+
+def test_a_report_larger_than_256_kb_is_read_from_its_first_256_kb_and_applied(mailbox, dovecot, ledger_db):
+    """Issue 31, finding 3: every message was fetched and parsed whole (up to 10 MB), and the standard library
+    takes worse than quadratic time over a long header. Only a message's first 256 kB are fetched: a DSN's own
+    parts come first, so a report with the returned invoice attached is still applied; the ledger keeps what was
+    read, and the whole message moves to Processed."""
+    from include.invoice_mailing.bounces import READ_BYTES
+
+    kari, _, _ = seeded(ledger_db)
+    boundary = b"--4Xk2Lz1d9Yz9sWc.1763946191/smtp.fjordlys.example"
+    pdf = b"\n".join([b"JVBERi0xLjcK" * 6] * 6000)  # 430 kB of base64: the returned invoice's PDF
+    report = crlf(postfix_dsn_for(kari).replace(boundary + b"--", boundary + b"\nContent-Type: application/pdf\n"
+                                                b"Content-Transfer-Encoding: base64\n\n" + pdf + b"\n" + boundary + b"--"))
+    assert len(report) > 400_000
+    dovecot.append(mailbox, report)
+
+    with BounceMailbox.from_connection() as reader:
+        done = collect(ledger_db, reader, key=KEY.encode(), run_id="scheduled__2026-11-25")
+
+    assert (done.messages, done.bounced, done.moved, done.left) == (1, 1, 1, 0)
+    assert ledger.all_deliveries(ledger_db, ledger.delivery.c.id == kari["id"])[0]["status"] == "bounced"
+    [kept] = bounce_reports(ledger_db)
+    assert kept["raw"] == report[:READ_BYTES] and len(kept["raw"]) == 256 * 1024
+    assert dovecot.messages(mailbox, "Processed") == [(report, set())]  # the mailbox keeps it whole
+
+
+def test_a_pass_ends_at_its_time_budget_and_leaves_the_rest_for_the_next(mailbox, dovecot, ledger_db, caplog):
+    """A pass reads for at most its budget (10 minutes), between two messages; what it did not reach stays
+    in the folder, unread, for the next pass, and the night goes on to mail."""
+    kari, _, _ = seeded(ledger_db)
+    dovecot.append(mailbox, crlf(postfix_dsn_for(kari)))
+
+    with caplog.at_level(logging.WARNING), BounceMailbox.from_connection() as reader:
+        done = collect(ledger_db, reader, key=KEY.encode(), run_id="r", budget=timedelta(0))
+
+    assert done.stopped == "stopped after 0 minutes, at UID 1: the messages from there on wait for the next pass"
+    assert (done.messages, done.bounced, done.moved) == (0, 0, 0) and done.stopped in caplog.text
+    assert dovecot.messages(mailbox) == [(crlf(postfix_dsn_for(kari)), set())]
+    assert ledger.all_deliveries(ledger_db, ledger.delivery.c.id == kari["id"])[0]["status"] == "sent"
 
 
 # --- the hourly DAG while a night runs -----------------------------------------------------------------

@@ -303,3 +303,43 @@ def test_a_viewer_reads_the_report_text_with_every_address_masked_however_it_was
     shown = mask_text(text)
     assert "kari" not in shown and "=?" not in shown
     assert "Final-Recipient: rfc822; k***@bolgen.example" in shown and "«***@bolgen.example»" in shown
+
+
+# --- Costly input (issue 31, finding 3) -----------------------------------------------------------------
+
+
+def test_a_header_section_above_64_kb_is_not_read():
+    raw = b"From: MAILER-DAEMON@x.example\r\n" + b"X-Pad: " + b"a@b.example, " * 6000 + b"\r\n\r\nbody\r\n"
+    report = read_report(raw)
+    assert report.kind is Kind.UNREADABLE
+    header = raw.index(b"\r\n\r\n")
+    assert report.reason == f"not read: its header section is {header:,} bytes, above the limit of 65,536"
+
+
+def test_a_message_of_more_than_100_mime_parts_is_not_read():
+    parts = b"".join(b"--b\r\nContent-Type: text/plain\r\n\r\npart\r\n" for _ in range(120))
+    raw = b'From: x@y.example\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n' + parts + b"--b--\r\n"
+    report = read_report(raw)
+    assert (report.kind, report.reason) == (Kind.UNREADABLE, "not read: 121 MIME parts, above the limit of 100")
+
+
+def test_a_long_header_value_is_read_from_its_first_2048_characters():
+    """The standard library's header parser takes worse than quadratic time in a value's length: a 200 kB
+    Diagnostic-Code took 12 s to read. A value is read from its first 2,048 characters (the ledger keeps 2,000)."""
+    raw = fixture("postfix-5.1.1-hard.eml").replace(b"Diagnostic-Code: smtp; 550",
+                                                    b"Diagnostic-Code: smtp; 550" + b" pad" * 50_000)
+    report = read_report(raw)
+    [failed] = report.recipients
+    assert report.kind is Kind.HARD and failed.recipient == "ap@nordvik-bygg.example"
+    assert failed.diagnostic.startswith("550 pad pad") and len(failed.diagnostic) < 2048
+
+
+def test_a_message_cut_after_256_kb_is_read_and_says_so():
+    """What the mailbox fetches of a larger message: its first 256 kB; the cut MIME tree is no defect."""
+    raw = fixture("postfix-5.1.1-hard.eml")
+    last = raw.rindex(b"--4Xk2Lz1d9Yz9sWc")
+    raw = raw[:last] + b"--4Xk2Lz1d9Yz9sWc.1763946191/smtp.fjordlys.example\nContent-Type: application/pdf\n\n" + (
+        b"JVBERi0xLjcK" * 50_000)
+    report = read_report(raw[:256 * 1024], size=len(raw))
+    assert report.kind is Kind.HARD and report.delivery_id(BOUNCE_ADDRESS, KEY) == 101
+    assert report.reason.endswith(f"; read from its first 262,144 of {len(raw):,} bytes")

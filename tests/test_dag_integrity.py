@@ -173,3 +173,12 @@ def test_bounces_are_read_hourly_between_nights_one_run_at_a_time():
     assert hourly.timetable.expression == "30 * * * *" and str(hourly.timetable.timezone) == "Europe/Oslo"
     assert hourly.catchup is False and hourly.max_active_runs == 1
     assert [t.task_id for t in hourly.tasks] == ["collect_bounces"]
+
+
+def test_reading_bounces_has_a_time_limit_in_both_dags(dag):
+    """Issue 31, finding 3: a pass stops itself after 10 minutes; execution_timeout is the backstop."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    hourly = DagBag(dag_folder=str(ROOT / "dags")).get_dag("invoice_mailing_bounces")
+    for each in (dag, hourly):
+        assert each.get_task("collect_bounces").execution_timeout == timedelta(minutes=30)

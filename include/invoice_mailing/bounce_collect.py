@@ -16,7 +16,9 @@ the same message's move.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -27,6 +29,10 @@ from include.invoice_mailing.bounces import Kind, read_report
 from include.invoice_mailing.masking import mask_text
 
 log = logging.getLogger(__name__)
+
+BUDGET = timedelta(minutes=10)
+"""How long one pass reads: the messages not reached by then wait for the next pass (the hourly DAG's, or the
+next night's), and the night goes on to mail. The tasks' ``execution_timeout`` (30 minutes) is only the backstop."""
 
 
 @dataclass
@@ -41,16 +47,25 @@ class Collected:
     moved: int = 0           # reports moved to the processed folder
     left: int = 0            # messages left in the folder, unread (those above the size limit too)
     quarantined: list[str] = field(default_factory=list)  # "UID 7: why", moved to the quarantine folder
+    stopped: str | None = None  # why the pass ended before the folder's last message (its time budget)
 
     def as_xcom(self) -> dict:
         return asdict(self)
 
 
-def collect(engine: Engine, mailbox: BounceMailbox, *, key: bytes | None, run_id: str | None) -> Collected:
-    """Apply every report of the mailbox's folder that names a delivery, and move it; leave the rest."""
+def collect(engine: Engine, mailbox: BounceMailbox, *, key: bytes | None, run_id: str | None,
+            budget: timedelta = BUDGET) -> Collected:
+    """Apply every report of the mailbox's folder that names a delivery, and move it; leave the rest. The pass
+    ends after ``budget``, between two messages."""
     done = Collected()
     where, folder = mailbox.settings.where, mailbox.settings.folder
+    deadline = time.monotonic() + budget.total_seconds()
     for message in mailbox.messages():
+        if time.monotonic() > deadline:
+            done.stopped = (f"stopped after {budget.total_seconds() / 60:g} minutes, at UID {message.uid}: the "
+                            "messages from there on wait for the next pass")
+            log.warning("%s: %s", where, done.stopped)
+            break
         done.messages += 1
         try:
             _collect_one(engine, mailbox, message, key=key, run_id=run_id, done=done)
@@ -73,7 +88,7 @@ def collect(engine: Engine, mailbox: BounceMailbox, *, key: bytes | None, run_id
 def _collect_one(engine: Engine, mailbox: BounceMailbox, message, *, key: bytes | None, run_id: str | None,
                  done: Collected) -> None:
     where, folder = mailbox.settings.where, mailbox.settings.folder
-    report = read_report(message.raw)
+    report = read_report(message.raw, size=message.size)
     if not report.is_bounce:
         done.left += 1
         # An auto-reply or a person's answer is expected there; a message that cannot be read is worth a look.

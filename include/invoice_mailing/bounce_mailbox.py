@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from include.invoice_mailing.bounces import READ_BYTES
+
 BOUNCES_CONN_ID = "mailing_bounces"
 # A report is small: a DSN with headers only is a few kB, with the returned message a few MB. A message
 # far beyond that is not read into memory (it stays in the folder, unread, with a log line).
@@ -84,7 +86,7 @@ def mailbox_settings(conn_id: str = BOUNCES_CONN_ID) -> MailboxSettings | None:
 class MailboxMessage(NamedTuple):
     uid: int      # the message's UID in the folder (stable for this session; UIDVALIDITY is not kept)
     size: int     # RFC822.SIZE, in bytes
-    raw: bytes    # the message exactly as the server holds it
+    raw: bytes    # the message exactly as the server holds it: its first ``READ_BYTES`` when it is larger
 
 
 class BounceMailbox:
@@ -141,8 +143,9 @@ class BounceMailbox:
                 client.shutdown()
 
     def messages(self) -> Iterator[MailboxMessage]:
-        """The folder's messages in UID order, each read whole; a message above the size limit is left
-        where it is, unread, with a log line (and its UID in :attr:`too_large`). Nothing is marked read."""
+        """The folder's messages in UID order, each read up to its first ``READ_BYTES`` (what a report's reader
+        needs); a message above the size limit is left where it is, unread, with a log line (and its UID in
+        :attr:`too_large`). Nothing is marked read."""
         sizes = self._sizes()
         log.info("%s: %d message(s) in %s", self.settings.where, len(sizes), self.settings.folder)
         for uid, size in sorted(sizes.items()):
@@ -151,7 +154,7 @@ class BounceMailbox:
                             self.settings.where, uid, self.settings.folder, size, self.size_limit)
                 self.too_large.append(uid)
                 continue
-            raw = self._body(uid)
+            raw = self._body(uid, partial=size > READ_BYTES)
             if raw is not None:  # None: another client removed it meanwhile
                 yield MailboxMessage(uid, size, raw)
 
@@ -200,12 +203,14 @@ class BounceMailbox:
                 sizes[int(uid.group(1))] = int(size.group(1))
         return sizes
 
-    def _body(self, uid: int) -> bytes | None:
+    def _body(self, uid: int, *, partial: bool = False) -> bytes | None:
+        """The message's bytes, or its first ``READ_BYTES`` (a partial FETCH, RFC 3501 ``BODY[]<0.n>``)."""
+        section = f"BODY.PEEK[]<0.{READ_BYTES}>" if partial else "BODY.PEEK[]"
         data = self._call(f"read message UID {uid}", f"cannot read message UID {uid}",
-                          self.client.uid, "FETCH", str(uid), "(BODY.PEEK[])")
+                          self.client.uid, "FETCH", str(uid), f"({section})")
         for item in data:
             if isinstance(item, tuple) and b"BODY[]" in item[0] and re.search(rb"UID %d\b" % uid, item[0]):
-                return item[1]
+                return item[1][:READ_BYTES] if partial else item[1]
         return None
 
     def _ensure_folder(self, name: str) -> None:

@@ -28,15 +28,17 @@ Formats covered (fixtures in ``tests/fixtures/bounces/``):
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from email import errors, policy
+from email import errors
 from email.message import EmailMessage, Message
 from email.parser import BytesParser, Parser
+from email.policy import EmailPolicy
 from email.utils import getaddresses, parseaddr
 from enum import StrEnum
 
@@ -50,6 +52,18 @@ MAX_REPORT_BYTES = 10 * 1024 * 1024
 """A report asked for with RET=HDRS is a few kilobytes; a relay that returns the whole message with its
 PDFs stays far below this. Anything larger is not read at all (it would only cost memory)."""
 
+READ_BYTES = 256 * 1024
+"""What is read of one message: its first 256 kB. A DSN's own parts (text, delivery status, the returned
+message's headers) come before the returned message's body, so a report whose relay returned the invoice
+whole is still read; the rest would only cost time (the mailbox fetches no more than this)."""
+HEADER_BYTES = 64 * 1024
+"""A message whose header section is longer is not read: a real report's is a few kB."""
+HEADER_CHARS = 2 * 1024
+"""A header value is parsed from at most this many characters: the standard library's header parser takes
+worse than quadratic time in a value's length (a 0.8 MB header took 50 s), so one message could hold a night."""
+MAX_PARTS = 100
+"""A message of more MIME parts is not read: a report has three or four."""
+
 MAC_BYTES = 10
 """80 bits of HMAC: base32 gives exactly 16 characters (no padding), a short and valid local part."""
 
@@ -58,6 +72,17 @@ _TOKEN = re.compile(r"^(?P<delivery>[1-9][0-9]{0,18})-(?P<mac>[a-z2-7]{16})$")
 _STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 _MESSAGE_ID_LINE = re.compile(r"^Message-ID:[ \t]*(<[^<>\s]+>)", re.IGNORECASE | re.MULTILINE)
 _RETURN_PATH_LINE = re.compile(r"^Return-Path:[ \t]*<([^<>\s]+)>", re.IGNORECASE | re.MULTILINE)
+
+class _BoundedPolicy(EmailPolicy):
+    """The standard policy, with every header value parsed from its first ``HEADER_CHARS`` characters."""
+
+    def header_fetch_parse(self, name, value):
+        return super().header_fetch_parse(name, value[:HEADER_CHARS] if isinstance(value, str) else value)
+
+
+_POLICY = _BoundedPolicy()
+_END_OF_HEADER = re.compile(rb"\r?\n\r?\n")
+_DELIMITER = re.compile(rb"^--[^\r\n]", re.MULTILINE)
 
 # Defects that mean the MIME tree is not what the sender built: the parts cannot be trusted.
 _STRUCTURAL_DEFECTS = (
@@ -244,15 +269,44 @@ def delivery_of(address: str, bounce_address: str, key: bytes) -> int | None:
 # --- Reading a report -------------------------------------------------------------------------------
 
 
-def read_report(raw: bytes) -> Report:
-    """What one message of the bounce mailbox is. Never raises: bad input gives ``unreadable`` or ``other``."""
-    if len(raw) > MAX_REPORT_BYTES:
-        return Report(Kind.UNREADABLE, f"not read: {len(raw):,} bytes, above the limit of {MAX_REPORT_BYTES:,}")
+def read_report(raw: bytes, size: int | None = None) -> Report:
+    """What one message of the bounce mailbox is. Never raises: bad input gives ``unreadable`` or ``other``.
+
+    ``size`` is the message's size in the mailbox when ``raw`` is its first bytes only (the mailbox fetches
+    at most ``READ_BYTES``); a longer ``raw`` is read from its first ``READ_BYTES`` all the same."""
+    size = max(size or 0, len(raw))
+    if size > MAX_REPORT_BYTES:
+        return Report(Kind.UNREADABLE, f"not read: {size:,} bytes, above the limit of {MAX_REPORT_BYTES:,}")
     try:
-        msg = BytesParser(policy=policy.default).parsebytes(raw)
-        return _read_message(msg)
+        msg, refused = _parsed(raw)
+        if refused:
+            return Report(Kind.UNREADABLE, f"not read: {refused}")
+        report = _read_message(msg, cut=size > READ_BYTES)
     except Exception as exc:  # noqa: BLE001 - a report must never stop the mailbox reader; the reason is logged
         return Report(Kind.UNREADABLE, f"not read: {type(exc).__name__}: {exc}")
+    if size > READ_BYTES:
+        report = dataclasses.replace(report, reason=f"{report.reason}; read from its first {READ_BYTES:,} of "
+                                                    f"{size:,} bytes")
+    return report
+
+
+def _parsed(raw: bytes) -> tuple[EmailMessage | None, str | None]:
+    """The message of ``raw``'s first ``READ_BYTES``, or why it is not read. Parsing is linear in the input
+    (header values are parsed only when read, each from at most ``HEADER_CHARS``), so the limits on the
+    header section and the parts are checked before any value is read."""
+    raw = raw[:READ_BYTES]
+    end = _END_OF_HEADER.search(raw)
+    header = end.start() if end else len(raw)
+    if header > HEADER_BYTES:
+        return None, f"its header section is {header:,} bytes, above the limit of {HEADER_BYTES:,}"
+    delimiters = len(_DELIMITER.findall(raw))  # every part starts at one; a text has a few more ("-- " above a
+    if delimiters > 2 * MAX_PARTS:             # signature): twice the limit is surely more than its parts
+        return None, f"{delimiters:,} MIME boundary lines, above the limit of {2 * MAX_PARTS}"
+    msg = BytesParser(policy=_POLICY).parsebytes(raw)
+    parts = sum(1 for _ in msg.walk())
+    if parts > MAX_PARTS:
+        return None, f"{parts:,} MIME parts, above the limit of {MAX_PARTS}"
+    return msg, None
 
 
 def report_text(raw: bytes) -> str:
@@ -260,7 +314,9 @@ def report_text(raw: bytes) -> str:
     delivery-status fields, without the MIME structure and encodings of the raw message. Never raises."""
     notes: list[str] = []
     try:
-        msg = BytesParser(policy=policy.default).parsebytes(raw[:MAX_REPORT_BYTES])
+        msg, refused = _parsed(raw)
+        if refused:
+            return f"(the report is not shown: {refused})"
         parts = [f"Subject: {_header(msg, 'subject', notes)}", _plain_text(msg, notes)]
         for part in msg.walk():
             if part.get_content_type() == "message/delivery-status":
@@ -270,13 +326,13 @@ def report_text(raw: bytes) -> str:
     return "\n\n".join(p.strip() for p in parts if p.strip())
 
 
-def _read_message(msg: EmailMessage) -> Report:
+def _read_message(msg: EmailMessage, *, cut: bool = False) -> Report:
     notes: list[str] = []
     subject = _header(msg, "subject", notes)
     message_id = _header(msg, "message-id", notes) or None
     if not msg.keys():
         return Report(Kind.UNREADABLE, "not an email message: no header lines")
-    broken = _structural_defects(msg)
+    broken = _structural_defects(msg, cut=cut)
     if broken:
         return Report(Kind.UNREADABLE, f"broken MIME structure ({', '.join(broken)}): not read",
                       message_id=message_id, subject=subject)
@@ -430,7 +486,7 @@ def _original_headers(msg: EmailMessage, notes: list[str]) -> dict[str, str]:
             payload = part.get_payload()
             returned = payload[0] if isinstance(payload, list) and payload else None
         elif content_type in ("text/rfc822-headers", "message/global-headers"):
-            returned = Parser(policy=policy.default).parsestr(_part_text(part, notes), headersonly=True)
+            returned = Parser(policy=_POLICY).parsestr(_part_text(part, notes), headersonly=True)
         else:
             continue
         if returned is None:
@@ -515,10 +571,13 @@ def _paragraph_about(text: str, address: str) -> str:
     return ""
 
 
-def _structural_defects(msg: Message) -> list[str]:
+def _structural_defects(msg: Message, *, cut: bool = False) -> list[str]:
+    """The defects that make the MIME tree untrustworthy; a missing close boundary is what cutting a message
+    after ``READ_BYTES`` leaves, and is no defect then."""
     names = []
     for part in msg.walk():
-        names += [type(defect).__name__ for defect in part.defects if isinstance(defect, _STRUCTURAL_DEFECTS)]
+        names += [type(defect).__name__ for defect in part.defects if isinstance(defect, _STRUCTURAL_DEFECTS)
+                  and not (cut and isinstance(defect, errors.CloseBoundaryNotFoundDefect))]
     return sorted(set(names))
 
 
