@@ -126,7 +126,7 @@ def test_a_night_applies_the_bounce_of_the_night_before_and_leaves_an_auto_reply
     assert dovecot.messages(mailbox) == [(auto_reply.replace(b"\n", b"\r\n"), set())]  # unread, still there
     assert collected(run) | {"why": None} == {"read": True, "why": None, "messages": 2, "bounced": 1, "noted": 0,
                                               "moved": 1, "left": 1, "quarantined": [],
-                                              "stopped": None}
+                                              "stopped": None, "read_before": 0}
     assert ops_mail(sink) == []  # nothing to warn about: the morning's watch lists the bounce
 
 
@@ -227,7 +227,7 @@ def test_without_the_connection_nothing_is_read(kafe, run_dag, ledger_db, sink, 
     assert run.state == "success"
     assert collected(run) == {"read": False, "why": "no connection mailing_bounces", "messages": 0, "bounced": 0,
                               "noted": 0, "moved": 0, "left": 0, "quarantined": [],
-                              "stopped": None}
+                              "stopped": None, "read_before": 0}
     assert [m.envelope_from for m in sink.received] == ["faktura@fjordlys.example"]  # no VERP either
 
 
@@ -366,6 +366,39 @@ def test_a_pass_ends_at_its_time_budget_and_leaves_the_rest_for_the_next(mailbox
     assert (done.messages, done.bounced, done.moved) == (0, 0, 0) and done.stopped in caplog.text
     assert dovecot.messages(mailbox) == [(crlf(postfix_dsn_for(kari)), set())]
     assert ledger.all_deliveries(ledger_db, ledger.delivery.c.id == kari["id"])[0]["status"] == "sent"
+
+
+def test_a_message_left_for_good_is_parsed_once_until_its_folder_changes_uidvalidity(mailbox, dovecot, ledger_db,
+                                                                                     monkeypatch):
+    """Issue 31, finding 3: the messages left in the folder (auto-replies, answers, the unreadable) were fetched
+    and parsed again on every pass, every hour. The ledger remembers each by the folder's UIDVALIDITY and its
+    UID: the next pass fetches only what is new. A report that names no delivery yet is read again (it may
+    apply later), and a folder with a new UIDVALIDITY (recreated) is read whole."""
+    from include.invoice_mailing import bounce_collect
+
+    kari, _, _ = seeded(ledger_db)
+    left = [crlf(fixture("auto-reply-rfc3834.eml")), crlf(fixture("person-reply.eml")), crlf(fixture("broken-mime.eml"))]
+    for raw in left:
+        dovecot.append(mailbox, raw)
+    parsed: list[bytes] = []
+    real = bounce_collect.read_report
+    monkeypatch.setattr(bounce_collect, "read_report", lambda raw, **kw: parsed.append(raw) or real(raw, **kw))
+
+    def one_pass() -> Collected:
+        with BounceMailbox.from_connection() as reader:
+            return collect(ledger_db, reader, key=KEY.encode(), run_id="r")
+
+    first = one_pass()
+    dovecot.append(mailbox, crlf(postfix_dsn_for(kari)))
+    second = one_pass()
+
+    assert (first.messages, first.left, first.read_before) == (3, 3, 0)
+    assert (second.messages, second.bounced, second.read_before) == (1, 1, 3)
+    assert parsed == [*left, crlf(postfix_dsn_for(kari))]  # each message parsed once
+    assert dovecot.messages(mailbox) == [(raw, set()) for raw in left]  # still there, unread
+    with ledger_db.begin() as conn:  # the folder was recreated: its UIDs name other messages now
+        conn.execute(ledger.update(ledger.mailbox_message).values(uidvalidity=ledger.mailbox_message.c.uidvalidity + 1))
+    assert (one_pass().messages, len(parsed)) == (3, 7)
 
 
 # --- the hourly DAG while a night runs -----------------------------------------------------------------

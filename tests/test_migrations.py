@@ -204,3 +204,26 @@ def test_revision_0006_keeps_every_row_id_index_and_trigger_of_a_0005_ledger(bac
         conn.execute(update(delivery).where(delivery.c.id == 3)
                      .values(status="bounced", reason="hard_bounce", detail="5.1.1 user unknown", bounced_at=STAMP))
     assert ledger.all_deliveries(engine, delivery.c.id == 3)[0]["status"] == "bounced"
+
+
+def test_revision_0007_adds_the_mailbox_memory_to_a_0006_ledger_and_changes_nothing_else(backend):
+    """0007 (issue 31, finding 3): the messages the bounce reader left for good are remembered, so each is
+    parsed once. A ledger at the previous release's revision keeps its rows and gets the new table."""
+    from sqlalchemy import inspect
+
+    engine = backend["engines"][1]
+    migrations.upgrade(engine, "0006")
+    with engine.begin() as conn:
+        conn.execute(insert(delivery), [{**history_row(None, status="sent"), "id": 5, "sent_at": STAMP}])
+    before = ledger.all_deliveries(engine)
+    objects = schema_objects(engine)
+    assert "mailbox_message" not in inspect(engine).get_table_names()
+
+    assert migrations.upgrade(engine) == migrations.head() == "0007"
+
+    assert ledger.all_deliveries(engine) == before
+    assert schema_objects(engine) == objects  # delivery's triggers and indexes, as they were
+    ledger.remember_mailbox_message(engine, "bounce mailbox mailing_bounces (b@h:143) INBOX", 1701, 7, "other", "x")
+    ledger.remember_mailbox_message(engine, "bounce mailbox mailing_bounces (b@h:143) INBOX", 1701, 7, "other", "x")
+    assert ledger.mailbox_messages_read(engine, "bounce mailbox mailing_bounces (b@h:143) INBOX", 1701) == {7}
+    assert ledger.mailbox_messages_read(engine, "bounce mailbox mailing_bounces (b@h:143) INBOX", 1702) == set()

@@ -23,6 +23,7 @@ from datetime import timedelta
 from sqlalchemy import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from include.invoice_mailing import ledger
 from include.invoice_mailing.bounce_apply import apply_report
 from include.invoice_mailing.bounce_mailbox import BounceMailbox, MailboxUnavailable
 from include.invoice_mailing.bounces import Kind, read_report
@@ -47,6 +48,7 @@ class Collected:
     moved: int = 0           # reports moved to the processed folder
     left: int = 0            # messages left in the folder, unread (those above the size limit too)
     quarantined: list[str] = field(default_factory=list)  # "UID 7: why", moved to the quarantine folder
+    read_before: int = 0     # messages left in the folder by an earlier pass, for good: not fetched again
     stopped: str | None = None  # why the pass ended before the folder's last message (its time budget)
 
     def as_xcom(self) -> dict:
@@ -60,7 +62,9 @@ def collect(engine: Engine, mailbox: BounceMailbox, *, key: bytes | None, run_id
     done = Collected()
     where, folder = mailbox.settings.where, mailbox.settings.folder
     deadline = time.monotonic() + budget.total_seconds()
-    for message in mailbox.messages():
+    read_before = (ledger.mailbox_messages_read(engine, mailbox.key, mailbox.uidvalidity)
+                   if mailbox.uidvalidity is not None else set())
+    for message in mailbox.messages(skip=read_before):
         if time.monotonic() > deadline:
             done.stopped = (f"stopped after {budget.total_seconds() / 60:g} minutes, at UID {message.uid}: the "
                             "messages from there on wait for the next pass")
@@ -79,9 +83,11 @@ def collect(engine: Engine, mailbox: BounceMailbox, *, key: bytes | None, run_id
             mailbox.quarantined(message.uid)
             done.quarantined.append(mask_text(why)[:300])
     done.left += len(mailbox.too_large)  # not read, and left in the folder all the same
+    done.read_before = len(read_before & set(mailbox.uids))
     log.info("%s: %d message(s) read, %d delivery(ies) bounced, %d noted, %d report(s) moved to %s, %d left in %s, "
-             "%d quarantined", where, done.messages, done.bounced, done.noted, done.moved,
-             mailbox.settings.processed_folder, done.left, folder, len(done.quarantined))
+             "%d quarantined, %d left there by an earlier pass (not read again)", where, done.messages, done.bounced,
+             done.noted, done.moved, mailbox.settings.processed_folder, done.left, folder, len(done.quarantined),
+             done.read_before)
     return done
 
 
@@ -95,6 +101,9 @@ def _collect_one(engine: Engine, mailbox: BounceMailbox, message, *, key: bytes 
         level = logging.WARNING if report.kind == Kind.UNREADABLE else logging.INFO
         log.log(level, "%s: UID %d left in %s, unread: %s (%s)", where, message.uid, folder, report.kind.value,
                 mask_text(report.reason))
+        if mailbox.uidvalidity is not None:  # what it is cannot change: the next pass need not parse it again
+            ledger.remember_mailbox_message(engine, mailbox.key, mailbox.uidvalidity, message.uid,
+                                            report.kind.value, mask_text(report.reason))
         return
     outcomes = apply_report(engine, report, message.raw, bounce_address=mailbox.settings.address, key=key,
                             run_id=run_id)

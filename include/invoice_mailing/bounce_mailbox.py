@@ -98,10 +98,14 @@ class BounceMailbox:
         self.size_limit = size_limit
         self.capabilities = self._capabilities()
         self.too_large: list[int] = []  # the UIDs :meth:`messages` left unread for their size
+        self.uids: set[int] = set()  # the folder's UIDs when :meth:`messages` listed them
         self._folders_ready: set[str] = set()
         selected = self._call("select the folder", f"folder {settings.folder!r} cannot be opened",
                               client.select, _quoted(settings.folder))
         self.count = int(selected[0])  # the messages in the folder (EXISTS) when it was opened
+        # With the UID, it names one message for ever (RFC 3501); a server that sends none: every pass reads all.
+        _, validity = client.response("UIDVALIDITY")
+        self.uidvalidity = int(validity[-1]) if validity and validity[-1] else None
 
     @classmethod
     @contextmanager
@@ -142,13 +146,21 @@ class BounceMailbox:
             except (OSError, imaplib.IMAP4.error):
                 client.shutdown()
 
-    def messages(self) -> Iterator[MailboxMessage]:
+    @property
+    def key(self) -> str:
+        """The folder as the ledger remembers what was read in it: connection, login, server and folder."""
+        return f"{self.settings.where} {self.settings.folder}"
+
+    def messages(self, skip: frozenset[int] | set[int] = frozenset()) -> Iterator[MailboxMessage]:
         """The folder's messages in UID order, each read up to its first ``READ_BYTES`` (what a report's reader
         needs); a message above the size limit is left where it is, unread, with a log line (and its UID in
-        :attr:`too_large`). Nothing is marked read."""
+        :attr:`too_large`). The UIDs in ``skip`` are not fetched. Nothing is marked read."""
         sizes = self._sizes()
+        self.uids = set(sizes)
         log.info("%s: %d message(s) in %s", self.settings.where, len(sizes), self.settings.folder)
         for uid, size in sorted(sizes.items()):
+            if uid in skip:  # read before and left for good: not fetched again
+                continue
             if size > self.size_limit:
                 log.warning("%s: message UID %d in %s is %d bytes, above the limit of %d: left there, unread",
                             self.settings.where, uid, self.settings.folder, size, self.size_limit)

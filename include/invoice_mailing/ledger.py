@@ -35,6 +35,7 @@ from datetime import datetime, timedelta
 import idna
 from sqlalchemy import (
     JSON,
+    BigInteger,
     CheckConstraint,
     Column,
     DateTime,
@@ -175,6 +176,17 @@ bounce_report = Table(
     Column("raw_path", String(1024), nullable=True),      # the archive's full URL of the report
     UniqueConstraint("sha256", "delivery_id", name="uq_bounce_report"),
     CheckConstraint("effect IN ('bounced', 'noted')", name="ck_bounce_report_effect"),
+)
+
+# The bounce mailbox's messages read and left in their folder for good (migration 0007): parsed once.
+mailbox_message = Table(
+    "mailbox_message", ledger,
+    Column("mailbox", String(500), primary_key=True),   # conn id, login@host:port and folder
+    Column("uidvalidity", BigInteger, primary_key=True),
+    Column("uid", BigInteger, primary_key=True),
+    Column("kind", String(12), nullable=False),          # bounces.Kind: other, auto_reply, unreadable
+    Column("reason", Text, nullable=True),               # why it was left (addresses masked)
+    Column("read_at", DateTime(timezone=True), nullable=False),
 )
 
 PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed", "skipped"
@@ -450,6 +462,22 @@ def record_plan(engine: Engine, planned: Sequence[PlannedDelivery], *, run_id: s
 def _insert_new(conn, values: dict, table: Table = delivery) -> None:
     """Insert unless a twin attempt inserted the same row a moment ago (the unique key decides)."""
     insert_once(conn, table, values)
+
+
+def mailbox_messages_read(engine: Engine, mailbox: str, uidvalidity: int) -> set[int]:
+    """The UIDs of ``mailbox`` (under this UIDVALIDITY) read before and left there for good."""
+    with engine.connect() as conn:
+        return set(conn.execute(select(mailbox_message.c.uid).where(
+            mailbox_message.c.mailbox == mailbox, mailbox_message.c.uidvalidity == uidvalidity)).scalars())
+
+
+def remember_mailbox_message(engine: Engine, mailbox: str, uidvalidity: int, uid: int, kind: str,
+                             reason: str | None) -> None:
+    """Record that a message was read and left in its folder for good, so that no later pass parses it."""
+    with engine.begin() as conn:
+        insert_once(conn, mailbox_message, dict(mailbox=mailbox[:500], uidvalidity=uidvalidity, uid=uid, kind=kind,
+                                                reason=(reason or "").replace("\x00", "")[:2000] or None,
+                                                read_at=now()))
 
 
 def insert_once(conn, table: Table, values: dict) -> bool:
