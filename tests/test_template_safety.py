@@ -85,12 +85,18 @@ BUILDERS = [
     ("{% set ns = namespace(n=10) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}{% endfor %}", 10**11),
     ("{{ ((10**64)**64)**64 }}", 100_000),
     ("{{ lipsum(100000) }}", 50_000_000),
+    # Issue 31, finding 4: bytes methods were not measured, and each UTF-32 step writes four times its input.
+    ("{{ 'x'.encode().ljust(1500000000) }}", 1_500_000_000),
+    ("{{ 'x'.encode().center(900000000)|length }}", 900_000_000),
+    ("{{ ('x' * 200000).encode('utf-32').decode('latin-1').encode('utf-32') }}", 3_200_000),
+    ("{{ ('x' * 600000).encode().hex() }}", 1_200_000),
 ]
 
 
 @pytest.mark.parametrize("body, built", BUILDERS)
 def test_a_template_that_would_build_a_large_value_is_refused_before_it_is_built(body, built):
     renderer = Renderer(notification_budget=Budget(seconds=5.0, max_bytes=1_000_000))
+    renderer.notification(template("<p>{{ document.number }}</p>"), DOC, CUSTOMER, SENDER, "nb_NO")  # Jinja's caches
     tracemalloc.start()
     try:
         with pytest.raises(RenderError, match="notification template 'InvoiceNotification'") as raised:
@@ -109,10 +115,29 @@ def test_a_template_that_would_build_a_large_value_is_refused_before_it_is_built
     ("{{ 'Faktura'|center(11) }}|{{ ('=' * 3) ~ document.number }} {{ document.number * 2 }}",
      "  Faktura  |===CRM000045 CRM000045CRM000045"),
     ("{% for i in range(3) %}{{ loop.index }}{% endfor %} {{ 2 ** 10 }} {{ [1, 2] + [3] }}", "123 1024 [1, 2, 3]"),
+    ("{% for c in document.number if c.isdigit() %}{{ c }}{% else %}none{% endfor %}", "000045"),
+    ("{{ 'CRM'.encode().decode() }} {{ 'ø'.encode('utf-8')|length }}", "CRM 2"),
+    # A macro, a block set and a recursive loop: Jinja joins their output with environment.concat.
+    ("{% macro m(x) %}[{{ x }}]{% endmacro %}{{ m(1) ~ m(2) }} {% set b %}in{% endset %}{{ b }}", "[1][2] in"),
+    ("{% for x in [1, [2, [3]]] recursive %}{{ loop(x) if x is iterable else x }}{% endfor %}", "123"),
 ])
 def test_ordinary_templates_render_as_before(body, text):
     note = Renderer().notification(template(f"<p>{body}</p>"), DOC, CUSTOMER, SENDER, "nb_NO")
     assert note.html == f"<p>{text}</p>"
+
+
+@pytest.mark.parametrize("body", [
+    "{% set s = 'x' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",
+    "{% set s = 'x' * 100000 %}{% for a in s if a %}{% for b in s if b %}{% endfor %}{% endfor %}",
+    "{% set s = ('x' * 50000)|list %}{% for a in s %}{% for b in s|reverse %}{% endfor %}{% endfor %}",
+], ids=["over-a-string", "with-a-condition", "over-a-list"])
+def test_every_loop_is_held_to_the_time_budget(body):
+    """Issue 31, finding 4: a ``for`` loop over a string did nothing the clock was checked on (no attribute, no
+    call, no output), so two of them nested ran on past a 2 s budget (still running after 25 s). Each step of
+    every loop now checks the clock."""
+    renderer = Renderer(notification_budget=Budget(seconds=0.5, max_bytes=1_000_000))
+    with pytest.raises(RenderError, match=r"notification template 'InvoiceNotification'.*ran for more than 0.5 s"):
+        renderer.notification(template(body), DOC, CUSTOMER, SENDER, "nb_NO")
 
 
 # --- Through a night: the document is a config error, the batch goes on -----------------------------

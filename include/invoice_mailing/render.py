@@ -20,8 +20,9 @@ from functools import cached_property, lru_cache, partial, wraps
 from html.parser import HTMLParser
 from pathlib import Path
 
-from jinja2 import FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2 import FileSystemLoader, StrictUndefined, nodes, select_autoescape
 from jinja2.compiler import CodeGenerator, optimizeconst
+from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import _PassArg, generate_lorem_ipsum, missing, object_type_repr
 from markupsafe import Markup
@@ -189,6 +190,14 @@ class _BoundedRange:
             yield value
 
 
+def _steps(iterable):
+    """What every ``{% for %}`` of a template iterates: its items, the clock checked before each (a loop over a
+    string, or over another loop, would otherwise run with no attribute, call or output to check it)."""
+    for item in iterable:
+        _check_budget()
+        yield item
+
+
 _PRINTF_SPEC = re.compile(r"%(?:\(([^)]*)\))?[#0 +-]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?([a-zA-Z%])")
 _FORMAT_SPEC_NUMBERS = re.compile(r"\d+")
 
@@ -282,6 +291,10 @@ _STR_METHOD_SIZES = {
     "replace": lambda limit, s, old, new, count=-1: len(s) + size_of(new, limit) * (
         s.count(str(old)) + 1 if count < 0 else count),
     "translate": lambda limit, s, table: len(s) * (1 + size_of(table, limit)),
+    # str -> bytes -> str: UTF-32 writes four bytes a character (and a BOM), an escape up to ten ("\\U0001f600").
+    "encode": lambda limit, s, encoding="utf-8", errors="strict": 4 * len(s) + 4 if errors == "strict" else 10 * len(s),
+    "decode": lambda limit, s, encoding="utf-8", errors="strict": 10 * len(s),
+    "hex": lambda limit, s, sep=None, bytes_per_sep=1: 3 * len(s),
 }
 # Filters that only look at a value, or hand back (references to) what they were given.
 _FILTERS_THAT_DO_NOT_GROW = frozenset({
@@ -331,6 +344,14 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         self.globals["range"] = self._range
         self.globals["lipsum"] = self._lipsum
         self.filters = {name: self._bounded_filter(name, func) for name, func in self.filters.items()}
+        self.filters["__steps"] = _steps  # a template that names it gets its items back, the clock checked
+
+    def _parse(self, source, name, filename):
+        """The template's tree, with every ``{% for %}`` iterating through ``_steps``."""
+        tree = super()._parse(source, name, filename)
+        for loop in tree.find_all(nodes.For):
+            loop.iter = nodes.Filter(loop.iter, "__steps", [], [], None, None, lineno=loop.lineno)
+        return tree
 
     def refuse_larger(self, size: int) -> None:
         if size > self.budget.max_bytes:
@@ -372,7 +393,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def getattr(self, obj, attribute):
         _check_budget()
         value = super().getattr(obj, attribute)
-        estimate = _STR_METHOD_SIZES.get(attribute) if isinstance(obj, str) else None
+        estimate = _STR_METHOD_SIZES.get(attribute) if isinstance(obj, str | bytes | bytearray) else None
         if estimate is None or not isinstance(value, types.BuiltinMethodType):
             return value
         limit = self.budget.max_bytes
@@ -402,6 +423,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's own signature
         _check_budget()
+        if isinstance(__obj, LoopContext) and args:  # loop(children) of a recursive loop: its items are steps too
+            args = (_steps(args[0]), *args[1:])
         return super().call(__context, __obj, *args, **kwargs)
 
     def call_binop(self, context, operator, left, right):
@@ -429,14 +452,15 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             return 0
         return self._size(left) + self._size(right)
 
-    def concat(self, join, parts: tuple):
-        """``a ~ b``: the parts are measured before they are joined."""
+    def bounded_concat(self, join, parts: tuple):
+        """``a ~ b``: the parts are measured before they are joined. (Not ``concat``: Jinja's compiled code joins
+        the output of macros, block sets and recursive loops with ``environment.concat``, ``"".join``.)"""
         self.refuse_larger(sum(self._size(part) for part in parts))
         return join(parts)
 
 
 class _BoundedConcatGenerator(CodeGenerator):
-    """Compiles ``a ~ b`` to ``environment.concat(...)``, so that the parts are measured before the join."""
+    """Compiles ``a ~ b`` to ``environment.bounded_concat(...)``, so that the parts are measured before the join."""
 
     @optimizeconst
     def visit_Concat(self, node, frame) -> None:
@@ -444,7 +468,7 @@ class _BoundedConcatGenerator(CodeGenerator):
             join = "(markup_join if context.eval_ctx.volatile else str_join)"
         else:
             join = "markup_join" if frame.eval_ctx.autoescape else "str_join"
-        self.write(f"environment.concat({join}, (")
+        self.write(f"environment.bounded_concat({join}, (")
         for part in node.nodes:
             self.visit(part, frame)
             self.write(", ")
