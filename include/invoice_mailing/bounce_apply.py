@@ -60,9 +60,9 @@ def deliveries_named(engine: Engine, report: Report, *, bounce_address: str | No
         if verp is not None:
             return [verp]
     recipients = {r.recipient.casefold() for r in report.recipients
-                  if r.recipient and _fit(r.recipient, 254) == r.recipient}  # a value no address can be names none
+                  if r.recipient and ledger.fit(r.recipient, 254) == r.recipient}  # a value no address can be names none
     message_id = report.original_message_id
-    if not recipients or not message_id or _fit(message_id, 250) != message_id:  # NUL or too long: no row has it
+    if not recipients or not message_id or ledger.fit(message_id, 250) != message_id:  # NUL or too long: no row has it
         return []
     if not ledger.message_id_verifies(message_id, key):
         return []
@@ -119,16 +119,16 @@ def apply_bounce(engine: Engine, delivery_id: int, report: Report, raw: bytes, *
         effect = BOUNCED_EFFECT if kind in _REASON and row["status"] == SENT else NOTED
         inserted = ledger.insert_once(conn, bounce_report, dict(
             sha256=sha256, delivery_id=delivery_id, effect=effect, kind=kind.value,
-            recipient=_fit(failed.recipient if failed else None, 254),
-            status_code=_fit(failed.status if failed else None, 16),
-            diagnostic=_fit(failed.diagnostic if failed else report.reason, DIAGNOSTIC_CHARS),
-            report_message_id=_fit(report.message_id, 250),
+            recipient=ledger.fit(failed.recipient if failed else None, 254),
+            status_code=ledger.fit(failed.status if failed else None, 16),
+            diagnostic=ledger.fit(failed.diagnostic if failed else report.reason, DIAGNOSTIC_CHARS),
+            report_message_id=ledger.fit(report.message_id, 250),
             run_id=run_id, received_at=received_at, applied_at=stamp, **_kept(raw)))
         if not inserted:  # another reader applied it a moment ago
             return Outcome(ALREADY_APPLIED, delivery_id, f"report {sha256[:12]} was applied to delivery {delivery_id} before")
         if effect == BOUNCED_EFFECT:
             conn.execute(update(delivery).where(delivery.c.id == delivery_id, delivery.c.status == SENT)
-                         .values(status=BOUNCED, reason=_REASON[kind], detail=_fit(_detail(failed, report),
+                         .values(status=BOUNCED, reason=_REASON[kind], detail=ledger.fit(_detail(failed, report),
                                                                                   DIAGNOSTIC_CHARS),
                                  bounced_at=stamp, updated_at=stamp))
     if effect == BOUNCED_EFFECT:
@@ -141,14 +141,6 @@ def apply_bounce(engine: Engine, delivery_id: int, report: Report, raw: bytes, *
 
 
 DIAGNOSTIC_CHARS = 2000  # a remote server's words, as kept: enough for any real answer
-
-
-def _fit(value: str | None, limit: int) -> str | None:
-    """A value taken from a report, as the ledger can hold it whatever the database: no NUL byte (PostgreSQL
-    refuses one in text), at most ``limit`` characters (the column's size; PostgreSQL refuses more)."""
-    if value is None:
-        return None
-    return str(value).replace("\x00", "")[:limit]
 
 
 def _recipient_of(recipients: Iterable[FailedRecipient], row) -> FailedRecipient | None:

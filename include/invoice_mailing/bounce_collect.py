@@ -83,7 +83,7 @@ def collect(engine: Engine, mailbox: BounceMailbox, *, key: bytes | None, run_id
             mailbox.quarantined(message.uid)
             done.quarantined.append(mask_text(why)[:300])
     done.left += len(mailbox.too_large)  # not read, and left in the folder all the same
-    done.read_before = len(read_before & set(mailbox.uids))
+    done.read_before = len(read_before & mailbox.uids)
     log.info("%s: %d message(s) read, %d delivery(ies) bounced, %d noted, %d report(s) moved to %s, %d left in %s, "
              "%d quarantined, %d left there by an earlier pass (not read again)", where, done.messages, done.bounced,
              done.noted, done.moved, mailbox.settings.processed_folder, done.left, folder, len(done.quarantined),

@@ -464,6 +464,15 @@ def _insert_new(conn, values: dict, table: Table = delivery) -> None:
     insert_once(conn, table, values)
 
 
+def fit(value: str | None, limit: int) -> str | None:
+    """A value from outside (a bounce report, a mailbox), as the ledger can hold it whatever the database: no NUL
+    byte (PostgreSQL refuses one in text), at most ``limit`` characters (the column's size; PostgreSQL refuses
+    more)."""
+    if value is None:
+        return None
+    return str(value).replace("\x00", "")[:limit]
+
+
 def mailbox_messages_read(engine: Engine, mailbox: str, uidvalidity: int) -> set[int]:
     """The UIDs of ``mailbox`` (under this UIDVALIDITY) read before and left there for good."""
     with engine.connect() as conn:
@@ -475,9 +484,8 @@ def remember_mailbox_message(engine: Engine, mailbox: str, uidvalidity: int, uid
                              reason: str | None) -> None:
     """Record that a message was read and left in its folder for good, so that no later pass parses it."""
     with engine.begin() as conn:
-        insert_once(conn, mailbox_message, dict(mailbox=mailbox[:500], uidvalidity=uidvalidity, uid=uid, kind=kind,
-                                                reason=(reason or "").replace("\x00", "")[:2000] or None,
-                                                read_at=now()))
+        insert_once(conn, mailbox_message, dict(mailbox=fit(mailbox, 500), uidvalidity=uidvalidity, uid=uid,
+                                                kind=kind, reason=fit(reason, 2000), read_at=now()))
 
 
 def insert_once(conn, table: Table, values: dict) -> bool:
